@@ -1,0 +1,194 @@
+"""The mixture of experts on the device: how LE and GN are trained from the
+user's samples, and how an input is routed between GE and LE.
+
+Design (measured alternatives are in docs/DESIGN.md):
+- LE and GN read GE's intermediate features (taps chosen at export), so
+  they cost ~2 % of GE in parameters and well under 1 % in multiply-adds.
+- LE is a low-rank residual head, ``GE_logits + U V f + b`` with U, b zero at
+  start: it begins as GE and training adds corrections. It trains on the user's samples (plus a few
+  jittered copies of each, since GE's features shift with a pixel of offset)
+  mixed with replayed generic glyphs labelled by GE itself, so that on generic
+  input it keeps agreeing with GE.
+- GN is a logistic regression on a GE feature, trained on the user's
+  samples (label 1) against two thirds of the replay (label 0) in balanced
+  batches. Its threshold is then calibrated on the third it never saw: raised
+  from the bundle's value until at most ``gate_generic_share`` of those
+  generic glyphs would go to LE. LE answers above the threshold, else GE.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from device.backends.base import Backend, GlobalExpertRunner, TrainedPart
+from toolkit.bundle import Bundle
+from toolkit.config import PersonalizeConfig
+from toolkit.imaging import affine
+
+ProgressFn = Callable[[str, int, int], None]
+GE, LE = "GE", "LE"
+
+
+def jitter(images: np.ndarray, copies: int, rng: np.random.Generator) -> np.ndarray:
+    """The originals plus ``copies`` slightly rotated, scaled and shifted versions
+    of each (uint8 in, uint8 out)."""
+    out = [images]
+    for _ in range(copies):
+        batch = np.empty_like(images)
+        for i, img in enumerate(images):
+            warped = affine(img.astype(np.float32) / 255.0, rotation_deg=rng.uniform(-6, 6),
+                            scale=rng.uniform(0.95, 1.05), translate=tuple(rng.uniform(-1.0, 1.0, 2)))
+            batch[i] = np.clip(np.rint(warped * 255.0), 0, 255).astype(np.uint8)
+        out.append(batch)
+    return np.concatenate(out)
+
+
+def normalize(images: np.ndarray, spec: dict) -> np.ndarray:
+    """uint8 (N, H, W) -> float32 (N, 1, H, W) as GE was trained."""
+    x = images.astype(np.float32) * np.float32(spec["scale"])
+    return ((x - np.float32(spec["mean"])) / np.float32(spec["std"]))[:, None, :, :]
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def run_ge(ge: GlobalExpertRunner, images: np.ndarray, spec: dict, batch: int = 512):
+    """GE logits and features for uint8 images, in batches to bound memory."""
+    logits, features = [], {}
+    for start in range(0, len(images), batch):
+        lg, feats = ge.run(normalize(images[start:start + batch], spec))
+        logits.append(lg)
+        for k, v in feats.items():
+            features.setdefault(k, []).append(v)
+    return np.concatenate(logits), {k: np.concatenate(v) for k, v in features.items()}
+
+
+@dataclass
+class TrainedMixture:
+    le_model: bytes
+    gn_model: bytes
+    threshold: float
+    report: dict
+
+
+def gate_probability(gn: TrainedPart, features: np.ndarray) -> np.ndarray:
+    """P(LE should answer) from GN's two-class logits [0, s]."""
+    logits = gn(features)
+    return sigmoid(logits[:, 1] - logits[:, 0])
+
+
+def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, images: np.ndarray,
+                  labels: np.ndarray, cfg: PersonalizeConfig, progress: ProgressFn | None = None) -> TrainedMixture:
+    """Train LE and GN on the user's samples; returns their inference models."""
+    started = time.perf_counter()
+    deadline = started + cfg.max_seconds
+    say = progress or (lambda stage, done, total: None)
+    manifest = bundle.manifest
+    le_tap = manifest["local_expert"]["feature_tap"]
+    gn_tap = manifest["gating_network"]["feature_tap"]
+    rng = np.random.default_rng(cfg.seed)
+
+    say("features", 0, 1)
+    user_images = jitter(images, cfg.augment_copies, rng)
+    user_labels = np.tile(labels, cfg.augment_copies + 1)
+    with np.load(bundle.path(manifest["replay"]["file"])) as archive:
+        replay_images = archive["x"]
+    user_logits, user_feats = run_ge(ge, user_images, manifest["input"])
+    replay_logits, replay_feats = run_ge(ge, replay_images, manifest["input"])
+    user_f, replay_f = user_feats[le_tap], replay_feats[le_tap]
+    user_g, replay_g = user_feats[gn_tap], replay_feats[gn_tap]
+    replay_labels = replay_logits.argmax(axis=1).astype(np.int64)  # GE's own answers
+    say("features", 1, 1)
+
+    # Local Expert: user batches with replay mixed in at cfg.replay_weight.
+    le = backend.trainer(bundle, "local_expert")
+    le.set_learning_rate(cfg.le_learning_rate)
+    n_user = len(user_labels)
+    per_batch = min(cfg.batch_size, n_user)
+    batches_per_epoch = -(-n_user // per_batch)
+    replay_per_batch = int(round(per_batch * cfg.replay_weight))
+    le_steps, le_loss, stopped_early = 0, float("nan"), False
+    for epoch in range(cfg.le_epochs):
+        order = rng.permutation(n_user)
+        for start in range(0, n_user, per_batch):
+            idx = order[start:start + per_batch]
+            ridx = rng.integers(0, len(replay_f), replay_per_batch)
+            le_loss = le.step(np.concatenate([user_f[idx], replay_f[ridx]]),
+                              np.concatenate([user_logits[idx], replay_logits[ridx]]),
+                              np.concatenate([user_labels[idx], replay_labels[ridx]]))
+            le_steps += 1
+        say("local expert", epoch + 1, cfg.le_epochs)
+        if time.perf_counter() > deadline:
+            stopped_early = True
+            break
+    if not np.isfinite(le_loss):
+        raise FloatingPointError(f"local-expert training diverged (loss {le_loss})")
+
+    # Gating Network: balanced batches of user (1) and replay (0) features,
+    # a third of the replay held out to calibrate the threshold.
+    order = rng.permutation(len(replay_g))
+    held_out, replay_g = replay_g[order[: len(order) // 3]], replay_g[order[len(order) // 3:]]
+    gn = backend.trainer(bundle, "gating_network")
+    gn.set_learning_rate(cfg.gn_learning_rate)
+    half = max(1, min(cfg.batch_size // 2, n_user, len(replay_g)))
+    target = np.concatenate([np.ones(half, np.int64), np.zeros(half, np.int64)])  # 1 = LE should answer
+    gn_loss = float("nan")
+    report_every = max(1, cfg.gn_steps // 20)
+    gn_steps = 0
+    for step in range(cfg.gn_steps):
+        uidx = rng.integers(0, n_user, half)
+        ridx = rng.integers(0, len(replay_g), half)
+        gn_loss = gn.step(np.concatenate([user_g[uidx], replay_g[ridx]]), target)
+        gn_steps += 1
+        if (step + 1) % report_every == 0 or step + 1 == cfg.gn_steps:
+            say("gating network", step + 1, cfg.gn_steps)
+            if time.perf_counter() > deadline:
+                stopped_early = True
+                break
+    if not np.isfinite(gn_loss):
+        raise FloatingPointError(f"gating-network training diverged (loss {gn_loss})")
+    gn_model = gn.export()
+    threshold = float(manifest["gating_network"]["threshold"])
+    if len(held_out):
+        generic_scores = gate_probability(backend.load_trained(gn_model, manifest["gating_network"]["inputs"]), held_out)
+        threshold = float(min(0.99, max(threshold, np.quantile(generic_scores, 1.0 - cfg.gate_generic_share))))
+
+    report = {
+        "n_samples": int(len(labels)), "n_training_inputs": int(n_user), "replay": int(len(replay_f)),
+        "le_steps": le_steps, "le_loss": float(le_loss), "gn_steps": gn_steps, "gn_loss": float(gn_loss),
+        "gate_threshold": threshold, "stopped_early": stopped_early, "seconds": round(time.perf_counter() - started, 3),
+        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+    }
+    return TrainedMixture(le.export(), gn_model, threshold, report)
+
+
+@dataclass
+class Routed:
+    logits: np.ndarray
+    ge_logits: np.ndarray
+    gate: np.ndarray        # probability that LE should answer (0 where not personalized)
+    use_le: np.ndarray      # bool per input
+
+
+def route(ge_logits: np.ndarray, le_features: np.ndarray, gn_features: np.ndarray, le: TrainedPart | None,
+          gn: TrainedPart | None, threshold: float) -> Routed:
+    if le is None or gn is None:
+        zeros = np.zeros(len(ge_logits), dtype=np.float32)
+        return Routed(ge_logits, ge_logits, zeros, zeros.astype(bool))
+    gate = gate_probability(gn, gn_features)
+    use_le = gate > threshold
+    logits = ge_logits.copy()
+    if use_le.any():
+        logits[use_le] = le(le_features[use_le], ge_logits[use_le])
+    return Routed(logits, ge_logits, gate, use_le)

@@ -1,0 +1,242 @@
+"""The device runtime's public API, the one a mobile app's bridge calls.
+
+    rt = DeviceRuntime.open("bundle.zip", "state/")
+    rt.add_samples(images, labels)     # stored in SQLite, kept across restarts
+    rt.personalize()                    # trains LE and GN; atomic
+    rt.predict(images)                  # label, probabilities, which expert answered
+    rt.evaluate(images, labels)
+    rt.reset()
+
+Until a personalization exists for this bundle, predict and evaluate answer
+with GE alone.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from device.backends import get_backend
+from device.mixture import GE, LE, ProgressFn, route, run_ge, softmax, train_mixture
+from device.store import StateStore
+from toolkit.bundle import Bundle
+from toolkit.config import PersonalizeConfig, from_dict
+from toolkit.data import LabeledImages
+from toolkit.errors import SampleError, StateError
+
+
+@dataclass
+class Prediction:
+    labels: list[str]            # the answer for each input, as label names
+    indices: np.ndarray          # (N,) label indices
+    probabilities: np.ndarray    # (N, C)
+    experts: list[str]           # "GE" or "LE" for each input
+    gate: np.ndarray             # (N,) GN's probability that LE should answer
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def validate_images(images: Any, shape: Sequence[int]) -> np.ndarray:
+    """Check user input against the bundle's input spec; returns uint8 (N, H, W).
+
+    Accepts uint8 (0-255) or float (0-1) arrays, one image (H, W) or a batch."""
+    height, width = shape[-2], shape[-1]
+    try:
+        array = np.asarray(images)
+    except (TypeError, ValueError) as exc:
+        raise SampleError(f"images are not an array: {exc}") from None
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim == 4 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 3 or array.shape[1:] != (height, width):
+        raise SampleError(f"images must have shape (N, {height}, {width}), got {array.shape}",
+                          hint="load files with toolkit.loaders.load_samples, which normalises any size MNIST-style")
+    if len(array) == 0:
+        raise SampleError("no images given (an empty sample set)", hint="give at least one labelled image")
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            first = int(np.argwhere(bad.reshape(len(array), -1).any(axis=1))[0, 0])
+            raise SampleError(f"images contain NaN or infinite values ({int(bad.sum())} pixels, first in image {first})",
+                              hint="drop or repair those images")
+        if array.min() < 0.0 or array.max() > 1.0:
+            raise SampleError(f"float images must lie in [0, 1], got [{array.min():.3g}, {array.max():.3g}]",
+                              hint="divide 0-255 images by 255, or pass them as uint8")
+        return np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+    raise SampleError(f"images must be uint8 (0-255) or float (0-1), got dtype {array.dtype}",
+                      hint="convert with images.astype(np.uint8) if the values are 0-255")
+
+
+def validate_labels(labels: Any, names: list[str], n: int) -> np.ndarray:
+    """Labels as names (str) or indices (int) -> indices into ``names``."""
+    array = np.asarray(labels).reshape(-1)
+    if len(array) != n:
+        raise SampleError(f"{n} images but {len(array)} labels")
+    if array.dtype.kind in "US" or array.dtype == object:
+        index = {name: i for i, name in enumerate(names)}
+        unknown = sorted({str(v) for v in array} - set(index))
+        if unknown:
+            raise SampleError(f"unknown label(s) {', '.join(map(repr, unknown))}",
+                              hint=f"this bundle knows: {', '.join(names)}")
+        return np.array([index[str(v)] for v in array], dtype=np.int64)
+    if array.dtype.kind not in "iu":
+        raise SampleError(f"labels must be label names or integer indices, got dtype {array.dtype}")
+    bad = sorted({int(v) for v in array if not 0 <= v < len(names)})
+    if bad:
+        raise SampleError(f"unknown label index(es) {bad}: this bundle has {len(names)} labels (0..{len(names) - 1})",
+                          hint=f"labels: {', '.join(names)}")
+    return array.astype(np.int64)
+
+
+class DeviceRuntime:
+    """A bundle opened on a device with a state directory."""
+
+    def __init__(self, bundle: Bundle, store: StateStore, backend_name: str = "ort"):
+        self.bundle = bundle
+        self.store = store
+        self.backend = get_backend(backend_name)
+        self.manifest = bundle.manifest
+        self.labels = bundle.labels
+        self.input_shape = self.manifest["input"]["shape"]
+        self.le_tap = self.manifest["local_expert"]["feature_tap"]
+        self.gn_tap = self.manifest["gating_network"]["feature_tap"]
+        self.ge = self.backend.load_global_expert(bundle)
+        self._le = self._gn = None
+        self.threshold = float(self.manifest["gating_network"]["threshold"])
+        self.personalization_id: int | None = None
+        self._load_personalization()
+
+    @classmethod
+    def open(cls, bundle: str | Path | Bundle, state_dir: str | Path, backend: str = "ort") -> "DeviceRuntime":
+        opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        try:
+            return cls(opened, StateStore(state_dir, opened.labels), backend)
+        except BaseException:
+            opened.close()
+            raise
+
+    def _load_personalization(self) -> None:
+        saved = self.store.active_personalization()
+        self.threshold = float(self.manifest["gating_network"]["threshold"])
+        if saved is None or saved.bundle_id != self.bundle.bundle_id:
+            # A personalization trained on another GE's features is meaningless here.
+            self._le = self._gn = None
+            self.personalization_id = None
+            return
+        self._le = self.backend.load_trained(saved.le_model, self.manifest["local_expert"]["inputs"])
+        self._gn = self.backend.load_trained(saved.gn_model, self.manifest["gating_network"]["inputs"])
+        self.threshold = saved.threshold
+        self.personalization_id = saved.id
+
+    @property
+    def personalized(self) -> bool:
+        return self._le is not None
+
+    # samples -------------------------------------------------------------
+    def add_samples(self, images: Any, labels: Any) -> int:
+        """Validate and store the user's labelled samples; returns how many were new."""
+        array = validate_images(images, self.input_shape)
+        indices = validate_labels(labels, self.labels, len(array))
+        try:
+            return self.store.add_samples(array, indices)
+        except sqlite3.OperationalError as exc:
+            raise StateError(f"could not store the samples in {self.store.dir}: {exc}",
+                             hint="free some space and try again; the samples stored before are intact") from None
+
+    def add_dataset(self, data: LabeledImages) -> int:
+        names = [data.label_names[i] for i in data.labels]
+        return self.add_samples(data.images, np.array(names, dtype=object))
+
+    def sample_count(self) -> int:
+        return self.store.count_samples()
+
+    # personalize ---------------------------------------------------------
+    def personalize(self, overrides: dict[str, Any] | None = None, progress: ProgressFn | None = None) -> dict:
+        """Train LE and GN on every stored sample, then make them active in one commit.
+
+        ``overrides`` changes the bundle's PersonalizeConfig (e.g. ``max_seconds``)."""
+        images, labels = self.store.load_samples()
+        if len(labels) == 0:
+            raise SampleError("no samples stored to personalize on",
+                              hint="add labelled samples first (edgetailor device personalize --samples PATH)")
+        if len(np.unique(labels)) < 2:
+            raise SampleError(f"all {len(labels)} stored samples have the label {self.labels[labels[0]]!r}",
+                              hint="add samples of at least two labels")
+        cfg = from_dict(PersonalizeConfig, {**self.manifest["personalize"], **(overrides or {})}, "personalize")
+        cfg.validate()
+        started = time.perf_counter()
+        trained = train_mixture(self.backend, self.ge, self.bundle, images, labels, cfg, progress)
+        try:
+            pid = self.store.save_personalization(self.bundle.bundle_id, len(labels), trained.le_model,
+                                                  trained.gn_model, trained.threshold, trained.report)
+        except sqlite3.OperationalError as exc:
+            raise StateError(f"could not save the personalization in {self.store.dir}: {exc}",
+                             hint="free some space and try again; the previous personalization stays in use") from None
+        self._load_personalization()
+        return {**trained.report, "personalization_id": pid, "seconds": round(time.perf_counter() - started, 3)}
+
+    # inference -----------------------------------------------------------
+    def predict(self, images: Any) -> Prediction:
+        array = validate_images(images, self.input_shape)
+        ge_logits, features = run_ge(self.ge, array, self.manifest["input"])
+        routed = route(ge_logits, features[self.le_tap], features[self.gn_tap], self._le, self._gn,
+                       self.threshold)
+        indices = routed.logits.argmax(axis=1)
+        return Prediction([self.labels[i] for i in indices], indices, softmax(routed.logits),
+                          [LE if u else GE for u in routed.use_le], routed.gate)
+
+    def evaluate(self, images: Any, labels: Any) -> dict[str, Any]:
+        array = validate_images(images, self.input_shape)
+        truth = validate_labels(labels, self.labels, len(array))
+        ge_logits, features = run_ge(self.ge, array, self.manifest["input"])
+        routed = route(ge_logits, features[self.le_tap], features[self.gn_tap], self._le, self._gn,
+                       self.threshold)
+        correct = routed.logits.argmax(axis=1) == truth
+        ge_correct = ge_logits.argmax(axis=1) == truth
+        answered = {GE: int((~routed.use_le).sum()), LE: int(routed.use_le.sum())}
+        return {
+            "accuracy": float(correct.mean()),
+            "n": int(len(truth)),
+            "experts": answered,
+            "accuracy_by_expert": {GE: float(correct[~routed.use_le].mean()) if answered[GE] else None,
+                                   LE: float(correct[routed.use_le].mean()) if answered[LE] else None},
+            "ge_only_accuracy": float(ge_correct.mean()),
+            "personalized": self.personalized,
+            "personalization_id": self.personalization_id,
+        }
+
+    def evaluate_dataset(self, data: LabeledImages) -> dict[str, Any]:
+        return self.evaluate(data.images, np.array([data.label_names[i] for i in data.labels], dtype=object))
+
+    # housekeeping --------------------------------------------------------
+    def reset(self, keep_samples: bool = False) -> None:
+        """Forget the personalization (and, unless ``keep_samples``, the samples): back to GE alone."""
+        self.store.clear_personalization()
+        if not keep_samples:
+            self.store.clear_samples()
+        self._load_personalization()
+
+    def status(self) -> dict[str, Any]:
+        saved = self.store.active_personalization()
+        return {"bundle": str(self.bundle.source), "bundle_id": self.bundle.bundle_id,
+                "backend": self.backend.name, "samples": self.sample_count(), "personalized": self.personalized,
+                "personalization": saved.report if saved and self.personalized else None}
+
+    def close(self) -> None:
+        self.store.close()
+        self.bundle.close()
+
+    def __enter__(self) -> "DeviceRuntime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

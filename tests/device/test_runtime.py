@@ -1,0 +1,117 @@
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from device import DeviceRuntime
+from device.mixture import normalize
+from toolkit.errors import SampleError, StateError
+
+
+@pytest.fixture
+def runtime(bundle_dir, tmp_path):
+    with DeviceRuntime.open(bundle_dir, tmp_path / "state") as rt:
+        yield rt
+
+
+@pytest.fixture(scope="module")
+def personalized_state(bundle_dir, user, tmp_path_factory):
+    state = tmp_path_factory.mktemp("personalized") / "state"
+    with DeviceRuntime.open(bundle_dir, state) as rt:
+        rt.add_dataset(user.train)
+        report = rt.personalize()
+    return state, report
+
+
+def test_unpersonalized_answers_with_ge_alone(runtime, bundle_dir, user):
+    prediction = runtime.predict(user.test.images)
+    session = ort.InferenceSession(str(bundle_dir / "ge.onnx"), providers=["CPUExecutionProvider"])
+    ge_logits = session.run(["logits"], {"image": normalize(user.test.images, runtime.manifest["input"])})[0]
+    assert np.array_equal(prediction.indices, ge_logits.argmax(1))
+    assert set(prediction.experts) == {"GE"}
+    result = runtime.evaluate_dataset(user.test)
+    assert result["personalized"] is False and result["experts"]["LE"] == 0
+    assert result["accuracy"] == result["ge_only_accuracy"]
+
+
+def test_personalize_improves_the_user_and_keeps_generic(bundle_dir, personalized_state, user, generic_split):
+    state, report = personalized_state
+    assert report["n_samples"] == 100 and report["le_steps"] > 0 and np.isfinite(report["le_loss"])
+    with DeviceRuntime.open(bundle_dir, state) as rt:  # a restart: everything comes from the state dir
+        assert rt.personalized and rt.sample_count() == 100
+        on_user = rt.evaluate_dataset(user.test)
+        on_generic = rt.evaluate_dataset(generic_split.test)
+        prediction = rt.predict(user.test.images[:5])
+    assert on_user["accuracy"] >= on_user["ge_only_accuracy"] + 0.05
+    assert on_user["experts"]["LE"] > on_user["experts"]["GE"]
+    assert on_generic["accuracy"] >= on_generic["ge_only_accuracy"] - 0.01
+    assert prediction.probabilities.shape == (5, 10)
+    assert np.allclose(prediction.probabilities.sum(1), 1.0, atol=1e-5)
+    assert all(label in rt.labels for label in prediction.labels)
+
+
+def test_reset_goes_back_to_ge(bundle_dir, personalized_state, tmp_path):
+    state = tmp_path / "state"
+    shutil.copytree(personalized_state[0], state)
+    with DeviceRuntime.open(bundle_dir, state) as rt:
+        rt.reset(keep_samples=True)
+        assert not rt.personalized and rt.sample_count() == 100
+        rt.reset()
+        assert rt.sample_count() == 0
+
+
+@pytest.mark.parametrize("images, match", [
+    (np.zeros((3, 32, 32), np.uint8), r"shape \(N, 28, 28\)"),
+    (np.zeros((3, 28, 28), np.int64), "dtype int64"),
+    (np.full((3, 28, 28), np.nan, np.float32), "NaN"),
+    (np.full((3, 28, 28), 3.0, np.float32), r"\[0, 1\]"),
+    (np.zeros((0, 28, 28), np.uint8), "empty"),
+])
+def test_bad_images_are_refused(runtime, images, match):
+    with pytest.raises(SampleError, match=match):
+        runtime.add_samples(images, [1] * len(images))
+    assert runtime.sample_count() == 0
+
+
+def test_bad_labels_are_refused(runtime):
+    images = np.zeros((2, 28, 28), np.uint8)
+    with pytest.raises(SampleError, match="unknown label.*'A'"):
+        runtime.add_samples(images, ["A", "1"])
+    with pytest.raises(SampleError, match=r"index\(es\) \[12\]"):
+        runtime.add_samples(images, [12, 1])
+    with pytest.raises(SampleError, match="2 images but 1 labels"):
+        runtime.add_samples(images, [1])
+
+
+def test_samples_are_deduplicated_and_floats_accepted(runtime, user):
+    assert runtime.add_dataset(user.train.subset(np.arange(10))) == 10
+    assert runtime.add_dataset(user.train.subset(np.arange(10))) == 0
+    assert runtime.add_samples(user.train.images[10:12] / 255.0, user.train.labels[10:12]) == 2
+
+
+def test_personalize_needs_samples(runtime, user):
+    with pytest.raises(SampleError, match="no samples"):
+        runtime.personalize()
+    runtime.add_samples(user.train.images[:3], [4, 4, 4])
+    with pytest.raises(SampleError, match="at least two labels"):
+        runtime.personalize()
+
+
+def test_personalization_of_another_bundle_is_not_used(ge_dir, bundle_dir, personalized_state, tmp_path):
+    from export.bundle import export_bundle
+    from toolkit.config import ExpertConfig
+
+    other = export_bundle(ge_dir, tmp_path / "other", experts=ExpertConfig(gate_threshold=0.6), make_zip=False)
+    state = tmp_path / "state"
+    shutil.copytree(personalized_state[0], state)
+    with DeviceRuntime.open(other, state) as rt:
+        assert not rt.personalized and rt.sample_count() == 100  # samples kept, LE/GN of another GE dropped
+
+
+def test_state_for_other_labels_is_refused(bundle_dir, tmp_path):
+    from device.store import StateStore
+
+    StateStore(tmp_path / "state", ["a", "b"]).close()
+    with pytest.raises(StateError, match="labels"):
+        DeviceRuntime.open(bundle_dir, tmp_path / "state")

@@ -1,0 +1,40 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from server_side.checkpoint import GECheckpoint
+from server_side.finetune import finetune
+from toolkit.errors import CheckpointError
+
+
+def test_checkpoint_records_how_it_was_made(ge_dir):
+    meta = json.loads((ge_dir / "model.json").read_text())
+    assert meta["arch"] == "lenet5"
+    assert len(meta["data"]["sha256"]) == 64 and meta["seed"] == 0
+    assert meta["generic_accuracy"] > 0.95
+    assert meta["recipe"]["pretrain"]["epochs"] == 40
+    ckpt = GECheckpoint.load(ge_dir)
+    assert len(ckpt.replay) > 0 and ckpt.labels == [str(d) for d in range(10)]
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not a GE checkpoint"):
+        GECheckpoint.load(tmp_path)
+    (tmp_path / "model.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CheckpointError, match="format"):
+        GECheckpoint.load(tmp_path)
+
+
+def test_finetune_baselines_leave_ge_untouched(ge_dir, user):
+    ckpt = GECheckpoint.load(ge_dir)
+    before = {k: v.clone() for k, v in ckpt.model.state_dict().items()}
+    x, y = ckpt.normalize(user.train.images), torch.as_tensor(user.train.labels)
+    last = finetune(ckpt.model, x, y, "last", epochs=20)
+    full = finetune(ckpt.model, x, y, "all", epochs=5)
+    for k, v in ckpt.model.state_dict().items():
+        assert torch.equal(v, before[k])
+    changed = [k for k, v in last.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(k.startswith("fc3") for k in changed)
+    assert not torch.equal(full.conv1.weight, before["conv1.weight"])

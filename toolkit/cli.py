@@ -1,0 +1,279 @@
+"""The ``edgetailor`` command line: a thin click layer over the Python API.
+
+Commands and flags named in the README are a contract (scripts and the mobile
+integration rely on them); add flags freely, keep those working. Heavy
+modules are imported inside each command so that ``edgetailor device ...``
+never loads torch.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import click
+
+import toolkit
+from toolkit.errors import EdgetailorError
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux, VmHWM: ru_maxrss would
+    carry over the parent's peak across fork+exec (a device process started
+    by the demo would report the demo's torch-sized RSS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+class _Progress:
+    """A click progress bar per stage, fed by the API's (stage, done, total) callbacks."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        self.stage = None
+        self.done = 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if stage != self.stage:
+            self.close()
+            self.stage, self.done = stage, 0
+            self.bar = click.progressbar(length=total, label=f"{stage:>16}", file=sys.stderr, show_eta=False)
+            self.bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+class _FriendlyGroup(click.Group):
+    """Print EdgetailorError as a message with its hint, exit 2, no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgetailorError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(toolkit.__version__, prog_name="edgetailor")
+def main() -> None:
+    """edgetailor: personalise a model on the user's own device.
+
+    \b
+    The loop:
+      edgetailor server pretrain --out ge/          train the Global Expert (GE)
+      edgetailor export bundle --model ge/ --out b   write a device bundle (dir + .zip)
+      edgetailor device personalize --bundle b.zip --state s/ --samples mine.npz
+      edgetailor device evaluate   --bundle b.zip --state s/ --samples test.npz
+    or all of it on built-in data: edgetailor demo
+    """
+
+
+# --------------------------------------------------------------------- server
+@main.group()
+def server() -> None:
+    """Build-server side: train the Global Expert on generic data."""
+
+
+@server.command("pretrain")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
+@click.option("--recipe", default="default", show_default=True,
+              help="Shipped recipe name or a TOML file ([pretrain], [experts], [personalize]).")
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
+              help="Generic training data (.npz, MNIST/EMNIST IDX, or image folder). Default: the built-in digits.")
+@click.option("--epochs", type=int, help="Override the recipe's pretrain.epochs.")
+@click.option("--seed", type=int, help="Override the recipe's pretrain.seed.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def server_pretrain(out: Path, recipe: str, data: Path | None, epochs: int | None, seed: int | None,
+                    overwrite: bool) -> None:
+    """Train the Global Expert (default LeNet-5) and save a checkpoint with its
+    metadata (data hash, seed, accuracy, recipe)."""
+    from toolkit.config import load_recipe
+    from toolkit.loaders import load_samples
+    from server_side.pretrain import pretrain
+
+    cfg = load_recipe(recipe)
+    if epochs is not None:
+        cfg.pretrain.epochs = epochs
+    if seed is not None:
+        cfg.pretrain.seed = seed
+    cfg.validate()
+    if out.exists() and not overwrite:
+        raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
+    dataset = load_samples(data) if data else None
+    progress = _Progress()
+    started = time.perf_counter()
+    ckpt = pretrain(out, cfg, dataset, progress=lambda e, n, logs: progress("pretrain GE", e, n), overwrite=overwrite)
+    progress.close()
+    click.echo(f"GE ({ckpt.meta['arch']}) trained in {time.perf_counter() - started:.1f}s; "
+               f"generic test accuracy {ckpt.meta['generic_accuracy']:.4f}; saved to {out}")
+
+
+# --------------------------------------------------------------------- export
+@main.group()
+def export() -> None:
+    """Export trained models as device bundles."""
+
+
+@export.command("bundle")
+@click.option("--model", "model", required=True, type=click.Path(exists=True, path_type=Path),
+              help="GE checkpoint directory (from `edgetailor server pretrain`).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Bundle directory to write; BUNDLE.zip is written beside it.")
+@click.option("--no-zip", is_flag=True, help="Write only the directory.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export_bundle_cmd(model: Path, out: Path, no_zip: bool, overwrite: bool) -> None:
+    """Write a device bundle: GE as ONNX, LE and GN as ONNX Runtime training
+    artifacts, replay glyphs, and a manifest with every file's sha256."""
+    from export.bundle import export_bundle
+
+    if out.suffix == ".zip":
+        out = out.with_suffix("")
+    if out.exists() and not overwrite:
+        raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
+    path = export_bundle(model, out, make_zip=not no_zip, overwrite=overwrite,
+                         progress=lambda msg: click.echo(f"  {msg}", err=True))
+    manifest = json.loads((path / "manifest.json").read_text())
+    ge, le, gn = (manifest[k] for k in ("global_expert", "local_expert", "gating_network"))
+    click.echo(f"bundle written to {path}" + ("" if no_zip else f" and {path}.zip"))
+    click.echo(f"  GE {ge['params']:,} params, {ge['macs']:,} MACs; LE+GN {le['params'] + gn['params']:,} params "
+               f"({(le['params'] + gn['params']) / ge['params']:.2%}), {le['macs'] + gn['macs']:,} MACs "
+               f"({(le['macs'] + gn['macs']) / ge['macs']:.2%})")
+
+
+# --------------------------------------------------------------------- device
+@main.group()
+def device() -> None:
+    """On-device runtime: personalise and evaluate (needs no torch)."""
+
+
+def _bundle_state_options(fn):
+    fn = click.option("--backend", default="ort", show_default=True, help="Device runtime backend.")(fn)
+    fn = click.option("--samples", required=True, type=click.Path(exists=True, path_type=Path),
+                      help="Labelled samples: .npz (x, y), MNIST/EMNIST IDX images file, or a folder per label.")(fn)
+    fn = click.option("--state", required=True, type=click.Path(path_type=Path),
+                      help="State directory (SQLite database of samples and personalizations).")(fn)
+    fn = click.option("--bundle", required=True, type=click.Path(exists=True, path_type=Path),
+                      help="Bundle directory or .zip.")(fn)
+    return fn
+
+
+@device.command("personalize")
+@_bundle_state_options
+@click.option("--max-seconds", type=float, help="Stop training after this long (keeps what was learnt).")
+@click.option("--epochs", type=int, help="Override the bundle's personalize.le_epochs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, max_seconds: float | None,
+                       epochs: int | None, as_json: bool) -> None:
+    """Add the samples at PATH to the state and train the Local Expert and
+    Gating Network on all stored samples. The previous personalization stays
+    in use until the new one is committed."""
+    from device.runtime import DeviceRuntime
+    from toolkit.loaders import load_samples
+
+    overrides = {k: v for k, v in {"max_seconds": max_seconds, "le_epochs": epochs}.items() if v is not None}
+    with DeviceRuntime.open(bundle, state, backend) as runtime:
+        data = load_samples(samples, runtime.labels)
+        added = runtime.add_dataset(data)
+        progress = _Progress(enabled=not as_json)
+        report = runtime.personalize(overrides, progress)
+        progress.close()
+        result = {"added": added, "stored": runtime.sample_count(), **report,
+                  "peak_rss_mb": round(_peak_rss_mb(), 1), "torch_imported": "torch" in sys.modules}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"added {added} new samples ({result['stored']} stored); personalized in {report['seconds']:.2f}s "
+                   f"({report['le_steps']} LE steps, {report['gn_steps']} GN steps); peak RSS {result['peak_rss_mb']:.0f} MB")
+
+
+@device.command("evaluate")
+@_bundle_state_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (accuracy, n, experts, ...).")
+def device_evaluate(bundle: Path, state: Path, samples: Path, backend: str, as_json: bool) -> None:
+    """Accuracy of the device's model (GE alone until personalized) on the samples at PATH."""
+    from device.runtime import DeviceRuntime
+    from toolkit.loaders import load_samples
+
+    with DeviceRuntime.open(bundle, state, backend) as runtime:
+        result = runtime.evaluate_dataset(load_samples(samples, runtime.labels))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"accuracy {result['accuracy']:.4f} on {result['n']} samples "
+               f"({'personalized' if result['personalized'] else 'GE only'}); "
+               f"answered by GE {result['experts']['GE']}, LE {result['experts']['LE']}; "
+               f"GE alone would score {result['ge_only_accuracy']:.4f}")
+
+
+@device.command("predict")
+@click.option("--bundle", required=True, type=click.Path(exists=True, path_type=Path), help="Bundle directory or .zip.")
+@click.option("--state", required=True, type=click.Path(path_type=Path), help="State directory.")
+@click.option("--samples", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Images (.npz, IDX or image folder; labels are ignored).")
+@click.option("--backend", default="ort", show_default=True)
+def device_predict(bundle: Path, state: Path, samples: Path, backend: str) -> None:
+    """Print one JSON line per image: label, probability, and which expert answered."""
+    from device.runtime import DeviceRuntime
+    from toolkit.loaders import load_samples
+
+    with DeviceRuntime.open(bundle, state, backend) as runtime:
+        prediction = runtime.predict(load_samples(samples).images)
+    for i in range(len(prediction)):
+        click.echo(json.dumps({"label": prediction.labels[i],
+                               "probability": round(float(prediction.probabilities[i].max()), 4),
+                               "expert": prediction.experts[i], "gate": round(float(prediction.gate[i]), 4)}))
+
+
+@device.command("reset")
+@click.option("--bundle", required=True, type=click.Path(exists=True, path_type=Path), help="Bundle directory or .zip.")
+@click.option("--state", required=True, type=click.Path(path_type=Path), help="State directory.")
+@click.option("--keep-samples", is_flag=True, help="Forget only the personalization.")
+def device_reset(bundle: Path, state: Path, keep_samples: bool) -> None:
+    """Forget the personalization (and the stored samples): back to GE alone."""
+    from device.runtime import DeviceRuntime
+
+    with DeviceRuntime.open(bundle, state) as runtime:
+        runtime.reset(keep_samples=keep_samples)
+    click.echo("personalization forgotten" + ("" if keep_samples else " and samples deleted"))
+
+
+# --------------------------------------------------------------------- demo
+@main.command("demo")
+@click.option("--out", default="edgetailor-demo", show_default=True, type=click.Path(path_type=Path),
+              help="Working directory (GE, bundle, users' states, report).")
+@click.option("--users", "n_users", default=5, show_default=True, type=click.IntRange(1, 40))
+@click.option("--samples-per-class", default=10, show_default=True, type=click.IntRange(1, 10),
+              help="User samples per class to personalize on.")
+@click.option("--recipe", default="default", show_default=True, help="Recipe name or TOML path.")
+@click.option("--fast", is_flag=True, help="Short training everywhere (a smoke run, not the real figures).")
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo_cmd(out: Path, n_users: int, samples_per_class: int, recipe: str, fast: bool, seed: int) -> None:
+    """The whole loop on built-in data: pretrain GE -> export a bundle ->
+    personalize on simulated users (each in its own torch-free device
+    process) -> one table against fine-tuning baselines, as JSON and PNG."""
+    from toolkit.demo import run_demo
+
+    run_demo(out, recipe="fast" if fast and recipe == "default" else recipe, n_users=n_users,
+             samples_per_class=samples_per_class, seed=seed, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Typed configuration: dataclasses loaded from TOML recipes.
+
+One recipe describes a whole run (how GE is pretrained, how LE and GN are
+built and trained on the device). Unknown keys and bad values are errors
+before any work starts, and the resolved values are written into checkpoints
+and bundle manifests so that every artifact says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from toolkit.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).with_name("recipes")
+
+
+@dataclass
+class PretrainConfig:
+    """How the Global Expert is trained on the generic data."""
+
+    arch: str = "lenet5"
+    epochs: int = 40
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    seed: int = 0
+    # Mild augmentation, as any digit recogniser is trained with; deliberately
+    # narrower than the users' personal styles.
+    augment_rotation_deg: float = 8.0
+    augment_scale: float = 0.05
+    augment_shift: float = 0.05
+
+    def validate(self) -> None:
+        _positive(self, "epochs", "batch_size", "learning_rate")
+
+
+@dataclass
+class ExpertConfig:
+    """How the device-side Local Expert and Gating Network are built (fixed at export).
+
+    LE is a low-rank residual head on one of GE's intermediate features:
+    ``logits = GE_logits + U @ (V @ features) + b`` with U, b starting at zero,
+    so an untrained LE answers exactly like GE and training only adds
+    corrections (``le_rank = 0`` makes it a full-rank ``W @ features``).
+    GN is a logistic regression on a feature that answers "does this input
+    look like the user's writing?"; above ``gate_threshold`` LE answers.
+    """
+
+    le_feature_tap: str = "conv"
+    le_rank: int = 3
+    gn_feature_tap: str = "fc1"
+    gate_threshold: float = 0.5
+    replay_size: int = 300
+
+    def validate(self) -> None:
+        if self.le_rank < 0:
+            raise ConfigError(f"experts.le_rank must be >= 0 (0 = full rank), got {self.le_rank}")
+        if not 0.0 < self.gate_threshold < 1.0:
+            raise ConfigError(f"experts.gate_threshold must be in (0, 1), got {self.gate_threshold}")
+        _positive(self, "replay_size")
+
+
+@dataclass
+class PersonalizeConfig:
+    """How LE and GN are trained on the device. Shipped in the bundle as
+    defaults; a device may override any of them."""
+
+    le_epochs: int = 150
+    le_learning_rate: float = 1e-2
+    batch_size: int = 128
+    # Replay samples (generic glyphs labelled by GE itself) mixed into each LE
+    # batch, as a fraction of the user samples: keeps LE agreeing with GE on
+    # generic input, so a mis-routed generic glyph still gets GE's answer.
+    replay_weight: float = 0.3
+    # Jittered copies of each user sample (small rotation, scale, shift):
+    # 100 samples are few, and GE's features move with a pixel of shift.
+    augment_copies: int = 4
+    gn_steps: int = 200
+    gn_learning_rate: float = 1e-2
+    # The gate's threshold is raised until at most this share of generic
+    # glyphs held out from GN's training would be sent to LE.
+    gate_generic_share: float = 0.1
+    max_seconds: float = 60.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        _positive(self, "le_epochs", "le_learning_rate", "batch_size", "gn_steps", "gn_learning_rate", "max_seconds")
+        if not 0.0 <= self.gate_generic_share < 1.0:
+            raise ConfigError(f"personalize.gate_generic_share must be in [0, 1), got {self.gate_generic_share}")
+        if self.augment_copies < 0 or self.replay_weight < 0:
+            raise ConfigError("personalize.augment_copies and personalize.replay_weight must be >= 0")
+
+
+@dataclass
+class Recipe:
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
+
+    def validate(self) -> "Recipe":
+        for section in (self.pretrain, self.experts, self.personalize):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be > 0, got {value}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a dict, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a table, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in [{where or cls.__name__}]",
+                          hint=f"known keys: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        expected = hints[name]
+        prefix = f"{where}." if where else ""
+        if dataclasses.is_dataclass(expected):
+            kwargs[name] = from_dict(expected, value, f"{prefix}{name}")
+            continue
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(f"{prefix}{name} must be {expected.__name__}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_recipe(name_or_path: str | Path | None = None) -> Recipe:
+    """A shipped recipe's name (see ``shipped_recipes()``) or a TOML file's path; None gives the defaults."""
+    if name_or_path is None:
+        return Recipe().validate()
+    path = Path(name_or_path)
+    if not path.suffix and (RECIPES_DIR / f"{path.name}.toml").exists():
+        path = RECIPES_DIR / f"{path.name}.toml"
+    if not path.exists():
+        raise ConfigError(f"no recipe {str(name_or_path)!r}",
+                          hint=f"give a TOML path or one of: {', '.join(shipped_recipes())}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
+    return from_dict(Recipe, data).validate()
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))

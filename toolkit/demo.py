@@ -1,0 +1,181 @@
+"""``edgetailor demo``: the whole loop on built-in data, with the baselines.
+
+pretrain GE -> export a bundle -> for each simulated user: personalize in a
+separate device process (the CLI, torch-free, as a phone would run it) ->
+evaluate GE and GE+LE+GN on the user's test set and on the generic test set
+-> fine-tune all of GE, and GE's last layer, on the same samples as baselines
+-> one table (stdout), report.json and report.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from toolkit import atomic
+from toolkit.config import load_recipe
+from toolkit.data import LabeledImages, load_generic_digits, split_generic
+from toolkit.loaders import save_npz
+from toolkit.users import simulate_users
+
+METHODS = ("GE", "GE+LE+GN", "FT all", "FT last")
+
+
+def _device_cli(*args: str) -> dict:
+    """Run ``edgetailor device ...`` in a fresh process; returns its --json
+    output plus the process's whole wall time (start-up and bundle checks too)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "device", *args, "--json"],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"device process failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_seconds": time.perf_counter() - started}
+
+
+def _accuracy(model, ckpt, data: LabeledImages) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float((model(ckpt.normalize(data.images)).argmax(1).numpy() == data.labels).mean())
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """A plain fixed-width table: columns are (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([("" if row.get(k) is None else format(row[k], f)) for k, _, f in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    users = report["users"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    width = 0.2
+    x = np.arange(len(users))
+    for ax, (suffix, title) in zip(axes, (("user", "user's test set"), ("generic", "generic test set"))):
+        for i, method in enumerate(METHODS):
+            ax.bar(x + (i - 1.5) * width, [u[f"{method} {suffix}"] for u in users], width, label=method)
+        ax.set_xticks(x, [f"user {u['user']}" for u in users])
+        ax.set_title(f"accuracy on the {title}")
+        ax.set_ylim(0.4, 1.0)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend(loc="lower right")
+    o = report["overhead"]
+    fig.suptitle(f"edgetailor: GE frozen + LE/GN ({o['params_pct']:.2f} % params, {o['macs_pct']:.2f} % MACs of GE)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples_per_class: int = 10,
+             seed: int = 0, echo: Callable[[str], None] = print) -> dict:
+    import click
+    import torch
+
+    from device.runtime import DeviceRuntime
+    from export.bundle import export_bundle
+    from server_side.finetune import finetune
+    from server_side.pretrain import pretrain
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_recipe(recipe)
+    cfg.pretrain.seed = seed
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    started = time.perf_counter()
+
+    echo(f"[1/4] pretraining the Global Expert ({cfg.pretrain.arch}, {cfg.pretrain.epochs} epochs) on built-in digits")
+    data = load_generic_digits()
+    with click.progressbar(length=cfg.pretrain.epochs, label="  pretrain", file=sys.stderr) as bar:
+        ckpt = pretrain(out / "ge", cfg, data, progress=lambda e, n, logs: bar.update(1), overwrite=True)
+    echo(f"  generic test accuracy {ckpt.meta['generic_accuracy']:.4f}")
+
+    echo("[2/4] exporting the device bundle")
+    bundle_dir = export_bundle(out / "ge", out / "bundle", overwrite=True)
+    bundle_zip = bundle_dir.with_name(bundle_dir.name + ".zip")
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    ge_m, le_m, gn_m = (manifest[k] for k in ("global_expert", "local_expert", "gating_network"))
+    overhead = {"ge_params": ge_m["params"], "ge_macs": ge_m["macs"],
+                "le_gn_params": le_m["params"] + gn_m["params"], "le_gn_macs": le_m["macs"] + gn_m["macs"]}
+    overhead["params_pct"] = 100.0 * overhead["le_gn_params"] / overhead["ge_params"]
+    overhead["macs_pct"] = 100.0 * overhead["le_gn_macs"] / overhead["ge_macs"]
+
+    echo(f"[3/4] simulating {n_users} users ({samples_per_class} samples per class each)")
+    split = split_generic(data, seed=seed)
+    users = simulate_users(split.user_pool, n_users, seed=seed, train_per_class=samples_per_class)
+    (out / "users").mkdir(exist_ok=True)
+    generic_path = out / "users" / "generic_test.npz"
+    save_npz(split.test, generic_path)
+
+    echo("[4/4] personalizing each user on the device runtime, and the fine-tuning baselines")
+    rows = []
+    with click.progressbar(users, label="  users", file=sys.stderr) as bar:
+        for user in bar:
+            train_path, test_path = out / "users" / f"user{user.user_id}_train.npz", out / "users" / f"user{user.user_id}_test.npz"
+            save_npz(user.train, train_path)
+            save_npz(user.test, test_path)
+            state = out / "state" / f"user{user.user_id}"
+            if state.exists():
+                shutil.rmtree(state)
+            personalized = _device_cli("personalize", "--bundle", str(bundle_zip), "--state", str(state),
+                                       "--samples", str(train_path))
+            with DeviceRuntime.open(bundle_zip, state) as runtime:
+                on_user = runtime.evaluate_dataset(user.test)
+                on_generic = runtime.evaluate_dataset(split.test)
+            x, y = ckpt.normalize(user.train.images), torch.as_tensor(user.train.labels)
+            ft_all = finetune(ckpt.model, x, y, "all", seed=seed)
+            ft_last = finetune(ckpt.model, x, y, "last", seed=seed)
+            rows.append({
+                "user": user.user_id, "style": user.describe(), "n_train": len(user.train), "n_test": len(user.test),
+                "GE user": on_user["ge_only_accuracy"], "GE+LE+GN user": on_user["accuracy"],
+                "FT all user": _accuracy(ft_all, ckpt, user.test), "FT last user": _accuracy(ft_last, ckpt, user.test),
+                "GE generic": on_generic["ge_only_accuracy"], "GE+LE+GN generic": on_generic["accuracy"],
+                "FT all generic": _accuracy(ft_all, ckpt, split.test),
+                "FT last generic": _accuracy(ft_last, ckpt, split.test),
+                "LE share user": on_user["experts"]["LE"] / on_user["n"],
+                "LE share generic": on_generic["experts"]["LE"] / on_generic["n"],
+                "personalize s": personalized["seconds"], "device process s": personalized["process_seconds"],
+                "peak RSS MB": personalized["peak_rss_mb"],
+                "torch imported": personalized["torch_imported"],
+            })
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool)
+            and k not in ("user", "n_train", "n_test")]
+    mean = {"user": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
+    mean["peak RSS MB"] = float(max(r["peak RSS MB"] for r in rows))
+    columns = [("user", "user", ""), *[(f"{m} user", f"{m} user", ".3f") for m in METHODS],
+               *[(f"{m} generic", f"{m} gen.", ".3f") for m in METHODS],
+               ("personalize s", "pers. s", ".2f"), ("peak RSS MB", "RSS MB", ".0f")]
+    table = format_table([*rows, mean], columns)
+    report = {"recipe": cfg.to_dict(), "seed": seed, "samples_per_class": samples_per_class,
+              "generic_test_n": len(split.test), "users": rows, "mean": mean, "overhead": overhead,
+              "bundle": str(bundle_dir), "wall_seconds": round(time.perf_counter() - started, 1)}
+    atomic.write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    plot_report(report, out / "report.png")
+    echo("")
+    echo(table)
+    echo("")
+    echo(f"LE+GN overhead: {overhead['le_gn_params']:,} params ({overhead['params_pct']:.2f} % of GE's "
+         f"{overhead['ge_params']:,}), {overhead['le_gn_macs']:,} MACs ({overhead['macs_pct']:.2f} % of GE's "
+         f"{overhead['ge_macs']:,}); device peak RSS {mean['peak RSS MB']:.0f} MB, torch imported on the device: "
+         f"{any(r['torch imported'] for r in rows)}")
+    echo(f"report: {out / 'report.json'}, plot: {out / 'report.png'} ({report['wall_seconds']:.0f}s in all)")
+    return report
