@@ -190,5 +190,10 @@ class _Transaction:
 
     def __exit__(self, exc_type, *_):
         if self.outer:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                self.db.execute("COMMIT")
+            elif self.db.in_transaction:
+                # SQLite has already rolled back after some errors (SQLITE_FULL);
+                # a second ROLLBACK would raise and hide the real error.
+                self.db.execute("ROLLBACK")
         return False

@@ -78,10 +78,11 @@ def plot_report(report: dict, path: Path) -> None:
         ax.set_ylim(0.4, 1.0)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("accuracy")
-    axes[1].legend(loc="lower right")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(METHODS), frameon=False)
     o = report["overhead"]
     fig.suptitle(f"edgetailor: GE frozen + LE/GN ({o['params_pct']:.2f} % params, {o['macs_pct']:.2f} % MACs of GE)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

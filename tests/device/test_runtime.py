@@ -115,3 +115,12 @@ def test_state_for_other_labels_is_refused(bundle_dir, tmp_path):
     StateStore(tmp_path / "state", ["a", "b"]).close()
     with pytest.raises(StateError, match="labels"):
         DeviceRuntime.open(bundle_dir, tmp_path / "state")
+
+
+def test_full_disk_is_clear_and_keeps_stored_samples(runtime, user):
+    runtime.add_dataset(user.train.subset(np.arange(5)))
+    pages = runtime.store.db.execute("PRAGMA page_count").fetchone()[0]
+    runtime.store.db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "disk is full" from here on
+    with pytest.raises(StateError, match="disk is full"):
+        runtime.add_dataset(user.train)
+    assert runtime.sample_count() == 5
