@@ -116,7 +116,6 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
     le.set_learning_rate(cfg.le_learning_rate)
     n_user = len(user_labels)
     per_batch = min(cfg.batch_size, n_user)
-    batches_per_epoch = -(-n_user // per_batch)
     replay_per_batch = int(round(per_batch * cfg.replay_weight))
     le_steps, le_loss, stopped_early = 0, float("nan"), False
     for epoch in range(cfg.le_epochs):
@@ -176,7 +175,6 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
 @dataclass
 class Routed:
     logits: np.ndarray
-    ge_logits: np.ndarray
     gate: np.ndarray        # probability that LE should answer (0 where not personalized)
     use_le: np.ndarray      # bool per input
 
@@ -185,10 +183,10 @@ def route(ge_logits: np.ndarray, le_features: np.ndarray, gn_features: np.ndarra
           gn: TrainedPart | None, threshold: float) -> Routed:
     if le is None or gn is None:
         zeros = np.zeros(len(ge_logits), dtype=np.float32)
-        return Routed(ge_logits, ge_logits, zeros, zeros.astype(bool))
+        return Routed(ge_logits, zeros, zeros.astype(bool))
     gate = gate_probability(gn, gn_features)
     use_le = gate > threshold
     logits = ge_logits.copy()
     if use_le.any():
         logits[use_le] = le(le_features[use_le], ge_logits[use_le])
-    return Routed(logits, ge_logits, gate, use_le)
+    return Routed(logits, gate, use_le)

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from device.backends import get_backend
-from device.mixture import GE, LE, ProgressFn, route, run_ge, softmax, train_mixture
+from device.mixture import GE, LE, ProgressFn, Routed, route, run_ge, softmax, train_mixture
 from device.store import StateStore
 from toolkit.bundle import Bundle
 from toolkit.config import PersonalizeConfig, from_dict
@@ -185,11 +185,14 @@ class DeviceRuntime:
         return {**trained.report, "personalization_id": pid, "seconds": round(time.perf_counter() - started, 3)}
 
     # inference -----------------------------------------------------------
+    def _answer(self, images: np.ndarray) -> tuple[np.ndarray, Routed]:
+        """GE's logits and the routed answer for validated uint8 images."""
+        ge_logits, features = run_ge(self.ge, images, self.manifest["input"])
+        return ge_logits, route(ge_logits, features[self.le_tap], features[self.gn_tap], self._le, self._gn,
+                                self.threshold)
+
     def predict(self, images: Any) -> Prediction:
-        array = validate_images(images, self.input_shape)
-        ge_logits, features = run_ge(self.ge, array, self.manifest["input"])
-        routed = route(ge_logits, features[self.le_tap], features[self.gn_tap], self._le, self._gn,
-                       self.threshold)
+        _, routed = self._answer(validate_images(images, self.input_shape))
         indices = routed.logits.argmax(axis=1)
         return Prediction([self.labels[i] for i in indices], indices, softmax(routed.logits),
                           [LE if u else GE for u in routed.use_le], routed.gate)
@@ -197,9 +200,7 @@ class DeviceRuntime:
     def evaluate(self, images: Any, labels: Any) -> dict[str, Any]:
         array = validate_images(images, self.input_shape)
         truth = validate_labels(labels, self.labels, len(array))
-        ge_logits, features = run_ge(self.ge, array, self.manifest["input"])
-        routed = route(ge_logits, features[self.le_tap], features[self.gn_tap], self._le, self._gn,
-                       self.threshold)
+        ge_logits, routed = self._answer(array)
         correct = routed.logits.argmax(axis=1) == truth
         ge_correct = ge_logits.argmax(axis=1) == truth
         answered = {GE: int((~routed.use_le).sum()), LE: int(routed.use_le.sum())}

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.data import DIGIT_LABELS, LabeledImages, to_uint8
-from toolkit.errors import DataFormatError
+from toolkit.errors import DataFormatError, SampleError
 from toolkit.imaging import CANVAS, mnist_style
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm"}
@@ -56,8 +56,6 @@ def load_samples(path: str | Path, label_names: list[str] | None = None) -> Labe
 
 def relabel(data: LabeledImages, label_names: list[str]) -> LabeledImages:
     """Express ``data``'s labels as indices into ``label_names``; unknown ones are an error."""
-    from toolkit.errors import SampleError
-
     index = {name: i for i, name in enumerate(label_names)}
     unknown = sorted({data.label_names[l] if 0 <= l < len(data.label_names) else str(l)
                       for l in data.labels} - set(index))
