@@ -154,6 +154,46 @@ def export_ge(ckpt: GECheckpoint, path: Path) -> dict[str, int]:
     return {t.name: t.dim for t in taps}
 
 
+# A quantized GE's ONNX answers like its torch twin (same integer weights) up
+# to activation rounding: most argmaxes agree, logits do not to 1e-4.
+QUANTIZED_AGREEMENT = 0.95
+
+
+def copy_quantized_ge(ckpt: GECheckpoint, model_dir: Path, path: Path) -> None:
+    """A quantized GE ships as the QDQ model ``server compress`` wrote (the
+    integers are decided there); check it still has GE's outputs and answers
+    like the checkpoint's weights before it goes into a bundle."""
+    import onnxruntime as ort
+
+    source = model_dir / ckpt.meta["compression"]["files"]["onnx"]
+    if not source.is_file():
+        raise CheckpointError(f"{model_dir} is a quantized GE but its ONNX model {source.name} is missing",
+                              hint="re-run `edgetailor server compress`")
+    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+    taps = [t.name for t in ckpt.model.feature_taps]
+    if outputs != ["logits", *taps]:
+        raise CheckpointError(f"{source} returns {outputs}, expected logits and the features {taps}")
+    example = ckpt.normalize(ckpt.replay.images)
+    got = session.run(["logits"], {"image": example.numpy()})[0].argmax(1)
+    with torch.no_grad():
+        want = ckpt.model(example).argmax(1).numpy()
+    agreement = float((got == want).mean())
+    if agreement < QUANTIZED_AGREEMENT:
+        raise CheckpointError(f"{source} agrees with the checkpoint's weights on only {agreement:.1%} of the "
+                              "replay glyphs; the files do not belong together",
+                              hint="re-run `edgetailor server compress`")
+    atomic.write_bytes(path, source.read_bytes())
+
+
+def _compression_summary(compression: dict | None) -> dict | None:
+    """What the bundle says about how its GE was compressed."""
+    if not compression:
+        return None
+    return {"recipe": compression["recipe"].get("name"), "stages": [s["kind"] for s in compression["stages"]],
+            "sparse": compression["sparse"], "quantization": compression["quantization"]}
+
+
 @contextlib.contextmanager
 def _native_stderr_captured():
     """generate_artifacts' C++ graph passes log every transformer at info level
@@ -224,8 +264,13 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
     num_classes = len(ckpt.labels)
     le_dim, gn_dim = taps[experts.le_feature_tap], taps[experts.gn_feature_tap]
     with atomic.staged_dir(out, overwrite=overwrite) as staging:
-        say("exporting GE to ONNX")
-        export_ge(ckpt, staging / "ge.onnx")
+        compression = ckpt.meta.get("compression")
+        if compression and compression.get("quantization"):
+            say("adding the quantized GE (ONNX QDQ)")
+            copy_quantized_ge(ckpt, Path(model_dir), staging / "ge.onnx")
+        else:
+            say("exporting GE to ONNX")
+            export_ge(ckpt, staging / "ge.onnx")
         say("building LE training artifacts")
         torch.manual_seed(ckpt.meta.get("seed", 0))
         le = ResidualHead(le_dim, num_classes, experts.le_rank)
@@ -249,6 +294,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
                 "params": count_params(ckpt.model),
                 "macs": count_macs(ckpt.model, (ckpt.normalize(ckpt.replay.images[:1]),)),
                 "generic_accuracy": ckpt.meta.get("generic_accuracy"),
+                "compression": _compression_summary(ckpt.meta.get("compression")),
                 "training": {k: ckpt.meta.get(k) for k in ("data", "seed", "created", "toolkit_version")},
             },
             "local_expert": {

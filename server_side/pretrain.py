@@ -48,7 +48,7 @@ def train_ge(train: LabeledImages, cfg: PretrainConfig, progress: ProgressFn | N
     mean, std = float(images.mean()), float(images.std())
     x = ((torch.as_tensor(images) - mean) / std).unsqueeze(1)
     y = torch.as_tensor(train.labels)
-    model = build_model(cfg.arch, len(train.label_names))
+    model = build_model(cfg.arch, len(train.label_names), cfg.widths or None)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     for epoch in range(cfg.epochs):
@@ -88,6 +88,7 @@ def pretrain(out_dir: str | Path, recipe: Recipe | None = None, data: LabeledIma
         "toolkit_version": toolkit.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "arch": cfg.arch,
+        "widths": model.widths(),
         "labels": list(data.label_names),
         "input": {"shape": [1, *data.images.shape[1:]], "dtype": "uint8", **norm, "ink": "white-on-black",
                   "preprocess": "mnist-style 20x20 box, centred by mass on 28x28"},

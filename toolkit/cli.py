@@ -89,7 +89,7 @@ def main() -> None:
 # --------------------------------------------------------------------- server
 @main.group()
 def server() -> None:
-    """Build-server side: train the Global Expert on generic data."""
+    """Build-server side: train the Global Expert on generic data, and compress it."""
 
 
 @server.command("pretrain")
@@ -124,6 +124,62 @@ def server_pretrain(out: Path, recipe: str, data: Path | None, epochs: int | Non
     progress.close()
     click.echo(f"GE ({ckpt.meta['arch']}) trained in {time.perf_counter() - started:.1f}s; "
                f"generic test accuracy {ckpt.meta['generic_accuracy']:.4f}; saved to {out}")
+
+
+def _compress_help() -> str:
+    from server_side.compress.recipe import shipped_compress_recipes
+
+    lines = ["Compress a trained GE with a recipe of stages (pruning, distillation,",
+             "quantization) and export it; OUT is a GE checkpoint again, so",
+             "`edgetailor export bundle --model OUT` ships the compressed GE.",
+             "",
+             "Writes OUT/report.txt, report.json and report.png: parameters, file size,",
+             "FLOPs, generic accuracy, accuracy after personalization on simulated",
+             "users, and batch-1 one-thread latency in each runtime, all against the",
+             "fp32 GE measured in the same run.",
+             "",
+             "\b", "Shipped recipes (--recipe NAME):"]
+    lines += [f"  {name:<14} {description}" for name, description in shipped_compress_recipes().items()]
+    lines += ["", "Or --recipe path/to/recipe.toml; see server_side/compress/recipe.py for every key."]
+    return "\n".join(lines)
+
+
+@server.command("compress", help=_compress_help())
+@click.option("--model", "model", required=True, type=click.Path(exists=True, path_type=Path),
+              help="GE checkpoint directory (from `edgetailor server pretrain`).")
+@click.option("--recipe", required=True, help="Shipped recipe name (listed above) or a TOML file.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Directory for the compressed GE checkpoint, its exports and the report.")
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
+              help="Generic data for recovery training and calibration. Default: the built-in digits.")
+@click.option("--users", "n_users", type=click.IntRange(0, 50), default=3, show_default=True,
+              help="Simulated users to personalize on, fp32 and compressed GE (0 skips it).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def server_compress(model: Path, recipe: str, out: Path, data: Path | None, n_users: int, overwrite: bool) -> None:
+    from server_side.compress.pipeline import compress
+    from server_side.compress.recipe import load_compress_recipe
+    from toolkit.loaders import load_samples
+
+    cfg = load_compress_recipe(recipe)
+    if out.exists() and not overwrite:
+        raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
+    dataset = load_samples(data) if data else None
+    progress = _Progress()
+
+    def echo(message: str) -> None:
+        progress.close()
+        click.echo(message, err=True)
+
+    report = compress(model, cfg, out, dataset, n_users=n_users, overwrite=overwrite, progress=progress, echo=echo)
+    progress.close()
+    click.echo("")
+    click.echo(report["table"])
+    for name, reason in report["not_exported"].items():
+        click.echo(f"  {name}: not exported ({reason})")
+    for note in report["notes"]:
+        click.echo(f"  note: {note}")
+    click.echo(f"compressed GE written to {out} ({report['wall_seconds']:.0f}s); "
+               f"report: {out / 'report.txt'}, {out / 'report.json'}, {out / 'report.png'}")
 
 
 # --------------------------------------------------------------------- export

@@ -12,7 +12,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 from toolkit.errors import ConfigError
 
@@ -24,6 +24,8 @@ class PretrainConfig:
     """How the Global Expert is trained on the generic data."""
 
     arch: str = "lenet5"
+    # Layer widths (lenet5: conv1, conv2, fc1, fc2); empty = the architecture's classic ones.
+    widths: list[int] = field(default_factory=list)
     epochs: int = 40
     batch_size: int = 64
     learning_rate: float = 2e-3
@@ -36,6 +38,8 @@ class PretrainConfig:
 
     def validate(self) -> None:
         _positive(self, "epochs", "batch_size", "learning_rate")
+        if any(w < 1 for w in self.widths):
+            raise ConfigError(f"pretrain.widths must all be >= 1, got {self.widths}")
 
 
 @dataclass
@@ -134,12 +138,22 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         if dataclasses.is_dataclass(expected):
             kwargs[name] = from_dict(expected, value, f"{prefix}{name}")
             continue
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ConfigError(f"{prefix}{name} must be {expected.__name__}, got {value!r}")
-        kwargs[name] = value
+        kwargs[name] = _typed(value, expected, f"{prefix}{name}")
     return cls(**kwargs)
+
+
+def _typed(value: Any, expected: Any, where: str) -> Any:
+    """``value`` checked against a scalar type or ``list[scalar]`` (ints pass as floats)."""
+    if get_origin(expected) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = get_args(expected)
+        return [_typed(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {expected.__name__}, got {value!r}")
+    return value
 
 
 def load_recipe(name_or_path: str | Path | None = None) -> Recipe:

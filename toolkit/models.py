@@ -25,22 +25,37 @@ class FeatureTap:
 
 class LeNet5(nn.Module):
     """LeNet-5 for 28x28 greyscale input (padding 2 on the first conv, as the
-    classic 32x32 version sees it), ReLU and max-pooling as in modern reimplementations."""
+    classic 32x32 version sees it), ReLU and max-pooling as in modern reimplementations.
+
+    ``widths`` (conv1, conv2, fc1, fc2) default to the classic 6/16/120/84;
+    structured pruning makes them smaller, and a checkpoint records them so
+    that the pruned model can be rebuilt."""
 
     arch = "lenet5"
+    default_widths = (6, 16, 120, 84)
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, num_classes)
+        if widths is not None and len(widths) != 4:
+            raise ValueError(f"lenet5 takes 4 widths (conv1, conv2, fc1, fc2), got {list(widths)}")
+        c1, c2, f1, f2 = widths or self.default_widths
+        self.conv1 = nn.Conv2d(1, c1, 5, padding=2)
+        self.conv2 = nn.Conv2d(c1, c2, 5)
+        self.fc1 = nn.Linear(c2 * 5 * 5, f1)
+        self.fc2 = nn.Linear(f1, f2)
+        self.fc3 = nn.Linear(f2, num_classes)
         self.num_classes = num_classes
 
-    # Taps in the order forward_with_features returns them. "conv" is the
-    # pooled conv2 output, flattened: the last spatial features.
-    feature_taps = (FeatureTap("conv", 16 * 5 * 5), FeatureTap("fc1", 120), FeatureTap("fc2", 84))
+    def widths(self) -> list[int]:
+        """The current widths, read off the layers (pruning changes them in place)."""
+        return [self.conv1.out_channels, self.conv2.out_channels, self.fc1.out_features, self.fc2.out_features]
+
+    @property
+    def feature_taps(self) -> tuple[FeatureTap, ...]:
+        """Taps in the order forward_with_features returns them. "conv" is the
+        pooled conv2 output, flattened: the last spatial features."""
+        return (FeatureTap("conv", self.fc1.in_features), FeatureTap("fc1", self.fc1.out_features),
+                FeatureTap("fc2", self.fc2.out_features))
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
@@ -61,11 +76,12 @@ class LeNet5(nn.Module):
 ARCHITECTURES: dict[str, type[nn.Module]] = {LeNet5.arch: LeNet5}
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
+def build_model(arch: str, num_classes: int, widths: list[int] | None = None) -> nn.Module:
     try:
-        return ARCHITECTURES[arch](num_classes=num_classes)
+        cls = ARCHITECTURES[arch]
     except KeyError:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
+    return cls(num_classes=num_classes, widths=tuple(widths) if widths else None)
 
 
 class WithFeatures(nn.Module):

@@ -1,0 +1,256 @@
+"""Deployable model formats: one ``ModelFormat`` per runtime, registered in ``FORMATS``.
+
+Each format writes a GE (fp32, sparse, pruned or quantized) to a file that
+returns the same outputs as ``WithFeatures`` (logits, then every feature tap),
+and loads it back in its own runtime for accuracy and latency checks:
+
+- ``onnx``: ONNX, run by onnxruntime. Quantized GEs become QDQ models
+  (int8 per-channel weights, uint8 activations) made by
+  ``onnxruntime.quantization``, with the weight scales pinned to the grid the
+  compression stage chose (so FlexRound's learned rounding survives export).
+- ``executorch``: a ``.pte`` lowered to XNNPACK; quantized GEs go through the
+  PT2E flow with the XNNPACK quantizer.
+- ``tflite``: LiteRT flatbuffer converted by litert-torch; fp32 only here.
+
+4-bit weights are carried in int8 storage by both ONNX and ExecuTorch (neither
+runtime has CPU kernels for 4-bit convolutions), so their files are int8-sized.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolkit.errors import ConfigError
+from toolkit.models import WithFeatures
+
+Runner = Callable[[np.ndarray], np.ndarray]
+"""float32 (N, 1, H, W) normalised images -> logits (N, classes)."""
+
+
+@dataclass
+class QuantSpec:
+    """What a quantizing compression stage decided, for the exporters."""
+
+    weight_bits: int
+    # layer name (as in model.named_modules()) -> per-output-channel scale of the grid its weights lie on
+    weight_scales: dict[str, np.ndarray] = field(default_factory=dict)
+    activation_bits: int = 8
+
+
+class ModelFormat(Protocol):
+    name: str
+    suffix: str
+    runtime: str
+
+    def cannot_carry(self, quantized: bool) -> str | None:
+        """Why this format cannot carry such a model, or None."""
+
+    def export(self, model: nn.Module, path: Path, calibration: np.ndarray, quant: QuantSpec | None) -> None: ...
+
+    def load(self, path: Path, threads: int = 1) -> Runner: ...
+
+
+def _per_sample(run_one: Callable[[np.ndarray], np.ndarray]) -> Runner:
+    """Runtimes whose programs have a static batch of 1 run a batch one by one."""
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([run_one(x[i:i + 1]) for i in range(len(x))])
+
+    return run
+
+
+class OnnxFormat:
+    name, suffix, runtime = "onnx", ".onnx", "onnxruntime"
+
+    def cannot_carry(self, quantized: bool) -> str | None:
+        return None
+
+    def export(self, model: nn.Module, path: Path, calibration: np.ndarray, quant: QuantSpec | None) -> None:
+        from export.bundle import _cap_ir_version, _onnx_export
+
+        wrapped = WithFeatures(model).eval()
+        outputs = ["logits", *(t.name for t in model.feature_taps)]
+        example = (torch.as_tensor(calibration[:2]),)
+        if quant is None:
+            _onnx_export(wrapped, example, path, ["image"], outputs, training=False)
+            _cap_ir_version(path)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
+            _onnx_export(wrapped, example, fp32, ["image"], outputs, training=False)
+            _quantize_qdq(fp32, prepared, path, calibration, quant)
+        _cap_ir_version(path)
+
+    def load(self, path: Path, threads: int = 1) -> Runner:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(["logits"], {"image": np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def _quantize_qdq(fp32: Path, prepared: Path, out: Path, calibration: np.ndarray, quant: QuantSpec) -> None:
+    """Static QDQ quantization with onnxruntime.quantization (per-channel
+    symmetric weights, min-max calibrated uint8 activations). The exported
+    weights are already on the stage's grid; pinning the scales keeps them
+    there exactly (ORT would otherwise re-derive max|w|/127 per channel)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"image": calibration[i:i + 1]} for i in range(len(calibration))])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    overrides = {}
+    for layer, scales in quant.weight_scales.items():
+        scales = np.asarray(scales, dtype=np.float32)
+        overrides[f"model.{layer}.weight"] = [{"axis": 0, "scale": float(scales[0]), "zero_point": 0},
+                                              *({"scale": float(s), "zero_point": 0} for s in scales[1:])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"TensorQuantOverrides": overrides})
+
+
+class ExecuTorchFormat:
+    name, suffix, runtime = "executorch", ".pte", "executorch (xnnpack)"
+
+    def cannot_carry(self, quantized: bool) -> str | None:
+        return None
+
+    def export(self, model: nn.Module, path: Path, calibration: np.ndarray, quant: QuantSpec | None) -> None:
+        with _quiet_fds():  # torchao and XNNPACK announce missing GPU kernels and CPU probing
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.exir import to_edge_transform_and_lower
+
+        wrapped = WithFeatures(copy.deepcopy(model)).eval()
+        example = (torch.as_tensor(calibration[:1]),)
+        with warnings.catch_warnings(), _quiet_fds():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(wrapped, example)
+            if quant is not None:
+                from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                    XNNPACKQuantizer, get_symmetric_quantization_config)
+                from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+                quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+                prepared = prepare_pt2e(program.module(), quantizer)
+                for i in range(len(calibration)):  # the exported program has a static batch of 1
+                    prepared(torch.as_tensor(calibration[i:i + 1]))
+                program = torch.export.export(convert_pt2e(prepared), example)
+            lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+        from toolkit import atomic
+
+        atomic.write_bytes(path, lowered.buffer)
+
+    def load(self, path: Path, threads: int = 1) -> Runner:
+        with _quiet_fds():
+            from executorch.extension.pybindings import portable_lib
+            from executorch.runtime import Runtime
+
+        with _quiet_fds():
+            portable_lib._unsafe_reset_threadpool(threads)
+            method = Runtime.get().load_program(Path(path)).load_method("forward")
+        return _per_sample(lambda x: method.execute([torch.as_tensor(x)])[0].numpy())
+
+
+class TFLiteFormat:
+    name, suffix, runtime = "tflite", ".tflite", "litert"
+
+    def cannot_carry(self, quantized: bool) -> str | None:
+        if quantized:
+            return ("tflite export here is fp32 only: litert-torch's own quantizer would re-quantize "
+                    "the weights and drop the stage's grid (learned rounding, QAT)")
+        return None
+
+    def export(self, model: nn.Module, path: Path, calibration: np.ndarray, quant: QuantSpec | None) -> None:
+        if quant is not None:
+            raise ConfigError(self.cannot_carry(True))
+        import litert_torch
+
+        wrapped = WithFeatures(copy.deepcopy(model)).eval()
+        with warnings.catch_warnings(), _quiet_fds():
+            warnings.simplefilter("ignore")
+            edge = litert_torch.convert(wrapped, (torch.as_tensor(calibration[:1]),))
+            with tempfile.TemporaryDirectory() as tmp:
+                edge.export(str(Path(tmp) / "model.tflite"))
+                data = (Path(tmp) / "model.tflite").read_bytes()
+        from toolkit import atomic
+
+        atomic.write_bytes(path, data)
+
+    def load(self, path: Path, threads: int = 1) -> Runner:
+        interpreter_cls = _litert_interpreter()
+        with _quiet_fds():
+            interpreter = interpreter_cls(model_path=str(path), num_threads=threads)
+            interpreter.allocate_tensors()
+        source = interpreter.get_input_details()[0]["index"]
+        outputs = interpreter.get_output_details()
+        # litert-torch names outputs output_0..N in WithFeatures order; logits come first
+        logits = sorted(outputs, key=lambda o: o["name"])[0]["index"]
+
+        def run_one(x: np.ndarray) -> np.ndarray:
+            interpreter.set_tensor(source, np.ascontiguousarray(x, dtype=np.float32))
+            interpreter.invoke()
+            return interpreter.get_tensor(logits).copy()
+
+        return _per_sample(run_one)
+
+
+def _litert_interpreter():
+    """LiteRT's Interpreter: ai_edge_litert first, then its predecessor tflite_runtime."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        from tflite_runtime.interpreter import Interpreter
+    return Interpreter
+
+
+class _quiet_fds:
+    """litert-torch and the LiteRT interpreter print converter and delegate
+    banners to the C-level stdout/stderr; keep them off the user's terminal."""
+
+    def __enter__(self):
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.saved = [os.dup(1), os.dup(2)]
+        self.null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(self.null, 1)
+        os.dup2(self.null, 2)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        for fd in (*self.saved, self.null):
+            os.close(fd)
+
+
+FORMATS: dict[str, ModelFormat] = {f.name: f for f in (OnnxFormat(), ExecuTorchFormat(), TFLiteFormat())}
+
+
+def get_format(name: str) -> ModelFormat:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ConfigError(f"unknown export format {name!r}", hint=f"formats: {', '.join(FORMATS)}") from None
