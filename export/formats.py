@@ -206,7 +206,7 @@ class TFLiteFormat:
         source = interpreter.get_input_details()[0]["index"]
         outputs = interpreter.get_output_details()
         # litert-torch names outputs output_0..N in WithFeatures order; logits come first
-        logits = sorted(outputs, key=lambda o: o["name"])[0]["index"]
+        logits = min(outputs, key=lambda o: o["name"])["index"]
 
         def run_one(x: np.ndarray) -> np.ndarray:
             interpreter.set_tensor(source, np.ascontiguousarray(x, dtype=np.float32))

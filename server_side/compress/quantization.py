@@ -119,24 +119,26 @@ def flexround(model: nn.Module, calibration: torch.Tensor, bits: int, iterations
         s3 = nn.Parameter(torch.ones(shape))
         optimizer = torch.optim.Adam([s1, s2, s3], lr=learning_rate)
 
-        def quantized() -> torch.Tensor:
-            q = torch.clamp(round_ste(w / (s1 * s2 * s3)), -qmax(bits), qmax(bits))
-            return s1 * q
-
         for _ in range(iterations):
             batch = torch.randint(0, len(x_quantized), (min(batch_size, len(x_quantized)),), generator=generator)
-            loss = F.mse_loss(_apply(layer, x_quantized[batch], quantized()), target[batch])
+            loss = F.mse_loss(_apply(layer, x_quantized[batch], _flexround_weight(w, s1, s2, s3, bits)),
+                              target[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             with torch.no_grad():
                 s1.clamp_(min=1e-8)
         with torch.no_grad():
-            layer.weight.copy_(quantized())
+            layer.weight.copy_(_flexround_weight(w, s1, s2, s3, bits))
         scales[name] = s1.detach().flatten().expand(w.shape[0]).numpy().copy()
         if progress:
             progress(index + 1, len(layers))
     return scales
+
+
+def _flexround_weight(w: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, s3: torch.Tensor,
+                      bits: int) -> torch.Tensor:
+    return s1 * torch.clamp(round_ste(w / (s1 * s2 * s3)), -qmax(bits), qmax(bits))
 
 
 class FakeQuantWeight(nn.Module):
