@@ -105,7 +105,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     markers = {"onnx": "o", "executorch": "s", "tflite": "^"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     variants = sorted({r["variant"] for r in rows}, key=lambda v: (v != "fp32 GE", v))
-    colours = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
+    palette = plt.cm.tab10 if len(variants) <= 10 else plt.cm.tab20
+    colours = {v: palette(i % palette.N) for i, v in enumerate(variants)}
     for ax, key, label in ((axes[0], "file_kb", "file size on disk (KB)"),
                            (axes[1], "latency_us", "latency, batch 1, 1 thread (µs)")):
         for row in rows:
@@ -115,8 +116,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_ylabel("generic test accuracy (%)")
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours[v], label=v) for v in variants]
-    handles += [plt.Line2D([], [], marker=m, linestyle="", color="grey", label=f) for f, m in markers.items()
-                if any(r["format"] == f for r in rows)]
+    handles += [plt.Line2D([], [], marker=m, linestyle="", markerfacecolor="none", markeredgecolor="black",
+                           label=f) for f, m in markers.items() if any(r["format"] == f for r in rows)]
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
