@@ -160,17 +160,22 @@ def load_recipe(name_or_path: str | Path | None = None) -> Recipe:
     """A shipped recipe's name (see ``shipped_recipes()``) or a TOML file's path; None gives the defaults."""
     if name_or_path is None:
         return Recipe().validate()
-    path = Path(name_or_path)
-    if not path.suffix and (RECIPES_DIR / f"{path.name}.toml").exists():
-        path = RECIPES_DIR / f"{path.name}.toml"
-    if not path.exists():
-        raise ConfigError(f"no recipe {str(name_or_path)!r}",
-                          hint=f"give a TOML path or one of: {', '.join(shipped_recipes())}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
+    _, data = read_recipe_file(name_or_path, RECIPES_DIR, "recipe")
     return from_dict(Recipe, data).validate()
+
+
+def read_recipe_file(name_or_path: str | Path, shipped_dir: Path, what: str) -> tuple[Path, dict[str, Any]]:
+    """Resolve a shipped recipe's name (a ``.toml`` in ``shipped_dir``) or a path, and parse it."""
+    path = Path(name_or_path)
+    if not path.suffix and (shipped_dir / f"{path.name}.toml").exists():
+        path = shipped_dir / f"{path.name}.toml"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in shipped_dir.glob("*.toml")))
+        raise ConfigError(f"no {what} {str(name_or_path)!r}", hint=f"give a TOML path or one of: {shipped}")
+    try:
+        return path, tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
 
 
 def shipped_recipes() -> list[str]:

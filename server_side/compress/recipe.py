@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit.config import from_dict
+from toolkit.config import from_dict, read_recipe_file
 from toolkit.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
@@ -260,16 +260,7 @@ def recipe_from_dict(data: dict[str, Any], name: str = "") -> CompressRecipe:
 
 def load_compress_recipe(name_or_path: str | Path) -> CompressRecipe:
     """A shipped recipe's name (``shipped_compress_recipes()``) or a TOML path."""
-    path = Path(name_or_path)
-    if not path.suffix and (RECIPES_DIR / f"{path.name}.toml").exists():
-        path = RECIPES_DIR / f"{path.name}.toml"
-    if not path.is_file():
-        raise ConfigError(f"no compression recipe {str(name_or_path)!r}",
-                          hint=f"give a TOML path or one of: {', '.join(shipped_compress_recipes())}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
+    path, data = read_recipe_file(name_or_path, RECIPES_DIR, "compression recipe")
     return recipe_from_dict(data, name=path.stem)
 
 
