@@ -83,11 +83,13 @@ def count_params(module: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
-    """Multiply-accumulates of Conv2d and Linear layers for one sample (batch 1).
+    """Multiply-accumulates of Conv2d and Linear layers for one sample (batch 1),
+    plus the parameter-free matmuls that a module declares with
+    ``matmul_macs(output)`` (a transformer block's attention).
 
     Written here rather than pulled from a FLOP-counting package because the
-    models are plain conv/linear stacks and the count must be exact and
-    dependency-free for the manifest."""
+    models are plain conv/linear/attention stacks and the count must be exact
+    and dependency-free for the manifest."""
     total = 0
 
     def conv_hook(module: nn.Conv2d, _inputs, output):
@@ -99,8 +101,14 @@ def count_macs(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
         nonlocal total
         total += output[0].numel() * module.in_features
 
+    def matmul_hook(module: nn.Module, _inputs, output):
+        nonlocal total
+        total += module.matmul_macs(output[:1])
+
     handles = []
     for m in model.modules():
+        if hasattr(m, "matmul_macs"):
+            handles.append(m.register_forward_hook(matmul_hook))
         if isinstance(m, nn.Conv2d):
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
@@ -255,11 +263,8 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
     personalize = personalize or PersonalizeConfig(**recipe.get("personalize", {}))
     experts.validate()
     personalize.validate()
+    experts.resolve_taps(ckpt.model)
     taps = {t.name: t.dim for t in ckpt.model.feature_taps}
-    for key in ("le_feature_tap", "gn_feature_tap"):
-        if getattr(experts, key) not in taps:
-            raise CheckpointError(f"{ckpt.meta['arch']} has no feature {getattr(experts, key)!r}",
-                                  hint=f"experts.{key} must be one of: {', '.join(taps)}")
     out = Path(out)
     num_classes = len(ckpt.labels)
     le_dim, gn_dim = taps[experts.le_feature_tap], taps[experts.gn_feature_tap]

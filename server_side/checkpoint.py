@@ -61,7 +61,7 @@ class GECheckpoint:
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{model_dir} is not a GE checkpoint (model.json format is {meta.get('format')!r})")
         try:
-            model = build_model(meta["arch"], len(meta["labels"]), meta.get("widths"))
+            model = build_model(meta["arch"], len(meta["labels"]), meta.get("widths"), meta.get("depth"))
             model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
             with np.load(model_dir / "replay.npz") as archive:
                 replay = LabeledImages(archive["x"], archive["y"], list(meta["labels"]), "replay")

@@ -15,7 +15,8 @@ import toolkit
 from toolkit import atomic
 from toolkit.config import PretrainConfig, Recipe
 from toolkit.data import LabeledImages, load_generic_digits, split_generic
-from toolkit.models import build_model
+from toolkit.errors import ConfigError
+from toolkit.models import build_model, model_depth
 from server_side.checkpoint import FORMAT, GECheckpoint
 
 ProgressFn = Callable[[int, int, dict], None]
@@ -48,7 +49,7 @@ def train_ge(train: LabeledImages, cfg: PretrainConfig, progress: ProgressFn | N
     mean, std = float(images.mean()), float(images.std())
     x = ((torch.as_tensor(images) - mean) / std).unsqueeze(1)
     y = torch.as_tensor(train.labels)
-    model = build_model(cfg.arch, len(train.label_names), cfg.widths or None)
+    model = build_model(cfg.arch, len(train.label_names), cfg.widths or None, cfg.depth or None)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     for epoch in range(cfg.epochs):
@@ -79,6 +80,11 @@ def pretrain(out_dir: str | Path, recipe: Recipe | None = None, data: LabeledIma
     recipe = (recipe or Recipe()).validate()
     cfg = recipe.pretrain
     data = data if data is not None else load_generic_digits()
+    try:
+        shape = build_model(cfg.arch, len(data.label_names), cfg.widths or None, cfg.depth or None)
+    except ValueError as exc:
+        raise ConfigError(f"[pretrain]: {exc}") from None
+    recipe.experts.resolve_taps(shape)
     split = split_generic(data, seed=cfg.seed)
     started = time.perf_counter()
     model, norm = train_ge(split.train, cfg, progress)
@@ -89,6 +95,7 @@ def pretrain(out_dir: str | Path, recipe: Recipe | None = None, data: LabeledIma
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "arch": cfg.arch,
         "widths": model.widths(),
+        "depth": model_depth(model),
         "labels": list(data.label_names),
         "input": {"shape": [1, *data.images.shape[1:]], "dtype": "uint8", **norm, "ink": "white-on-black",
                   "preprocess": "mnist-style 20x20 box, centred by mass on 28x28"},

@@ -24,8 +24,10 @@ class PretrainConfig:
     """How the Global Expert is trained on the generic data."""
 
     arch: str = "lenet5"
-    # Layer widths (lenet5: conv1, conv2, fc1, fc2); empty = the architecture's classic ones.
+    # Layer widths (lenet5: conv1, conv2, fc1, fc2; vit: embedding, mlp); empty = the architecture's defaults.
     widths: list[int] = field(default_factory=list)
+    # Transformer blocks (vit); 0 = the architecture's default. LeNet-5's depth is fixed.
+    depth: int = 0
     epochs: int = 40
     batch_size: int = 64
     learning_rate: float = 2e-3
@@ -40,6 +42,8 @@ class PretrainConfig:
         _positive(self, "epochs", "batch_size", "learning_rate")
         if any(w < 1 for w in self.widths):
             raise ConfigError(f"pretrain.widths must all be >= 1, got {self.widths}")
+        if self.depth < 0:
+            raise ConfigError(f"pretrain.depth must be >= 1 (or 0 for the architecture's default), got {self.depth}")
 
 
 @dataclass
@@ -54,11 +58,24 @@ class ExpertConfig:
     look like the user's writing?"; above ``gate_threshold`` LE answers.
     """
 
-    le_feature_tap: str = "conv"
+    # Empty = the architecture's default (lenet5: conv / fc1; vit: tokens / cls),
+    # resolved when GE is built and recorded in its checkpoint.
+    le_feature_tap: str = ""
     le_rank: int = 3
-    gn_feature_tap: str = "fc1"
+    gn_feature_tap: str = ""
     gate_threshold: float = 0.5
     replay_size: int = 300
+
+    def resolve_taps(self, model: Any) -> "ExpertConfig":
+        """Fill empty taps with ``model``'s defaults and check that the named ones exist."""
+        taps = [t.name for t in model.feature_taps]
+        for key in ("le_feature_tap", "gn_feature_tap"):
+            if not getattr(self, key):
+                setattr(self, key, model.default_taps[key])
+            if getattr(self, key) not in taps:
+                raise ConfigError(f"{model.arch} has no feature {getattr(self, key)!r} (experts.{key})",
+                                  hint=f"experts.{key} must be one of: {', '.join(taps)}, or empty for the default")
+        return self
 
     def validate(self) -> None:
         if self.le_rank < 0:

@@ -19,7 +19,7 @@ import torch
 
 import toolkit
 from toolkit import atomic
-from toolkit.data import LabeledImages, load_generic_digits, split_generic
+from toolkit.data import LabeledImages
 from toolkit.errors import ConfigError, EdgetailorError
 from toolkit.users import simulate_users
 from export.formats import get_format
@@ -27,7 +27,8 @@ from server_side.checkpoint import GECheckpoint
 from server_side.compress import pruning, report as reporting
 from server_side.compress.recipe import CompressRecipe, PruneStructured
 from server_side.compress.stages import CompressionState, run_stage
-from server_side.compress.training import GenericData
+from server_side import training
+from server_side.training import GenericData
 
 ProgressFn = Callable[[str, int, int], None]
 EchoFn = Callable[[str], None]
@@ -45,6 +46,12 @@ def preflight(recipe: CompressRecipe, ckpt: GECheckpoint) -> None:
     model = copy.deepcopy(ckpt.model)
     for i, stage in enumerate(recipe.stages):
         if isinstance(stage, PruneStructured):
+            if not getattr(model, "structured_pruning", False):
+                raise ConfigError(
+                    f"stage[{i}] (prune_structured) does not support {ckpt.meta['arch']}: its checkpoint rebuilds "
+                    "blocks of one width, and removing attention heads unevenly would break that",
+                    hint="use prune_magnitude, prune_nm or quantize; for a smaller transformer, expand the "
+                         "learngene to a lower depth (`edgetailor server learngene expand --depth N`)")
             try:
                 plan = pruning.check_structured(model, stage.ratio)
             except ConfigError as exc:
@@ -55,17 +62,11 @@ def preflight(recipe: CompressRecipe, ckpt: GECheckpoint) -> None:
 
 
 def load_generic(ckpt: GECheckpoint, data: LabeledImages | None) -> tuple[GenericData, Any]:
-    """The generic data, split with the GE's own seed (so the test part is the
-    same one the GE's accuracy was measured on), normalised as GE expects."""
+    """The generic data split with the GE's own seed and normalised as GE expects."""
     from toolkit.config import PretrainConfig
 
-    data = data if data is not None else load_generic_digits()
-    seed = ckpt.meta.get("seed", 0)
-    split = split_generic(data, seed=seed)
     pretrain_cfg = PretrainConfig(**ckpt.meta.get("recipe", {}).get("pretrain", {}))
-    generic = GenericData(ckpt.normalize(split.train.images), torch.as_tensor(split.train.labels),
-                          ckpt.normalize(split.test.images), torch.as_tensor(split.test.labels), pretrain_cfg)
-    return generic, split
+    return training.load_generic(ckpt.meta["input"], ckpt.meta.get("seed", 0), pretrain_cfg, data)
 
 
 def compress(model_dir: str | Path, recipe: CompressRecipe, out: str | Path, data: LabeledImages | None = None,

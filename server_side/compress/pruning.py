@@ -17,7 +17,8 @@ from torch import nn
 
 from toolkit.errors import ConfigError
 from export.bundle import count_macs
-from server_side.compress.training import GenericData, apply_masks, bake, fit, test_accuracy, weight_layers
+from server_side.compress.training import apply_masks, bake, weight_layers
+from server_side.training import GenericData, fit, test_accuracy
 
 
 def output_layer(model: nn.Module) -> nn.Module:

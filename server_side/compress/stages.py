@@ -20,9 +20,9 @@ from export.formats import QuantSpec
 from server_side.compress import pruning, quantization
 from server_side.compress.recipe import (QAT, Distill, LotteryTicket, PruneMagnitude, PruneNM, PruneStructured,
                                          Quantize, Recovery)
-from server_side.compress.training import (GenericData, apply_masks, bake, fit, test_accuracy, weight_layers,
-                                           zero_masks)
-from toolkit.models import build_model
+from server_side.compress.training import apply_masks, bake, weight_layers, zero_masks
+from server_side.training import GenericData, fit, test_accuracy
+from toolkit.models import build_model, model_depth
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -75,10 +75,11 @@ def prune_magnitude(cfg: PruneMagnitude, state: CompressionState, progress: Prog
 
 def lottery_ticket(cfg: LotteryTicket, state: CompressionState, progress: ProgressFn) -> dict:
     widths = state.model.widths() if hasattr(state.model, "widths") else None
+    depth = model_depth(state.model)
     num_classes = state.model.num_classes
 
     def build() -> nn.Module:
-        return build_model(state.arch, num_classes, widths)
+        return build_model(state.arch, num_classes, widths, depth)
 
     model, history = pruning.lottery_ticket(
         build, state.data, cfg.sparsity, cfg.rounds, cfg.rewind_epochs, cfg.epochs, cfg.learning_rate,

@@ -1,6 +1,6 @@
-"""Recovery training shared by every stage: fine-tune a compressed GE on the
-generic data, optionally distilled from the dense fp32 GE, while keeping what
-earlier stages decided (zeros stay zero; quantized weights stay on their grid).
+"""Constraints that recovery training keeps (``server_side.training.fit``
+fine-tunes a compressed GE on the generic data, optionally distilled from the
+dense fp32 GE): zeros stay zero and quantized weights stay on their grid.
 
 Both constraints are torch parametrizations on the layer weights, so the
 optimizer trains an unconstrained tensor and the forward pass always sees the
@@ -9,35 +9,9 @@ constrained one; ``bake`` writes the constrained weights back as plain tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
-
-from toolkit.config import PretrainConfig
-from server_side.pretrain import accuracy, random_affine
-
-ProgressFn = Callable[[int, int], None]
-
-
-@dataclass
-class GenericData:
-    """The generic data as normalised tensors, split as pretraining split it."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    augment: PretrainConfig
-
-    def calibration(self, n: int, seed: int = 0) -> np.ndarray:
-        """A seeded, class-mixed subset of the training images for calibration."""
-        index = torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(seed))[:n]
-        return self.train_x[index].numpy()
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -81,54 +55,3 @@ def bake(model: nn.Module) -> nn.Module:
         hook.remove()
     model._edgetailor_hooks = []
     return model
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      temperature: float, alpha: float) -> torch.Tensor:
-    """Hinton et al.'s soft-target loss mixed with the hard-label loss; the T^2
-    factor keeps the soft gradients' scale independent of the temperature."""
-    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
-                    F.log_softmax(teacher_logits / temperature, dim=1), reduction="batchmean", log_target=True)
-    return alpha * temperature ** 2 * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
-
-
-def fit(model: nn.Module, data: GenericData, epochs: int, learning_rate: float, batch_size: int,
-        teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.7, seed: int = 0,
-        progress: ProgressFn | None = None) -> nn.Module:
-    """Adam with cosine decay and the pretraining augmentation; ``teacher``
-    switches on distillation. Parametrizations already on the model (masks,
-    fake quantization) are trained through, not removed."""
-    if epochs <= 0:
-        return model
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    if teacher is not None:
-        teacher.eval()
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(data.train_x), generator=generator)
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            x = random_affine(data.train_x[batch], data.augment, generator)
-            y = data.train_y[batch]
-            logits = model(x)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(x)
-                loss = distillation_loss(logits, target, y, temperature, alpha)
-            else:
-                loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        schedule.step()
-        if progress:
-            progress(epoch + 1, epochs)
-    model.eval()
-    return model
-
-
-def test_accuracy(model: nn.Module, data: GenericData) -> float:
-    return accuracy(model, data.test_x, data.test_y)

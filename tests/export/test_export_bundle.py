@@ -9,7 +9,7 @@ import torch
 from export.bundle import MAX_IR_VERSION, export_bundle
 from server_side.checkpoint import GECheckpoint
 from toolkit.config import ExpertConfig
-from toolkit.errors import CheckpointError
+from toolkit.errors import ConfigError
 
 
 def test_manifest_and_overhead(bundle_dir):
@@ -38,7 +38,7 @@ def test_ge_onnx_matches_torch(ge_dir, bundle_dir, user):
 
 
 def test_bad_expert_config_leaves_nothing_behind(ge_dir, tmp_path):
-    with pytest.raises(CheckpointError, match="no feature 'nope'"):
+    with pytest.raises(ConfigError, match="no feature 'nope'"):
         export_bundle(ge_dir, tmp_path / "b", experts=ExpertConfig(le_feature_tap="nope"))
     assert list(tmp_path.iterdir()) == []
 

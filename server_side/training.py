@@ -1,0 +1,106 @@
+"""Training on the generic data that every server-side workflow shares: the
+data as normalised tensors split the way pretraining split it, and one
+training loop (Adam, cosine decay, the pretraining augmentation, optional
+distillation from a teacher). Compression recovers with it; the learngene
+distils its auxiliary model and fine-tunes expanded models with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit.config import PretrainConfig
+from toolkit.data import LabeledImages, load_generic_digits, split_generic
+from server_side.pretrain import accuracy, random_affine
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class GenericData:
+    """The generic data as normalised tensors, split as pretraining split it."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    augment: PretrainConfig
+
+    def calibration(self, n: int, seed: int = 0) -> np.ndarray:
+        """A seeded, class-mixed subset of the training images for calibration."""
+        index = torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(seed))[:n]
+        return self.train_x[index].numpy()
+
+
+def load_generic(input_spec: dict[str, Any], seed: int, augment: PretrainConfig,
+                 data: LabeledImages | None = None) -> tuple[GenericData, Any]:
+    """The generic data (default: the built-in digits) split with ``seed`` and
+    normalised with a checkpoint's ``input`` spec, so that the test part is the
+    one that model's accuracy was measured on."""
+    data = data if data is not None else load_generic_digits()
+    split = split_generic(data, seed=seed)
+
+    def normalize(images: np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(images, dtype=torch.float32) * input_spec["scale"]
+        return ((x - input_spec["mean"]) / input_spec["std"]).unsqueeze(1)
+
+    generic = GenericData(normalize(split.train.images), torch.as_tensor(split.train.labels),
+                          normalize(split.test.images), torch.as_tensor(split.test.labels), augment)
+    return generic, split
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, alpha: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target loss mixed with the hard-label loss; the T^2
+    factor keeps the soft gradients' scale independent of the temperature."""
+    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.log_softmax(teacher_logits / temperature, dim=1), reduction="batchmean", log_target=True)
+    return alpha * temperature ** 2 * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def fit(model: nn.Module, data: GenericData, epochs: int, learning_rate: float, batch_size: int,
+        teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.7, seed: int = 0,
+        progress: ProgressFn | None = None) -> nn.Module:
+    """Adam with cosine decay and the pretraining augmentation; ``teacher``
+    switches on distillation. Parametrizations already on the model (masks,
+    fake quantization) are trained through, not removed."""
+    if epochs <= 0:
+        return model
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if teacher is not None:
+        teacher.eval()
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(data.train_x), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            x = random_affine(data.train_x[batch], data.augment, generator)
+            y = data.train_y[batch]
+            logits = model(x)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = distillation_loss(logits, target, y, temperature, alpha)
+            else:
+                loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+        if progress:
+            progress(epoch + 1, epochs)
+    model.eval()
+    return model
+
+
+def test_accuracy(model: nn.Module, data: GenericData) -> float:
+    return accuracy(model, data.test_x, data.test_y)
