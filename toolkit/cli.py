@@ -89,7 +89,8 @@ def main() -> None:
 # --------------------------------------------------------------------- server
 @main.group()
 def server() -> None:
-    """Build-server side: train the Global Expert on generic data, and compress it."""
+    """Build-server side: train the Global Expert on generic data, compress it,
+    and grow models of every size from a learngene."""
 
 
 @server.command("pretrain")
@@ -98,11 +99,13 @@ def server() -> None:
               help="Shipped recipe name or a TOML file ([pretrain], [experts], [personalize]).")
 @click.option("--data", type=click.Path(exists=True, path_type=Path),
               help="Generic training data (.npz, MNIST/EMNIST IDX, or image folder). Default: the built-in digits.")
+@click.option("--arch", help="Override the recipe's architecture: lenet5 (convolutional) or vit (transformer).")
+@click.option("--depth", type=click.IntRange(1), help="Transformer blocks (vit only).")
 @click.option("--epochs", type=int, help="Override the recipe's pretrain.epochs.")
 @click.option("--seed", type=int, help="Override the recipe's pretrain.seed.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def server_pretrain(out: Path, recipe: str, data: Path | None, epochs: int | None, seed: int | None,
-                    overwrite: bool) -> None:
+def server_pretrain(out: Path, recipe: str, data: Path | None, arch: str | None, depth: int | None,
+                    epochs: int | None, seed: int | None, overwrite: bool) -> None:
     """Train the Global Expert (default LeNet-5) and save a checkpoint with its
     metadata (data hash, seed, accuracy, recipe)."""
     from toolkit.config import load_recipe
@@ -110,6 +113,12 @@ def server_pretrain(out: Path, recipe: str, data: Path | None, epochs: int | Non
     from server_side.pretrain import pretrain
 
     cfg = load_recipe(recipe)
+    if arch is not None and arch != cfg.pretrain.arch:
+        # another family: its own default widths and feature taps, not the recipe's
+        cfg.pretrain.arch, cfg.pretrain.widths, cfg.pretrain.depth = arch, [], 0
+        cfg.experts.le_feature_tap = cfg.experts.gn_feature_tap = ""
+    if depth is not None:
+        cfg.pretrain.depth = depth
     if epochs is not None:
         cfg.pretrain.epochs = epochs
     if seed is not None:
@@ -180,6 +189,161 @@ def server_compress(model: Path, recipe: str, out: Path, data: Path | None, n_us
         click.echo(f"  note: {note}")
     click.echo(f"compressed GE written to {out} ({report['wall_seconds']:.0f}s); "
                f"report: {out / 'report.txt'}, {out / 'report.json'}, {out / 'report.png'}")
+
+
+@server.group("learngene")
+def learngene() -> None:
+    """One compact core (the learngene) that initialises vision transformers of
+    every depth, one per device class.
+
+    \b
+      edgetailor server learngene train   --teacher ge/ --method tleg --out lg/
+      edgetailor server learngene expand  --learngene lg/ --depth 4 --out ge4/
+      edgetailor server learngene expand  --learngene lg/ --device-profile wearable --out ge-w/
+      edgetailor server learngene compare --learngene lg/ --depths 2-8 --out report/
+
+    An expanded model is a GE checkpoint: `server compress` and `export bundle`
+    take it like any other."""
+
+
+def _learngene_recipe(recipe: str | None, **overrides):
+    from server_side.learngene.recipe import load_learngene_recipe
+
+    cfg = load_learngene_recipe(recipe)
+    for section, key, value in overrides.values():
+        if value is not None:
+            setattr(getattr(cfg, section), key, value)
+    return cfg.validate()
+
+
+@learngene.command("train")
+@click.option("--teacher", required=True, type=click.Path(exists=True, path_type=Path),
+              help="GE checkpoint to distil from (any architecture; only its logits are used).")
+@click.option("--method", type=click.Choice(["tleg", "sws"]), default="tleg", show_default=True,
+              help="tleg: layer l = θ_A + (l-1)/(L-1)·θ_B; sws: layers share weights within stages.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Learngene directory to write.")
+@click.option("--recipe", help="Learngene recipe TOML ([learngene], [expand], [scratch]); default: the shipped one.")
+@click.option("--epochs", type=int, help="Override learngene.epochs.")
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
+              help="Generic data (.npz, IDX or image folder). Default: the built-in digits.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def learngene_train(teacher: Path, method: str, out: Path, recipe: str | None, epochs: int | None,
+                    data: Path | None, overwrite: bool) -> None:
+    """Train a learngene: an auxiliary transformer whose layers the learngene
+    generates, distilled from the teacher's soft predictions on the generic data."""
+    from server_side.learngene.train import train_learngene
+    from toolkit.loaders import load_samples
+
+    cfg = _learngene_recipe(recipe, method=("learngene", "method", method), epochs=("learngene", "epochs", epochs))
+    if out.exists() and not overwrite:
+        raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
+    dataset = load_samples(data) if data else None
+    progress = _Progress()
+    _, meta = train_learngene(teacher, cfg, out, dataset, progress=lambda e, n: progress("distil learngene", e, n),
+                              overwrite=overwrite)
+    progress.close()
+    click.echo(f"{method.upper()} learngene: {meta['stored_params']:,} parameters stored "
+               f"({', '.join(meta['components'])} + embedding and head); auxiliary model "
+               f"(depth {meta['auxiliary']['depth']}) {meta['auxiliary']['generic_accuracy']:.4f} on the generic "
+               f"test set, teacher {meta['teacher']['generic_accuracy']:.4f}; {meta['train_seconds']:.0f}s; "
+               f"saved to {out}")
+
+
+def _expand_help() -> str:
+    from server_side.learngene.recipe import shipped_profiles
+
+    return ("Expand a learngene into a GE of one depth, fine-tune it briefly on the generic data\n"
+            "(recipe [expand], default 1 epoch) and save it as a GE checkpoint.\n\n"
+            "Give --depth, or --device-profile to pick the deepest model that fits the device's\n"
+            "flash, RAM and latency budgets (both: the depth is checked against the profile).\n\n"
+            f"\b\nShipped profiles: {', '.join(shipped_profiles())}; or a TOML file with a [device] table\n"
+            "(name, flash_kb, ram_kb, latency_ms, macs_per_ms).")
+
+
+@learngene.command("expand", help=_expand_help())
+@click.option("--learngene", "learngene_dir", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Learngene directory (from `learngene train`).")
+@click.option("--depth", type=int, help="Transformer blocks of the model to make.")
+@click.option("--device-profile", "profile", help="Shipped profile name or TOML file; picks the depth.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="GE checkpoint directory to write.")
+@click.option("--epochs", type=click.IntRange(0), help="Fine-tuning epochs (default: the learngene recipe's [expand]).")
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
+              help="Generic data for the fine-tune. Default: the built-in digits.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def learngene_expand(learngene_dir: Path, depth: int | None, profile: str | None, out: Path, epochs: int | None,
+                     data: Path | None, overwrite: bool) -> None:
+    from server_side.learngene import gene
+    from server_side.learngene.expand import expand_learngene
+    from server_side.learngene.recipe import TrainSchedule, load_profile
+    from toolkit.loaders import load_samples
+
+    if depth is None and profile is None:
+        raise EdgetailorError("give --depth N or --device-profile PROFILE",
+                              hint="see `edgetailor server learngene expand --help` for the shipped profiles")
+    if out.exists() and not overwrite:
+        raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
+    device = load_profile(profile) if profile else None
+    _, meta = gene.load(learngene_dir)
+    schedule = TrainSchedule(**meta["recipe"]["expand"])
+    if epochs is not None:
+        schedule.epochs = epochs
+    dataset = load_samples(data) if data else None
+    progress = _Progress()
+    ckpt = expand_learngene(learngene_dir, out, depth, device, schedule, dataset,
+                            progress=lambda e, n: progress("fine-tune", e, n), overwrite=overwrite)
+    progress.close()
+    lg = ckpt.meta["learngene"]
+    params = sum(p.numel() for p in ckpt.model.parameters())
+    fitted = f" (deepest that fits {device.name})" if device and depth is None else ""
+    click.echo(f"depth {ckpt.meta['depth']}{fitted}: {params:,} parameters; generic test accuracy "
+               f"{lg['generic_accuracy_at_init']:.4f} from the learngene, {ckpt.meta['generic_accuracy']:.4f} "
+               f"after {schedule.epochs} epoch(s); saved to {out}")
+    if lg["device_profile"]:
+        e = lg["device_profile"]["estimate"]
+        click.echo(f"  on {device.name}: flash {e['flash_kb']:.0f} kB, RAM ~{e['ram_kb']:.0f} kB, "
+                   f"{e['macs']:,} MACs" + (f", ~{e['latency_ms']:.2f} ms" if "latency_ms" in e else ""))
+
+
+def _depth_range(value: str) -> list[int]:
+    try:
+        if "-" in value:
+            low, high = (int(v) for v in value.split("-", 1))
+            return list(range(low, high + 1))
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give a range like 2-8 or a list like 2,4,8") from None
+
+
+@learngene.command("compare")
+@click.option("--learngene", "learngenes", required=True, multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Learngene directory; repeat to compare methods (same teacher and widths).")
+@click.option("--depths", default="2-8", show_default=True, help="Depths to compare: a range (2-8) or a list (2,4,8).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Report directory to write.")
+@click.option("--recipe", help="Learngene recipe TOML for the [expand] and [scratch] schedules "
+                               "(default: the first learngene's).")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), help="Generic data. Default: the built-in digits.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def learngene_compare(learngenes: tuple[Path, ...], depths: str, out: Path, recipe: str | None, data: Path | None,
+                      overwrite: bool) -> None:
+    """For each depth, the learngene-initialised model (before and after its
+    short fine-tune) against the same depth trained from scratch for 1 and for
+    [scratch] epochs; parameters stored and training cost for the whole family.
+    Writes OUT/report.txt, report.json and report.png."""
+    from server_side.learngene.compare import compare_family
+    from server_side.learngene.recipe import load_learngene_recipe
+    from toolkit.loaders import load_samples
+
+    if out.exists() and not overwrite:
+        raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
+    cfg = load_learngene_recipe(recipe) if recipe else None
+    dataset = load_samples(data) if data else None
+    progress = _Progress()
+    report = compare_family(list(learngenes), _depth_range(depths), out, cfg, dataset, progress=progress,
+                            overwrite=overwrite)
+    progress.close()
+    click.echo(report["table"])
+    click.echo(f"report: {out / 'report.txt'}, {out / 'report.json'}, {out / 'report.png'} "
+               f"({report['wall_seconds']:.0f}s)")
 
 
 # --------------------------------------------------------------------- export
@@ -321,14 +485,18 @@ def device_reset(bundle: Path, state: Path, keep_samples: bool) -> None:
 @click.option("--recipe", default="default", show_default=True, help="Recipe name or TOML path.")
 @click.option("--fast", is_flag=True, help="Short training everywhere (a smoke run, not the real figures).")
 @click.option("--seed", default=0, show_default=True, type=int)
-def demo_cmd(out: Path, n_users: int, samples_per_class: int, recipe: str, fast: bool, seed: int) -> None:
+@click.option("--model", "model", type=click.Path(exists=True, path_type=Path),
+              help="Use this GE checkpoint (e.g. from `server learngene expand` or `server compress`) "
+                   "instead of pretraining one; it must have been trained on the built-in digits.")
+def demo_cmd(out: Path, n_users: int, samples_per_class: int, recipe: str, fast: bool, seed: int,
+             model: Path | None) -> None:
     """The whole loop on built-in data: pretrain GE -> export a bundle ->
     personalize on simulated users (each in its own torch-free device
     process) -> one table against fine-tuning baselines, as JSON and PNG."""
     from toolkit.demo import run_demo
 
     run_demo(out, recipe="fast" if fast and recipe == "default" else recipe, n_users=n_users,
-             samples_per_class=samples_per_class, seed=seed, echo=click.echo)
+             samples_per_class=samples_per_class, seed=seed, echo=click.echo, model_dir=model)
 
 
 if __name__ == "__main__":

@@ -88,14 +88,18 @@ def plot_report(report: dict, path: Path) -> None:
 
 
 def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples_per_class: int = 10,
-             seed: int = 0, echo: Callable[[str], None] = print) -> dict:
+             seed: int = 0, echo: Callable[[str], None] = print, model_dir: str | Path | None = None) -> dict:
+    """The loop on built-in data; ``model_dir`` runs it with an existing GE
+    checkpoint (an expanded learngene, a compressed GE) instead of pretraining one."""
     import click
     import torch
 
     from device.runtime import DeviceRuntime
     from export.bundle import export_bundle
+    from server_side.checkpoint import GECheckpoint
     from server_side.finetune import finetune
     from server_side.pretrain import pretrain
+    from toolkit.errors import CheckpointError
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,14 +108,25 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     started = time.perf_counter()
 
-    echo(f"[1/4] pretraining the Global Expert ({cfg.pretrain.arch}, {cfg.pretrain.epochs} epochs) on built-in digits")
     data = load_generic_digits()
-    with click.progressbar(length=cfg.pretrain.epochs, label="  pretrain", file=sys.stderr) as bar:
-        ckpt = pretrain(out / "ge", cfg, data, progress=lambda e, n, logs: bar.update(1), overwrite=True)
+    if model_dir is None:
+        echo(f"[1/4] pretraining the Global Expert ({cfg.pretrain.arch}, {cfg.pretrain.epochs} epochs) "
+             "on built-in digits")
+        with click.progressbar(length=cfg.pretrain.epochs, label="  pretrain", file=sys.stderr) as bar:
+            ckpt = pretrain(out / "ge", cfg, data, progress=lambda e, n, logs: bar.update(1), overwrite=True)
+        model_dir = out / "ge"
+    else:
+        ckpt = GECheckpoint.load(model_dir)
+        if ckpt.meta.get("data", {}).get("sha256") != data.fingerprint():
+            raise CheckpointError(f"the GE in {model_dir} was not trained on the built-in digits",
+                                  hint="the demo simulates users from the built-in digits; give a GE trained on them")
+        # users come from the pool this GE never saw: split as it was split
+        seed = ckpt.meta.get("seed", 0)
+        echo(f"[1/4] using the Global Expert in {model_dir} ({ckpt.meta['arch']})")
     echo(f"  generic test accuracy {ckpt.meta['generic_accuracy']:.4f}")
 
     echo("[2/4] exporting the device bundle")
-    bundle_dir = export_bundle(out / "ge", out / "bundle", overwrite=True)
+    bundle_dir = export_bundle(model_dir, out / "bundle", overwrite=True)
     bundle_zip = bundle_dir.with_name(bundle_dir.name + ".zip")
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     ge_m, le_m, gn_m = (manifest[k] for k in ("global_expert", "local_expert", "gating_network"))
@@ -166,7 +181,7 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
                *[(f"{m} generic", f"{m} gen.", ".3f") for m in METHODS],
                ("personalize s", "pers. s", ".2f"), ("peak RSS MB", "RSS MB", ".0f")]
     table = format_table([*rows, mean], columns)
-    report = {"recipe": cfg.to_dict(), "seed": seed, "samples_per_class": samples_per_class,
+    report = {"model": str(model_dir), "arch": ckpt.meta["arch"], "recipe": ckpt.meta.get("recipe"), "seed": seed, "samples_per_class": samples_per_class,
               "generic_test_n": len(split.test), "users": rows, "mean": mean, "overhead": overhead,
               "bundle": str(bundle_dir), "wall_seconds": round(time.perf_counter() - started, 1)}
     atomic.write_text(out / "report.json", json.dumps(report, indent=2) + "\n")

@@ -32,7 +32,7 @@ class DataFormatError(EdgetailorError):
 
 
 class CheckpointError(EdgetailorError):
-    """A model directory that is not an edgetailor GE checkpoint."""
+    """A model directory that is not a usable edgetailor GE checkpoint or learngene."""
 
 
 class ConfigError(EdgetailorError):

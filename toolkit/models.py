@@ -139,18 +139,20 @@ class ViT(nn.Module):
         super().__init__()
         if widths is not None and len(widths) != 2:
             raise ValueError(f"vit takes 2 widths (embedding, mlp), got {list(widths)}")
-        depth = depth or self.default_depth
-        if depth < 1:
+        depth = self.default_depth if depth is None else depth
+        if depth < 0:
             raise ValueError(f"vit depth must be >= 1, got {depth}")
         dim, mlp_dim = widths or self.default_widths
         tokens = (self.image_size // self.patch) ** 2
         self.patch_embed = nn.Conv2d(1, dim, self.patch, stride=self.patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        # depth 0 is the "shell" (embedding and head without blocks) that a learngene carries
         self.blocks = nn.ModuleList(TransformerBlock(dim, self.heads, mlp_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.classifier = nn.Linear(dim, num_classes)
         self.num_classes = num_classes
+        self.mlp_dim = mlp_dim
         self.tokens = tokens
         self.apply(_init_transformer)
 
@@ -159,7 +161,7 @@ class ViT(nn.Module):
         return len(self.blocks)
 
     def widths(self) -> list[int]:
-        return [self.classifier.in_features, self.blocks[0].fc1.out_features if self.blocks else 0]
+        return [self.classifier.in_features, self.mlp_dim]
 
     @property
     def feature_taps(self) -> tuple[FeatureTap, ...]:
@@ -168,14 +170,22 @@ class ViT(nn.Module):
         dim = self.classifier.in_features
         return (FeatureTap("tokens", dim), FeatureTap("cls", dim))
 
-    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, 1, 28, 28) -> tokens (N, 50, dim): patches, class token, positions."""
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+
+    def readout(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Final tokens -> logits and the feature taps."""
         x = self.norm(x)
         cls = x[:, 0]
         return self.classifier(cls), {"tokens": x[:, 1:].mean(dim=1), "cls": cls}
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.readout(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_features(x)[0]

@@ -1,0 +1,233 @@
+"""The learngene: a few transformer layers' worth of parameters from which a
+vision transformer of any depth is generated.
+
+A learngene is a *shell* (patch embedding, class token, positions, final norm,
+head: what every depth shares) plus a handful of *components*, each shaped
+like one transformer block. An expansion rule says, for layer ``l`` of a
+model of depth ``L``, which components to mix and with what weights:
+
+* TLEG (Xia et al., "Transformer as Linear Expansion of Learngene"): two
+  components θ_A, θ_B and layer ``l`` (1-based) = θ_A + (l−1)/(L−1)·θ_B, per
+  parameter tensor.
+* SWS (Xia et al., "Exploring Learngene via Stage-wise Weight Sharing"): one
+  component per stage; a layer takes the component of the stage at its
+  relative depth, so a deeper model repeats each stage's layer more times.
+
+The same rule generates the auxiliary model the learngene is trained in (at
+``aux_depth``) and the models it initialises (at any depth), so training and
+expansion cannot drift apart. Written here rather than taken from the papers'
+code because that code is built around DeiT on ImageNet and timm; the rules
+are the papers' equations, applied to ``toolkit.models.ViT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import toolkit
+from toolkit import atomic
+from toolkit.config import PretrainConfig
+from toolkit.data import LabeledImages
+from toolkit.errors import CheckpointError
+from toolkit.models import TransformerBlock, ViT
+from server_side.learngene.recipe import LearngeneConfig
+from server_side.training import GenericData, load_generic
+
+FORMAT = "edgetailor-learngene"
+# Bump when the file layout or an expansion rule changes meaning.
+FORMAT_VERSION = 1
+FAMILY = ViT.arch
+
+
+class ExpansionRule(Protocol):
+    """How a learngene's components make the layers of a model of some depth."""
+
+    name: str
+
+    def components(self, cfg: LearngeneConfig) -> list[str]: ...
+
+    def mix(self, layer: int, depth: int, components: list[str]) -> list[tuple[str, float]]:
+        """(component, weight) pairs for 0-based ``layer`` of a ``depth``-layer model."""
+
+
+class LinearExpansion:
+    """TLEG: θ_l = θ_A + (l−1)/(L−1)·θ_B (1-based l; a one-layer model is θ_A)."""
+
+    name = "tleg"
+
+    def components(self, cfg: LearngeneConfig) -> list[str]:
+        return ["A", "B"]
+
+    def mix(self, layer: int, depth: int, components: list[str]) -> list[tuple[str, float]]:
+        return [("A", 1.0), ("B", layer / (depth - 1) if depth > 1 else 0.0)]
+
+
+class StageSharing:
+    """SWS: layer l takes the layer of the stage at its relative depth,
+    ``floor((l + ½)·S / L)``; with L = S·k every stage gets k copies, with
+    L < S the stages at the layers' relative positions are kept."""
+
+    name = "sws"
+
+    def components(self, cfg: LearngeneConfig) -> list[str]:
+        return [f"stage{s}" for s in range(cfg.stages)]
+
+    def mix(self, layer: int, depth: int, components: list[str]) -> list[tuple[str, float]]:
+        stage = min(len(components) - 1, int((layer + 0.5) * len(components) / depth))
+        return [(components[stage], 1.0)]
+
+
+RULES: dict[str, ExpansionRule] = {rule.name: rule for rule in (LinearExpansion(), StageSharing())}
+
+
+class Learngene(nn.Module):
+    """The learngene, trainable as the auxiliary model (``forward`` runs it at
+    ``aux_depth``) and expandable to a ``ViT`` of any depth (``expand``)."""
+
+    def __init__(self, cfg: LearngeneConfig, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.rule = RULES[cfg.method]
+        dim, mlp_dim = cfg.widths
+        self.shell = ViT(num_classes, (dim, mlp_dim), depth=0)
+        names = self.rule.components(cfg)
+        self.components = nn.ModuleDict({n: TransformerBlock(dim, ViT.heads, mlp_dim) for n in names})
+        for block in self.components.values():
+            block.apply(_init_block)
+        if cfg.method == "tleg":
+            # θ_B is a slope: its norms start flat so that every layer starts with
+            # unit LayerNorm gains, while its random matrices tell the layers apart.
+            for norm in (self.components["B"].norm1, self.components["B"].norm2):
+                nn.init.zeros_(norm.weight)
+
+    @property
+    def num_classes(self) -> int:
+        return self.shell.num_classes
+
+    def layer_parameters(self, layer: int, depth: int) -> dict[str, torch.Tensor]:
+        """Parameters of block ``layer`` (0-based) in a model of ``depth`` blocks."""
+        names = list(self.components)
+        mixed: dict[str, torch.Tensor] = {}
+        for component, weight in self.rule.mix(layer, depth, names):
+            for key, value in self.components[component].named_parameters():
+                mixed[key] = mixed[key] + weight * value if key in mixed else weight * value
+        return mixed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The auxiliary model: ``aux_depth`` generated layers between the shell's ends."""
+        template = next(iter(self.components.values()))
+        h = self.shell.embed(x)
+        for layer in range(self.cfg.aux_depth):
+            h = functional_call(template, self.layer_parameters(layer, self.cfg.aux_depth), (h,))
+        return self.shell.readout(h)[0]
+
+    @torch.no_grad()
+    def expand(self, depth: int) -> ViT:
+        """A ViT of ``depth`` blocks initialised from the learngene."""
+        if not 1 <= depth <= self.cfg.max_depth:
+            raise ValueError(f"depth {depth} is outside 1..{self.cfg.max_depth} (this learngene's max_depth)")
+        model = ViT(self.num_classes, tuple(self.cfg.widths), depth=depth)
+        state = {k: v.clone() for k, v in self.shell.state_dict().items()}
+        for layer in range(depth):
+            state.update({f"blocks.{layer}.{k}": v.detach().clone()
+                          for k, v in self.layer_parameters(layer, depth).items()})
+        model.load_state_dict(state)
+        return model.eval()
+
+    def stored_parameters(self) -> int:
+        """What has to be stored to initialise the whole family: shell + components."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def _init_block(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+
+
+# ------------------------------------------------------------------ files
+def save(learngene: Learngene, meta: dict[str, Any], out_dir: Path) -> None:
+    """``learngene.pt`` (weights) and ``learngene.json`` (what it is, how it was
+    made, and the weights' sha256, checked on load)."""
+    buffer = io.BytesIO()
+    torch.save(learngene.state_dict(), buffer)
+    payload = buffer.getvalue()
+    atomic.write_bytes(out_dir / "learngene.pt", payload)
+    meta = {**meta, "weights_sha256": hashlib.sha256(payload).hexdigest()}
+    atomic.write_text(out_dir / "learngene.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def describe(learngene: Learngene) -> dict[str, Any]:
+    """The identifying part of ``learngene.json``: what ``load`` checks."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "toolkit_version": toolkit.__version__,
+            "family": FAMILY, "method": learngene.cfg.method, "config": _config_dict(learngene.cfg),
+            "components": list(learngene.components), "stored_params": learngene.stored_parameters()}
+
+
+def _config_dict(cfg: LearngeneConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def generic_data(meta: dict[str, Any], data: LabeledImages | None = None) -> tuple[GenericData, Any]:
+    """The generic data split and normalised as the learngene's teacher saw it."""
+    return load_generic(meta["input"], meta.get("seed", 0), PretrainConfig(), data)
+
+
+def _minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split(".")[:2])
+
+
+def load(learngene_dir: str | Path) -> tuple[Learngene, dict[str, Any]]:
+    """Load and check a learngene directory; every refusal says what would fit."""
+    learngene_dir = Path(learngene_dir)
+    meta_path = learngene_dir / "learngene.json"
+    train_hint = "train one with `edgetailor server learngene train --teacher GE --out LG`"
+    if not meta_path.is_file():
+        what = "a GE checkpoint" if (learngene_dir / "model.json").is_file() else "not a learngene"
+        raise CheckpointError(f"{learngene_dir} is {what} (no learngene.json)", hint=train_hint)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {exc}", hint=train_hint) from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{learngene_dir} is not a learngene (format {meta.get('format')!r})", hint=train_hint)
+    if meta.get("family") != FAMILY:
+        raise CheckpointError(f"{learngene_dir} is a learngene of the {meta.get('family')!r} model family; "
+                              f"this toolkit expands {FAMILY!r} learngenes", hint=train_hint)
+    made_by = meta.get("toolkit_version", "?")
+    if meta.get("format_version") != FORMAT_VERSION or _minor(made_by) != _minor(toolkit.__version__):
+        raise CheckpointError(
+            f"{learngene_dir} was made by edgetailor {made_by} (learngene format {meta.get('format_version')}); "
+            f"this is edgetailor {toolkit.__version__} (format {FORMAT_VERSION}), which reads learngenes of "
+            f"edgetailor {'.'.join(_minor(toolkit.__version__))}.x",
+            hint=f"re-train it with this version ({train_hint[len('train one with '):]}), "
+                 f"or expand it with edgetailor {made_by}")
+    if meta.get("method") not in RULES:
+        raise CheckpointError(f"{learngene_dir} uses expansion method {meta.get('method')!r}; "
+                              f"known: {', '.join(RULES)}", hint=train_hint)
+    weights = learngene_dir / "learngene.pt"
+    try:
+        payload = weights.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {weights}: {exc}", hint=train_hint) from None
+    if hashlib.sha256(payload).hexdigest() != meta.get("weights_sha256"):
+        raise CheckpointError(f"{weights} does not match the sha256 in learngene.json: corrupt or modified",
+                              hint="copy the learngene again from where it was trained, or re-train it")
+    try:
+        cfg = LearngeneConfig(**meta["config"])
+        cfg.validate()
+        learngene = Learngene(cfg, len(meta["labels"]))
+        learngene.load_state_dict(torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True))
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"cannot load the learngene in {learngene_dir}: {exc}", hint=train_hint) from None
+    return learngene.eval(), meta
