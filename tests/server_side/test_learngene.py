@@ -237,3 +237,17 @@ def test_structured_pruning_of_a_transformer_is_refused_before_work(tleg_dir, tm
     with pytest.raises(ConfigError, match="does not support vit"):
         compress(tmp_path / "ge", recipe, tmp_path / "out", n_users=0)
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_runs_the_loop_with_an_expanded_ge(tleg_dir, tmp_path):
+    """The user's loop with a learngene GE: bundle, a torch-free device process
+    personalizing a simulated user, and the report against the baselines."""
+    from server_side.learngene.expand import expand_learngene
+    from toolkit.demo import run_demo
+
+    expand_learngene(tleg_dir, tmp_path / "ge", depth=2)
+    report = run_demo(tmp_path / "demo", n_users=1, model_dir=tmp_path / "ge", echo=lambda _m: None)
+    assert report["arch"] == "vit" and report["recipe"]["pretrain"]["depth"] == 2
+    user = report["users"][0]
+    assert not user["torch imported"] and 0.0 <= user["GE+LE+GN user"] <= 1.0
+    assert (tmp_path / "demo" / "report.png").stat().st_size > 0
