@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import toolkit
 from toolkit import atomic
 from toolkit.config import PretrainConfig, Recipe
-from toolkit.data import LabeledImages, load_generic_digits, split_generic
+from toolkit.data import LabeledImages, load_generic_digits, provenance, split_generic
 from toolkit.errors import ConfigError
 from toolkit.models import build_model, model_depth
 from server_side.checkpoint import FORMAT, GECheckpoint
@@ -99,8 +99,7 @@ def pretrain(out_dir: str | Path, recipe: Recipe | None = None, data: LabeledIma
         "labels": list(data.label_names),
         "input": {"shape": [1, *data.images.shape[1:]], "dtype": "uint8", **norm, "ink": "white-on-black",
                   "preprocess": "mnist-style 20x20 box, centred by mass on 28x28"},
-        "data": {"source": data.source, "sha256": data.fingerprint(), "n_train": len(split.train),
-                 "n_test": len(split.test), "n_user_pool": len(split.user_pool)},
+        "data": provenance(data, split),
         "seed": cfg.seed,
         "recipe": recipe.to_dict(),
         "train_seconds": round(seconds, 2),

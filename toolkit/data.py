@@ -93,3 +93,9 @@ def split_generic(data: LabeledImages, seed: int = 0, test_fraction: float = 0.2
         pool_idx.extend(idx[n_test:n_test + n_pool])
         train_idx.extend(idx[n_test + n_pool:])
     return GenericSplit(*(data.subset(np.sort(np.array(i))) for i in (train_idx, test_idx, pool_idx)))
+
+
+def provenance(data: LabeledImages, split: GenericSplit) -> dict:
+    """What a model's metadata records about the data it was trained on."""
+    return {"source": data.source, "sha256": data.fingerprint(), "n_train": len(split.train),
+            "n_test": len(split.test), "n_user_pool": len(split.user_pool)}

@@ -21,7 +21,7 @@ import torch
 import toolkit
 from toolkit import atomic
 from toolkit.config import ExpertConfig, PersonalizeConfig, Recipe, load_recipe
-from toolkit.data import LabeledImages, load_generic_digits
+from toolkit.data import LabeledImages, load_generic_digits, provenance
 from toolkit.errors import ConfigError, EdgetailorError
 from toolkit.models import ViT
 from export.bundle import count_macs
@@ -148,8 +148,7 @@ def expand_learngene(learngene_dir: str | Path, out: str | Path, depth: int | No
         "depth": depth,
         "labels": list(lg_meta["labels"]),
         "input": lg_meta["input"],
-        "data": {"source": data.source, "sha256": data.fingerprint(), "n_train": len(split.train),
-                 "n_test": len(split.test), "n_user_pool": len(split.user_pool)},
+        "data": provenance(data, split),
         "seed": seed,
         "recipe": recipe.to_dict(),
         "train_seconds": round(seconds, 2),

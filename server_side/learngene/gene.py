@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -168,14 +169,8 @@ def save(learngene: Learngene, meta: dict[str, Any], out_dir: Path) -> None:
 def describe(learngene: Learngene) -> dict[str, Any]:
     """The identifying part of ``learngene.json``: what ``load`` checks."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "toolkit_version": toolkit.__version__,
-            "family": FAMILY, "method": learngene.cfg.method, "config": _config_dict(learngene.cfg),
+            "family": FAMILY, "method": learngene.cfg.method, "config": asdict(learngene.cfg),
             "components": list(learngene.components), "stored_params": learngene.stored_parameters()}
-
-
-def _config_dict(cfg: LearngeneConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(cfg)
 
 
 def generic_data(meta: dict[str, Any], data: LabeledImages | None = None) -> tuple[GenericData, Any]:

@@ -17,7 +17,7 @@ import torch
 
 from toolkit import atomic
 from toolkit.config import PretrainConfig
-from toolkit.data import LabeledImages, load_generic_digits
+from toolkit.data import LabeledImages, load_generic_digits, provenance
 from toolkit.errors import EdgetailorError
 from export.bundle import count_macs
 from server_side.checkpoint import GECheckpoint
@@ -62,8 +62,7 @@ def train_learngene(teacher_dir: str | Path, recipe: LearngeneRecipe, out: str |
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "labels": teacher.labels,
         "input": teacher.meta["input"],
-        "data": {"source": data.source, "sha256": data.fingerprint(), "n_train": len(split.train),
-                 "n_test": len(split.test), "n_user_pool": len(split.user_pool)},
+        "data": provenance(data, split),
         "seed": seed,
         "recipe": recipe.to_dict(),
         # the teacher's device settings travel to the models the learngene makes
