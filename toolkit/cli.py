@@ -272,9 +272,8 @@ def _expand_help() -> str:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def learngene_expand(learngene_dir: Path, depth: int | None, profile: str | None, out: Path, epochs: int | None,
                      data: Path | None, overwrite: bool) -> None:
-    from server_side.learngene import gene
     from server_side.learngene.expand import expand_learngene
-    from server_side.learngene.recipe import TrainSchedule, load_profile
+    from server_side.learngene.recipe import load_profile
     from toolkit.loaders import load_samples
 
     if depth is None and profile is None:
@@ -283,13 +282,9 @@ def learngene_expand(learngene_dir: Path, depth: int | None, profile: str | None
     if out.exists() and not overwrite:
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
     device = load_profile(profile) if profile else None
-    _, meta = gene.load(learngene_dir)
-    schedule = TrainSchedule(**meta["recipe"]["expand"])
-    if epochs is not None:
-        schedule.epochs = epochs
     dataset = load_samples(data) if data else None
     progress = _Progress()
-    ckpt = expand_learngene(learngene_dir, out, depth, device, schedule, dataset,
+    ckpt = expand_learngene(learngene_dir, out, depth, device, data=dataset, epochs=epochs,
                             progress=lambda e, n: progress("fine-tune", e, n), overwrite=overwrite)
     progress.close()
     lg = ckpt.meta["learngene"]
@@ -297,7 +292,7 @@ def learngene_expand(learngene_dir: Path, depth: int | None, profile: str | None
     fitted = f" (deepest that fits {device.name})" if device and depth is None else ""
     click.echo(f"depth {ckpt.meta['depth']}{fitted}: {params:,} parameters; generic test accuracy "
                f"{lg['generic_accuracy_at_init']:.4f} from the learngene, {ckpt.meta['generic_accuracy']:.4f} "
-               f"after {schedule.epochs} epoch(s); saved to {out}")
+               f"after {lg['finetune']['epochs']} epoch(s); saved to {out}")
     if lg["device_profile"]:
         e = lg["device_profile"]["estimate"]
         click.echo(f"  on {device.name}: flash {e['flash_kb']:.0f} kB, RAM ~{e['ram_kb']:.0f} kB, "

@@ -87,15 +87,18 @@ def pick_depth(learngene: gene.Learngene, profile: DeviceProfile) -> tuple[int, 
 def expand_learngene(learngene_dir: str | Path, out: str | Path, depth: int | None = None,
                      profile: DeviceProfile | None = None, schedule: TrainSchedule | None = None,
                      data: LabeledImages | None = None, progress: ProgressFn | None = None,
-                     overwrite: bool = False) -> GECheckpoint:
+                     overwrite: bool = False, epochs: int | None = None) -> GECheckpoint:
     """Expand the learngene in ``learngene_dir`` to ``depth`` (or the deepest
-    that fits ``profile``), fine-tune for ``schedule`` and save the GE to ``out``."""
+    that fits ``profile``), fine-tune for ``schedule`` (default: the learngene
+    recipe's [expand], ``epochs`` overriding its length) and save the GE to ``out``."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
     learngene, lg_meta = gene.load(learngene_dir)
     max_depth = learngene.cfg.max_depth
     schedule = schedule or TrainSchedule(**lg_meta.get("recipe", {}).get("expand", {}))
+    if epochs is not None:
+        schedule.epochs = epochs
     schedule.validate("expand")
     if depth is None and profile is None:
         raise ConfigError("give a depth or a device profile", hint=f"--depth N (1..{max_depth}) or --device-profile")
