@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from device.backends.base import Backend, GlobalExpertRunner, TrainedPart
+from device.backends.base import Backend, GlobalExpertRunner, TrainedPart, pack_weights
 from toolkit.bundle import Bundle
 from toolkit.config import PersonalizeConfig
 from toolkit.imaging import affine
@@ -80,7 +80,7 @@ def run_ge(ge: GlobalExpertRunner, images: np.ndarray, spec: dict, batch: int = 
 
 @dataclass
 class TrainedMixture:
-    le_model: bytes
+    le_model: bytes     # the trained weights (base.pack_weights), runnable by any training backend
     gn_model: bytes
     threshold: float
     report: dict
@@ -94,7 +94,9 @@ def gate_probability(gn: TrainedPart, features: np.ndarray) -> np.ndarray:
 
 def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, images: np.ndarray,
                   labels: np.ndarray, cfg: PersonalizeConfig, progress: ProgressFn | None = None) -> TrainedMixture:
-    """Train LE and GN on the user's samples; returns their inference models."""
+    """Train LE and GN on the user's samples with ``backend``; returns their weights.
+
+    ``ge`` may run on another backend (a GE-only runtime such as LiteRT)."""
     started = time.perf_counter()
     deadline = started + cfg.max_seconds
     say = progress or (lambda stage, done, total: None)
@@ -161,19 +163,20 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
                 break
     if not np.isfinite(gn_loss):
         raise FloatingPointError(f"gating-network training diverged (loss {gn_loss})")
-    gn_model = gn.export()
+    gn_model = pack_weights(gn.weights())
     threshold = float(manifest["gating_network"]["threshold"])
     if len(held_out):
-        generic_scores = gate_probability(backend.load_trained(gn_model, manifest["gating_network"]["inputs"]), held_out)
+        generic_scores = gate_probability(backend.load_trained(bundle, "gating_network", gn_model), held_out)
         threshold = float(min(0.99, max(threshold, np.quantile(generic_scores, 1.0 - cfg.gate_generic_share))))
 
     report = {
         "n_samples": int(len(labels)), "n_training_inputs": int(n_user), "replay": int(len(replay_f)),
         "le_steps": le_steps, "le_loss": float(le_loss), "gn_steps": gn_steps, "gn_loss": float(gn_loss),
-        "gate_threshold": threshold, "stopped_early": stopped_early, "seconds": round(time.perf_counter() - started, 3),
+        "gate_threshold": threshold, "stopped_early": stopped_early, "backend": backend.name,
+        "seconds": round(time.perf_counter() - started, 3),
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     }
-    return TrainedMixture(le.export(), gn_model, threshold, report)
+    return TrainedMixture(pack_weights(le.weights()), gn_model, threshold, report)
 
 
 @dataclass

@@ -8,7 +8,8 @@
     rt.reset()
 
 Until a personalization exists for this bundle, predict and evaluate answer
-with GE alone.
+with GE alone. ``backend`` names the runtime (``device.backends``); by
+default the best installed one that the bundle carries.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from device.backends import get_backend
+from device.backends import choose_backends
 from device.mixture import GE, LE, ProgressFn, Routed, route, run_ge, softmax, train_mixture
 from device.store import StateStore
 from toolkit.bundle import Bundle
@@ -100,10 +101,12 @@ def validate_labels(labels: Any, names: list[str], n: int) -> np.ndarray:
 class DeviceRuntime:
     """A bundle opened on a device with a state directory."""
 
-    def __init__(self, bundle: Bundle, store: StateStore, backend_name: str = "ort"):
+    def __init__(self, bundle: Bundle, store: StateStore, backend_name: str | None = None):
         self.bundle = bundle
         self.store = store
-        self.backend = get_backend(backend_name)
+        # GE runs on `backend`; LE and GN train and run on `trainer` (the same
+        # backend unless it runs GE only, as LiteRT does).
+        self.backend, self.trainer = choose_backends(bundle, backend_name)
         self.manifest = bundle.manifest
         self.labels = bundle.labels
         self.input_shape = self.manifest["input"]["shape"]
@@ -116,7 +119,7 @@ class DeviceRuntime:
         self._load_personalization()
 
     @classmethod
-    def open(cls, bundle: str | Path | Bundle, state_dir: str | Path, backend: str = "ort") -> "DeviceRuntime":
+    def open(cls, bundle: str | Path | Bundle, state_dir: str | Path, backend: str | None = None) -> "DeviceRuntime":
         opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         try:
             return cls(opened, StateStore(state_dir, opened.labels), backend)
@@ -127,13 +130,20 @@ class DeviceRuntime:
     def _load_personalization(self) -> None:
         saved = self.store.active_personalization()
         self.threshold = float(self.manifest["gating_network"]["threshold"])
+        self._le = self._gn = None
+        self.personalization_id = None
+        self.personalization_problem: str | None = None
         if saved is None or saved.bundle_id != self.bundle.bundle_id:
             # A personalization trained on another GE's features is meaningless here.
-            self._le = self._gn = None
-            self.personalization_id = None
             return
-        self._le = self.backend.load_trained(saved.le_model, self.manifest["local_expert"]["inputs"])
-        self._gn = self.backend.load_trained(saved.gn_model, self.manifest["gating_network"]["inputs"])
+        try:
+            le = self.trainer.load_trained(self.bundle, "local_expert", saved.le_model)
+            gn = self.trainer.load_trained(self.bundle, "gating_network", saved.gn_model)
+        except StateError as exc:
+            # Answer with GE alone, say why, and let the user personalize again.
+            self.personalization_problem = str(exc)
+            return
+        self._le, self._gn = le, gn
         self.threshold = saved.threshold
         self.personalization_id = saved.id
 
@@ -174,7 +184,7 @@ class DeviceRuntime:
         cfg = from_dict(PersonalizeConfig, {**self.manifest["personalize"], **(overrides or {})}, "personalize")
         cfg.validate()
         started = time.perf_counter()
-        trained = train_mixture(self.backend, self.ge, self.bundle, images, labels, cfg, progress)
+        trained = train_mixture(self.trainer, self.ge, self.bundle, images, labels, cfg, progress)
         try:
             pid = self.store.save_personalization(self.bundle.bundle_id, len(labels), trained.le_model,
                                                   trained.gn_model, trained.threshold, trained.report)
@@ -229,8 +239,10 @@ class DeviceRuntime:
     def status(self) -> dict[str, Any]:
         saved = self.store.active_personalization()
         return {"bundle": str(self.bundle.source), "bundle_id": self.bundle.bundle_id,
-                "backend": self.backend.name, "samples": self.sample_count(), "personalized": self.personalized,
-                "personalization": saved.report if saved and self.personalized else None}
+                "backend": self.backend.name, "trainer": self.trainer.name, "samples": self.sample_count(),
+                "personalized": self.personalized,
+                "personalization": saved.report if saved and self.personalized else None,
+                "personalization_problem": self.personalization_problem}
 
     def close(self) -> None:
         self.store.close()

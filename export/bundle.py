@@ -1,16 +1,19 @@
 """Turn a GE checkpoint into a device bundle.
 
-The bundle holds GE as an ONNX inference model that returns its logits and
-the intermediate features LE and GN read, and LE and GN as ONNX Runtime
-on-device training artifacts (training, eval and optimizer models and a
-checkpoint). Every exported model is run against its torch source before the
-bundle is published; a failed export leaves nothing behind.
+The bundle holds GE, returning its logits and the intermediate features LE
+and GN read, in each chosen format (ONNX, ExecuTorch ``.pte`` lowered to
+XNNPACK, TFLite, and optionally a torch.export reference), and LE and GN as
+training programs for each training runtime (``export.trainable``). The
+manifest lists every format with its files and their sha256. Every exported
+model is run against its torch source before the bundle is published; a
+failed export leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import sys
 import tempfile
@@ -28,9 +31,12 @@ import toolkit
 from toolkit import atomic
 from toolkit.bundle import Bundle, write_manifest, zip_bundle
 from toolkit.config import ExpertConfig, PersonalizeConfig
-from toolkit.errors import CheckpointError
+from toolkit.errors import CheckpointError, ConfigError
+from toolkit.experts import LogisticGate, ResidualHead
 from toolkit.models import WithFeatures
 from server_side.checkpoint import GECheckpoint
+from export.formats import get_format
+from export.trainable import MIN_PROGRAM_BATCH, TRAINING_FORMATS, TrainablePart
 
 # onnxruntime-training 1.19 reads ONNX IR version 10 at most; current onnx writes newer.
 MAX_IR_VERSION = 10
@@ -38,44 +44,6 @@ OPSET = 17
 PARITY_TOLERANCE = 1e-4
 
 ProgressFn = Callable[[str], None]
-
-
-class ResidualHead(nn.Module):
-    """The Local Expert: ``logits = base_logits + U @ (V @ features) + b``.
-
-    U and b start at zero, so an untrained LE answers exactly like GE; V is a
-    random projection that training refines (as in LoRA). The rank keeps LE
-    at ~2 % of GE even on GE's 400 conv features, which correct a user's hand
-    better than the later, more class-specific fc features (docs/DESIGN.md).
-    ``rank = 0`` is a plain full-rank ``W @ features``."""
-
-    def __init__(self, feature_dim: int, num_classes: int, rank: int = 0):
-        super().__init__()
-        self.down = nn.Linear(feature_dim, rank, bias=False) if rank else nn.Identity()
-        self.up = nn.Linear(rank or feature_dim, num_classes)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, features: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
-        return base_logits + self.up(self.down(features))
-
-
-class LogisticGate(nn.Module):
-    """The Gating Network: one score s, "this input looks like the user's writing".
-
-    It returns two-class logits ``[0, s]`` (so P(LE) = sigmoid(s)) to train with
-    ONNX Runtime's SoftmaxCrossEntropy: its BCEWithLogits block computes
-    log(sigmoid) in two steps and returns NaN once the gate grows confident."""
-
-    def __init__(self, feature_dim: int):
-        super().__init__()
-        self.score = nn.Linear(feature_dim, 1)
-        nn.init.normal_(self.score.weight, std=0.01)
-        nn.init.zeros_(self.score.bias)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        score = self.score(features)
-        return torch.cat([torch.zeros_like(score), score], dim=1)
 
 
 def count_params(module: nn.Module) -> int:
@@ -142,56 +110,53 @@ def _cap_ir_version(path: Path) -> None:
         atomic.write_bytes(path, model.SerializeToString())
 
 
-def export_ge(ckpt: GECheckpoint, path: Path) -> dict[str, int]:
-    """GE -> ONNX with outputs logits + every feature tap; checked against torch."""
-    import onnxruntime as ort
+def export_ge(ckpt: GECheckpoint, model_dir: Path, format_name: str, path: Path) -> None:
+    """GE in one deployable format, returning logits and every feature tap,
+    checked against torch before it goes into a bundle.
 
-    model = WithFeatures(ckpt.model).eval()
-    taps = ckpt.model.feature_taps
-    example = ckpt.normalize(ckpt.replay.images[:8])
-    _onnx_export(model, (example,), path, ["image"], ["logits", *(t.name for t in taps)], training=False)
-    _cap_ir_version(path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"image": example.numpy()})
-    with torch.no_grad():
-        want = model(example)
-    for name, g, w in zip(["logits", *(t.name for t in taps)], got, want):
-        diff = float(np.abs(g - w.numpy()).max())
-        if diff > PARITY_TOLERANCE:
-            raise RuntimeError(f"ONNX export of GE output {name!r} differs from torch by {diff:.2e}")
-    return {t.name: t.dim for t in taps}
-
-
-# A quantized GE's ONNX answers like its torch twin (same integer weights) up
-# to activation rounding: most argmaxes agree, logits do not to 1e-4.
-QUANTIZED_AGREEMENT = 0.95
-
-
-def copy_quantized_ge(ckpt: GECheckpoint, model_dir: Path, path: Path) -> None:
-    """A quantized GE ships as the QDQ model ``server compress`` wrote (the
-    integers are decided there); check it still has GE's outputs and answers
-    like the checkpoint's weights before it goes into a bundle."""
-    import onnxruntime as ort
-
-    source = model_dir / ckpt.meta["compression"]["files"]["onnx"]
-    if not source.is_file():
-        raise CheckpointError(f"{model_dir} is a quantized GE but its ONNX model {source.name} is missing",
-                              hint="re-run `edgetailor server compress`")
-    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
-    outputs = [o.name for o in session.get_outputs()]
+    An fp32 GE must match torch to ``PARITY_TOLERANCE`` on every output. A
+    quantized GE ships as the file ``server compress`` wrote for that format
+    (the integers are decided there), and must agree with the checkpoint's
+    weights on the replay glyphs' answers."""
+    fmt = get_format(format_name)
+    quantized = bool((ckpt.meta.get("compression") or {}).get("quantization"))
     taps = [t.name for t in ckpt.model.feature_taps]
-    if outputs != ["logits", *taps]:
-        raise CheckpointError(f"{source} returns {outputs}, expected logits and the features {taps}")
-    example = ckpt.normalize(ckpt.replay.images)
-    got = session.run(["logits"], {"image": example.numpy()})[0].argmax(1)
+    if quantized:
+        source_name = ckpt.meta["compression"]["files"].get(format_name)
+        if source_name is None or not (model_dir / source_name).is_file():
+            have = sorted(ckpt.meta["compression"]["files"])
+            raise CheckpointError(f"{model_dir} is a quantized GE without a {format_name} model "
+                                  f"(it has: {', '.join(have)})",
+                                  hint=f"re-run `edgetailor server compress` with {format_name!r} in [export] "
+                                       f"formats, or export the bundle with --formats {','.join(have)}")
+        atomic.write_bytes(path, (model_dir / source_name).read_bytes())
+    else:
+        fmt.export(ckpt.model, path, ckpt.normalize(ckpt.replay.images[:64]).numpy(), None)
+    # Every replay glyph for the agreement of a quantized GE; a few suffice for fp32 parity.
+    example = ckpt.normalize(ckpt.replay.images if quantized else ckpt.replay.images[:8])
+    got = fmt.load(path, threads=1, all_outputs=True)(example.numpy())
     with torch.no_grad():
-        want = ckpt.model(example).argmax(1).numpy()
-    agreement = float((got == want).mean())
-    if agreement < QUANTIZED_AGREEMENT:
-        raise CheckpointError(f"{source} agrees with the checkpoint's weights on only {agreement:.1%} of the "
-                              "replay glyphs; the files do not belong together",
-                              hint="re-run `edgetailor server compress`")
-    atomic.write_bytes(path, source.read_bytes())
+        want = [w.numpy() for w in WithFeatures(ckpt.model).eval()(example)]
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+        raise CheckpointError(f"the {format_name} GE returns {[g.shape for g in got]}, expected logits and the "
+                              f"features {taps} with shapes {[w.shape for w in want]}",
+                              hint="re-run `edgetailor server compress`" if quantized else "")
+    if quantized:
+        agreement = float((got[0].argmax(1) == want[0].argmax(1)).mean())
+        if agreement < QUANTIZED_AGREEMENT:
+            raise CheckpointError(f"{source_name} agrees with the checkpoint's weights on only {agreement:.1%} of "
+                                  "the replay glyphs; the files do not belong together",
+                                  hint="re-run `edgetailor server compress`")
+        return
+    for name, g, w in zip(["logits", *taps], got, want):
+        diff = float(np.abs(g - w).max())
+        if diff > PARITY_TOLERANCE:
+            raise CheckpointError(f"the {format_name} export of GE output {name!r} differs from torch by {diff:.2e}")
+
+
+# A quantized GE's exported model answers like its torch twin (same integer
+# weights) up to activation rounding: most argmaxes agree, logits do not to 1e-4.
+QUANTIZED_AGREEMENT = 0.95
 
 
 def _compression_summary(compression: dict | None) -> dict | None:
@@ -223,41 +188,54 @@ def _native_stderr_captured():
             os.close(saved)
 
 
-def export_trainable(module: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str],
-                     output: str, loss: str, out_dir: Path) -> dict[str, str]:
-    """A tiny torch module -> ONNX Runtime training artifacts in ``out_dir``."""
-    import onnx
-    import onnxruntime as ort
+# Formats a bundle can carry, and what ``export bundle`` writes by default:
+# the three runtimes mobile apps embed. "torch" adds the reference backend's
+# programs (for parity checks and benchmarks; no phone runs them).
+BUNDLE_FORMATS = ("onnx", "executorch", "tflite", "torch")
+DEFAULT_FORMATS = ("onnx", "executorch", "tflite")
+RUNTIMES = {"onnx": "onnxruntime", "executorch": "executorch", "tflite": "litert", "torch": "torch"}
 
-    ort.set_default_logger_severity(3)
-    from onnxruntime.training import artifacts
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        forward = Path(tmp) / "forward.onnx"
-        _onnx_export(module, example, forward, input_names, [output], training=True)
-        graph = onnx.load(str(forward))
-        trainable = [init.name for init in graph.graph.initializer]
-        with _native_stderr_captured():
-            artifacts.generate_artifacts(
-                graph, requires_grad=trainable, frozen_params=[], loss=getattr(artifacts.LossType, loss),
-                optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out_dir))
-    files = {"training_model": "training_model.onnx", "eval_model": "eval_model.onnx",
-             "optimizer_model": "optimizer_model.onnx", "checkpoint": "checkpoint"}
-    for name in ("training_model", "eval_model", "optimizer_model"):
-        _cap_ir_version(out_dir / files[name])
-    return {k: f"{out_dir.name}/{v}" for k, v in files.items()}
+def check_formats(formats: list[str] | tuple[str, ...], quantized: bool = False) -> list[str]:
+    """Validate a --formats list before any work; returns it in canonical order."""
+    unknown = [f for f in formats if f not in BUNDLE_FORMATS]
+    if unknown:
+        raise ConfigError(f"unknown bundle format(s) {', '.join(map(repr, unknown))}",
+                          hint=f"formats: {', '.join(BUNDLE_FORMATS)}")
+    chosen = [f for f in BUNDLE_FORMATS if f in formats]
+    if not chosen:
+        raise ConfigError("no bundle format chosen", hint=f"name one or more of: {', '.join(BUNDLE_FORMATS)}")
+    if not any(f in TRAINING_FORMATS for f in chosen):
+        raise ConfigError(f"formats {', '.join(chosen)} can run GE but not train LE and GN",
+                          hint=f"add one of: {', '.join(TRAINING_FORMATS)} (onnx is the usual choice)")
+    if quantized:
+        refused = {f: get_format(f).cannot_carry(True) for f in chosen}
+        refused = {f: why for f, why in refused.items() if why}
+        if refused:
+            raise ConfigError("this GE is quantized: " + "; ".join(f"{f}: {why}" for f, why in refused.items()),
+                              hint=f"leave out {', '.join(refused)} from --formats")
+    return chosen
 
 
 def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig | None = None,
                   personalize: PersonalizeConfig | None = None, make_zip: bool = True,
-                  overwrite: bool = False, progress: ProgressFn | None = None) -> Path:
+                  overwrite: bool = False, progress: ProgressFn | None = None,
+                  formats: list[str] | tuple[str, ...] | None = None) -> Path:
     """Write the bundle directory ``out`` (and ``out.zip``); returns the directory.
 
     ``experts``/``personalize`` default to the recipe the GE was trained with.
+    ``formats`` chooses the runtimes the bundle carries (``BUNDLE_FORMATS``);
+    by default ``DEFAULT_FORMATS``, less those a quantized GE has no model for.
     """
     say = progress or (lambda _msg: None)
+    model_dir = Path(model_dir)
     ckpt = GECheckpoint.load(model_dir)
+    quantized = bool((ckpt.meta.get("compression") or {}).get("quantization"))
+    if formats is None:
+        formats = [f for f in DEFAULT_FORMATS if not quantized or f in ckpt.meta["compression"]["files"]]
+        if len(formats) < len(DEFAULT_FORMATS):
+            say(f"quantized GE: carrying {', '.join(formats)} (the formats `server compress` wrote)")
+    formats = check_formats(formats, quantized)
     recipe = ckpt.meta.get("recipe", {})
     experts = experts or ExpertConfig(**recipe.get("experts", {}))
     personalize = personalize or PersonalizeConfig(**recipe.get("personalize", {}))
@@ -268,34 +246,38 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
     out = Path(out)
     num_classes = len(ckpt.labels)
     le_dim, gn_dim = taps[experts.le_feature_tap], taps[experts.gn_feature_tap]
+    torch.manual_seed(ckpt.meta.get("seed", 0))
+    max_batch = max(MIN_PROGRAM_BATCH, int(math.ceil(personalize.batch_size * (1 + personalize.replay_weight))))
+    parts = [
+        TrainablePart("local_expert", "le", ResidualHead(le_dim, num_classes, experts.le_rank), [le_dim, num_classes],
+                      ["features", "base_logits"], "logits", num_classes, max_batch),
+        TrainablePart("gating_network", "gn", LogisticGate(gn_dim), [gn_dim], ["features"], "gate_logits", 2,
+                      max_batch),
+    ]
     with atomic.staged_dir(out, overwrite=overwrite) as staging:
-        compression = ckpt.meta.get("compression")
-        if compression and compression.get("quantization"):
-            say("adding the quantized GE (ONNX QDQ)")
-            copy_quantized_ge(ckpt, Path(model_dir), staging / "ge.onnx")
-        else:
-            say("exporting GE to ONNX")
-            export_ge(ckpt, staging / "ge.onnx")
-        say("building LE training artifacts")
-        torch.manual_seed(ckpt.meta.get("seed", 0))
-        le = ResidualHead(le_dim, num_classes, experts.le_rank)
-        le_files = export_trainable(le, (torch.zeros(2, le_dim), torch.zeros(2, num_classes)),
-                                    ["features", "base_logits"], "logits", "CrossEntropyLoss", staging / "le")
-        say("building GN training artifacts")
-        gn = LogisticGate(gn_dim)
-        gn_files = export_trainable(gn, (torch.zeros(2, gn_dim),), ["features"], "gate_logits",
-                                    "CrossEntropyLoss", staging / "gn")
+        ge_files, training = {}, {part.key: {} for part in parts}
+        for name in formats:
+            ge_files[name] = f"ge{get_format(name).suffix}"
+            say(f"exporting GE to {name} ({RUNTIMES[name]})" + (", quantized" if quantized else ""))
+            export_ge(ckpt, model_dir, name, staging / ge_files[name])
+            if name in TRAINING_FORMATS:
+                say(f"building LE and GN training programs for {RUNTIMES[name]}")
+                for part in parts:
+                    training[part.key][name] = TRAINING_FORMATS[name].export(part, staging / part.directory)
         replay = io.BytesIO()
         np.savez_compressed(replay, x=ckpt.replay.images, y=ckpt.replay.labels)
         atomic.write_bytes(staging / "replay.npz", replay.getvalue())
+        le, gn = parts[0].module, parts[1].module
         manifest = {
             "toolkit_version": toolkit.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "input": {k: ckpt.meta["input"][k] for k in ("shape", "dtype", "scale", "mean", "std", "ink", "preprocess")},
             "labels": ckpt.labels,
+            "formats": {name: {"runtime": RUNTIMES[name], "files": {}} for name in formats},
             "global_expert": {
-                "file": "ge.onnx", "arch": ckpt.meta["arch"], "input_name": "image",
+                "files": ge_files, "arch": ckpt.meta["arch"], "input_name": "image",
                 "outputs": {"logits": "logits", "features": taps},
+                "output_order": ["logits", *taps],
                 "params": count_params(ckpt.model),
                 "macs": count_macs(ckpt.model, (ckpt.normalize(ckpt.replay.images[:1]),)),
                 "generic_accuracy": ckpt.meta.get("generic_accuracy"),
@@ -305,13 +287,15 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
             "local_expert": {
                 "kind": "residual_lowrank", "rank": experts.le_rank,
                 "feature_tap": experts.le_feature_tap, "feature_dim": le_dim,
-                "inputs": ["features", "base_logits"], "output": "logits", "artifacts": le_files,
+                "inputs": parts[0].input_names, "output": "logits", "training": training["local_expert"],
+                "parameters": parts[0].parameters(), "max_batch": max_batch,
                 "params": count_params(le),
                 "macs": count_macs(le, (torch.zeros(1, le_dim), torch.zeros(1, num_classes))),
             },
             "gating_network": {
                 "kind": "logistic", "feature_tap": experts.gn_feature_tap, "feature_dim": gn_dim,
-                "inputs": ["features"], "output": "gate_logits", "artifacts": gn_files,
+                "inputs": parts[1].input_names, "output": "gate_logits", "training": training["gating_network"],
+                "parameters": parts[1].parameters(), "max_batch": max_batch,
                 "params": count_params(gn), "macs": count_macs(gn, (torch.zeros(1, gn_dim),)),
                 "threshold": experts.gate_threshold,
             },

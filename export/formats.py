@@ -11,6 +11,12 @@ and loads it back in its own runtime for accuracy and latency checks:
 - ``executorch``: a ``.pte`` lowered to XNNPACK; quantized GEs go through the
   PT2E flow with the XNNPACK quantizer.
 - ``tflite``: LiteRT flatbuffer converted by litert-torch; fp32 only here.
+- ``torch``: a ``torch.export`` program (``.pt2``), what the device's torch
+  reference backend runs; fp32 only.
+
+``load(path, threads, all_outputs=True)`` returns every output (logits, then
+the feature taps in the model's order), which the bundle's parity checks and
+the device backends need; otherwise just the logits.
 
 4-bit weights are carried in int8 storage by both ONNX and ExecuTorch (neither
 runtime has CPU kernels for 4-bit convolutions), so their files are int8-sized.
@@ -19,7 +25,6 @@ runtime has CPU kernels for 4-bit convolutions), so their files are int8-sized.
 from __future__ import annotations
 
 import copy
-import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -30,11 +35,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from toolkit.bundle import tflite_output_position
 from toolkit.errors import ConfigError
+from toolkit.native_output import quiet_native_output as _quiet_fds
 from toolkit.models import WithFeatures
 
-Runner = Callable[[np.ndarray], np.ndarray]
-"""float32 (N, 1, H, W) normalised images -> logits (N, classes)."""
+Runner = Callable[[np.ndarray], np.ndarray | list[np.ndarray]]
+"""float32 (N, 1, H, W) normalised images -> logits (N, classes), or every output."""
 
 
 @dataclass
@@ -57,14 +64,16 @@ class ModelFormat(Protocol):
 
     def export(self, model: nn.Module, path: Path, calibration: np.ndarray, quant: QuantSpec | None) -> None: ...
 
-    def load(self, path: Path, threads: int = 1) -> Runner: ...
+    def load(self, path: Path, threads: int = 1, all_outputs: bool = False) -> Runner: ...
 
 
-def _per_sample(run_one: Callable[[np.ndarray], np.ndarray]) -> Runner:
+def _per_sample(run_one: Callable[[np.ndarray], list[np.ndarray]], all_outputs: bool) -> Runner:
     """Runtimes whose programs have a static batch of 1 run a batch one by one."""
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([run_one(x[i:i + 1]) for i in range(len(x))])
+    def run(x: np.ndarray):
+        rows = [run_one(x[i:i + 1]) for i in range(len(x))]
+        outputs = [np.concatenate(column) for column in zip(*rows)]
+        return outputs if all_outputs else outputs[0]
 
     return run
 
@@ -91,7 +100,7 @@ class OnnxFormat:
             _quantize_qdq(fp32, prepared, path, calibration, quant)
         _cap_ir_version(path)
 
-    def load(self, path: Path, threads: int = 1) -> Runner:
+    def load(self, path: Path, threads: int = 1, all_outputs: bool = False) -> Runner:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -99,6 +108,8 @@ class OnnxFormat:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if all_outputs:
+            return lambda x: session.run(None, {"image": np.ascontiguousarray(x, dtype=np.float32)})
         return lambda x: session.run(["logits"], {"image": np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
@@ -162,7 +173,7 @@ class ExecuTorchFormat:
 
         atomic.write_bytes(path, lowered.buffer)
 
-    def load(self, path: Path, threads: int = 1) -> Runner:
+    def load(self, path: Path, threads: int = 1, all_outputs: bool = False) -> Runner:
         with _quiet_fds():
             from executorch.extension.pybindings import portable_lib
             from executorch.runtime import Runtime
@@ -170,7 +181,7 @@ class ExecuTorchFormat:
         with _quiet_fds():
             portable_lib._unsafe_reset_threadpool(threads)
             method = Runtime.get().load_program(Path(path)).load_method("forward")
-        return _per_sample(lambda x: method.execute([torch.as_tensor(x)])[0].numpy())
+        return _per_sample(lambda x: [o.numpy() for o in method.execute([torch.as_tensor(x)])], all_outputs)
 
 
 class TFLiteFormat:
@@ -198,22 +209,56 @@ class TFLiteFormat:
 
         atomic.write_bytes(path, data)
 
-    def load(self, path: Path, threads: int = 1) -> Runner:
+    def load(self, path: Path, threads: int = 1, all_outputs: bool = False) -> Runner:
         interpreter_cls = _litert_interpreter()
         with _quiet_fds():
             interpreter = interpreter_cls(model_path=str(path), num_threads=threads)
             interpreter.allocate_tensors()
         source = interpreter.get_input_details()[0]["index"]
-        outputs = interpreter.get_output_details()
-        # litert-torch names outputs output_0..N in WithFeatures order; logits come first
-        logits = min(outputs, key=lambda o: o["name"])["index"]
+        outputs = [o["index"] for o in sorted(interpreter.get_output_details(), key=tflite_output_position)]
 
-        def run_one(x: np.ndarray) -> np.ndarray:
+        def run_one(x: np.ndarray) -> list[np.ndarray]:
             interpreter.set_tensor(source, np.ascontiguousarray(x, dtype=np.float32))
             interpreter.invoke()
-            return interpreter.get_tensor(logits).copy()
+            return [interpreter.get_tensor(i).copy() for i in outputs]
 
-        return _per_sample(run_one)
+        return _per_sample(run_one, all_outputs)
+
+
+class TorchFormat:
+    name, suffix, runtime = "torch", ".pt2", "torch"
+
+    def cannot_carry(self, quantized: bool) -> str | None:
+        if quantized:
+            return "the torch reference format carries fp32 GEs only"
+        return None
+
+    def export(self, model: nn.Module, path: Path, calibration: np.ndarray, quant: QuantSpec | None) -> None:
+        import io
+
+        if quant is not None:
+            raise ConfigError(self.cannot_carry(True))
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(WithFeatures(copy.deepcopy(model)).eval(),
+                                          (torch.as_tensor(calibration[:2]),), dynamic_shapes=({0: batch},))
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        from toolkit import atomic
+
+        atomic.write_bytes(path, buffer.getvalue())
+
+    def load(self, path: Path, threads: int = 1, all_outputs: bool = False) -> Runner:
+        torch.set_num_threads(threads)
+        module = torch.export.load(str(path)).module()
+
+        def run(x: np.ndarray):
+            with torch.no_grad():
+                outputs = [o.numpy() for o in module(torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)))]
+            return outputs if all_outputs else outputs[0]
+
+        return run
 
 
 def _litert_interpreter():
@@ -225,28 +270,7 @@ def _litert_interpreter():
     return Interpreter
 
 
-class _quiet_fds:
-    """litert-torch and the LiteRT interpreter print converter and delegate
-    banners to the C-level stdout/stderr; keep them off the user's terminal."""
-
-    def __enter__(self):
-        import sys
-
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.saved = [os.dup(1), os.dup(2)]
-        self.null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(self.null, 1)
-        os.dup2(self.null, 2)
-
-    def __exit__(self, *exc):
-        os.dup2(self.saved[0], 1)
-        os.dup2(self.saved[1], 2)
-        for fd in (*self.saved, self.null):
-            os.close(fd)
-
-
-FORMATS: dict[str, ModelFormat] = {f.name: f for f in (OnnxFormat(), ExecuTorchFormat(), TFLiteFormat())}
+FORMATS: dict[str, ModelFormat] = {f.name: f for f in (OnnxFormat(), ExecuTorchFormat(), TFLiteFormat(), TorchFormat())}
 
 
 def get_format(name: str) -> ModelFormat:

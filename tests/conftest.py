@@ -34,9 +34,10 @@ def ge_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bundle_dir(ge_dir, tmp_path_factory):
-    from export.bundle import export_bundle
+    """Every format, the torch reference's included (~20 s): the backends' parity tests run on it."""
+    from export.bundle import BUNDLE_FORMATS, export_bundle
 
-    return export_bundle(ge_dir, tmp_path_factory.mktemp("bundle") / "bundle")
+    return export_bundle(ge_dir, tmp_path_factory.mktemp("bundle") / "bundle", formats=BUNDLE_FORMATS)
 
 
 @pytest.fixture(scope="session")

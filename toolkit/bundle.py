@@ -1,16 +1,21 @@
 """The device bundle: a directory (or one .zip of it) with ``manifest.json``
 and the model files it lists, each with its sha256.
 
-Export writes bundles; the device opens them with ``Bundle.open``, which
-checks the schema version, validates the manifest against
-``manifest.schema.json`` and re-hashes every file before anything runs, so a
-corrupt, truncated or tampered bundle is refused with the file it concerns.
+A bundle carries GE (and LE and GN's training programs) in one or more
+formats, one per runtime; ``manifest["formats"]`` lists each format's files
+with their hashes. Export writes bundles; the device opens them with
+``Bundle.open``, which checks the schema version, validates the manifest
+against ``manifest.schema.json`` and re-hashes every file before anything
+runs. A damaged shared file (the manifest, the replay glyphs) refuses the
+whole bundle; a damaged format's file only that format, so that the error
+can name the backends that still work (``Bundle.require_format``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 import zipfile
@@ -22,8 +27,10 @@ from toolkit import atomic
 from toolkit.errors import BundleError
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: ONNX only, read by upgrading it in memory
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+SCHEMA_V1_PATH = Path(__file__).with_name("manifest-v1.schema.json")
 
 
 def sha256_file(path: Path) -> str:
@@ -38,10 +45,11 @@ def validate_manifest(manifest: dict[str, Any], where: str = "manifest") -> None
     import jsonschema  # pure Python, a base dependency
 
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise BundleError(f"{where} has schema version {version!r}; this toolkit reads version {SCHEMA_VERSION}",
+    if version not in READABLE_VERSIONS:
+        raise BundleError(f"{where} has schema version {version!r}; this toolkit reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}",
                           hint="re-export the bundle with this toolkit version, or install the toolkit that wrote it")
-    schema = json.loads(SCHEMA_PATH.read_text())
+    schema = json.loads((SCHEMA_PATH if version == SCHEMA_VERSION else SCHEMA_V1_PATH).read_text())
     try:
         jsonschema.validate(manifest, schema)
     except jsonschema.ValidationError as exc:
@@ -50,13 +58,47 @@ def validate_manifest(manifest: dict[str, Any], where: str = "manifest") -> None
                           hint="the bundle is damaged or was not written by edgetailor; re-export it") from None
 
 
+def tflite_output_position(detail: dict) -> int:
+    """Where a TFLite GE output belongs in ``global_expert.output_order``.
+    litert-torch names outputs ``..._output_<i>_...`` in the order the torch
+    module returns them; the interpreter lists them by tensor index."""
+    match = re.search(r"output_(\d+)", detail["name"])
+    return int(match.group(1)) if match else 1 << 30
+
+
+def format_files(manifest: dict[str, Any], name: str) -> list[str]:
+    """The files a format needs: its GE and, for training formats, LE's and GN's programs."""
+    files = [manifest["global_expert"]["files"][name]]
+    for part in ("local_expert", "gating_network"):
+        files += list(manifest[part]["training"].get(name, {}).values())
+    return files
+
+
+def upgrade_v1(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 manifest (ONNX GE, ORT training artifacts) in version-2 form."""
+    upgraded = json.loads(json.dumps(manifest))
+    ge = upgraded["global_expert"]
+    ge["files"] = {"onnx": ge.pop("file")}
+    ge["output_order"] = ["logits", *ge["outputs"]["features"]]
+    for part in ("local_expert", "gating_network"):
+        upgraded[part]["training"] = {"onnx": upgraded[part].pop("artifacts")}
+    upgraded["formats"] = {"onnx": {"runtime": "onnxruntime", "files": {}}}
+    upgraded["formats"]["onnx"]["files"] = {f: upgraded["files"][f] for f in format_files(upgraded, "onnx")
+                                            if f in upgraded["files"]}
+    upgraded["schema_version"] = SCHEMA_VERSION
+    return upgraded
+
+
 def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file under ``bundle_dir``, add the list to the manifest, validate and write it."""
+    """Hash every file under ``bundle_dir``, add the lists (all files, and
+    each format's own) to the manifest, validate and write it."""
     files = {}
     for path in sorted(bundle_dir.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
             files[path.relative_to(bundle_dir).as_posix()] = sha256_file(path)
     manifest = {**manifest, "schema_version": SCHEMA_VERSION, "files": files}
+    for name, entry in manifest["formats"].items():
+        entry["files"] = {f: files[f] for f in format_files(manifest, name)}
     validate_manifest(manifest)
     atomic.write_text(bundle_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
@@ -88,6 +130,8 @@ class Bundle:
     manifest: dict[str, Any]
     source: Path
     _tmp: Path | None = field(default=None, repr=False)
+    # format -> why its files cannot be used (missing, or not matching their hash)
+    damaged: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: str | Path) -> "Bundle":
@@ -115,12 +159,12 @@ class Bundle:
             root = tmp
         try:
             manifest = cls._read_manifest(root, path)
-            cls._verify_files(root, manifest, path)
+            damaged = cls._verify_files(root, manifest, path)
         except BaseException:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return cls(root, manifest, path, tmp)
+        return cls(root, manifest, path, tmp, damaged)
 
     @staticmethod
     def _read_manifest(root: Path, source: Path) -> dict[str, Any]:
@@ -134,24 +178,76 @@ class Bundle:
         if not isinstance(manifest, dict):
             raise BundleError(f"{source}/{MANIFEST} is not a JSON object")
         validate_manifest(manifest, f"{source}/{MANIFEST}")
-        return manifest
+        return upgrade_v1(manifest) if manifest["schema_version"] == 1 else manifest
 
     @staticmethod
-    def _verify_files(root: Path, manifest: dict[str, Any], source: Path) -> None:
+    def _verify_files(root: Path, manifest: dict[str, Any], source: Path) -> dict[str, str]:
+        """Re-hash every file. Returns the formats whose files are damaged;
+        raises if a shared file is, or if every format is."""
+        problems = {}
         for name, expected in manifest["files"].items():
             file = root / name
             if not file.is_file():
-                raise BundleError(f"{source} is missing {name}", hint="copy the whole bundle, or re-export it")
+                problems[name] = "is missing"
+                continue
             actual = sha256_file(file)
             if actual != expected:
-                raise BundleError(f"{source}: {name} does not match its sha256 in the manifest "
-                                  f"(expected {expected[:12]}…, found {actual[:12]}…)",
-                                  hint="the file is corrupt or was modified; re-export or re-download the bundle")
-        referenced = [manifest["global_expert"]["file"], manifest["replay"]["file"],
-                      *manifest["local_expert"]["artifacts"].values(), *manifest["gating_network"]["artifacts"].values()]
-        unlisted = [name for name in referenced if name not in manifest["files"]]
-        if unlisted:
-            raise BundleError(f"{source}/{MANIFEST} references files it does not hash: {', '.join(unlisted)}")
+                problems[name] = (f"does not match its sha256 in the manifest "
+                                  f"(expected {expected[:12]}…, found {actual[:12]}…)")
+        formats = manifest["formats"]
+        for fmt, entry in formats.items():
+            needed = format_files(manifest, fmt)
+            unlisted = [f for f in needed if entry["files"].get(f) != manifest["files"].get(f) or f not in manifest["files"]]
+            if unlisted:
+                raise BundleError(f"{source}/{MANIFEST}: format {fmt!r} references files it does not hash "
+                                  f"consistently: {', '.join(unlisted)}", hint="the bundle is damaged; re-export it")
+        owned = {f for fmt in formats for f in format_files(manifest, fmt)}
+        if manifest["replay"]["file"] not in manifest["files"]:
+            raise BundleError(f"{source}/{MANIFEST} references files it does not hash: {manifest['replay']['file']}")
+        shared = {name: why for name, why in problems.items() if name not in owned}
+        if shared:
+            name, why = next(iter(shared.items()))
+            raise BundleError(f"{source}: {name} {why}",
+                              hint="the file is corrupt, modified or missing; re-export or re-download the bundle")
+        damaged = {}
+        for fmt in formats:
+            bad = [f"{f} {problems[f]}" for f in format_files(manifest, fmt) if f in problems]
+            if bad:
+                damaged[fmt] = "; ".join(bad)
+        if damaged and len(damaged) == len(formats):
+            raise BundleError(f"{source}: " + "; ".join(damaged.values()),
+                              hint="the file is corrupt, modified or missing; re-export or re-download the bundle")
+        return damaged
+
+    @property
+    def formats(self) -> list[str]:
+        """The formats this bundle carries (damaged or not)."""
+        return list(self.manifest["formats"])
+
+    @property
+    def usable_formats(self) -> list[str]:
+        return [f for f in self.formats if f not in self.damaged]
+
+    def require_format(self, name: str, backends_for: dict[str, list[str]] | None = None) -> None:
+        """Refuse a format the bundle lacks or whose files are damaged, naming what would work.
+
+        ``backends_for`` maps a format to the device backends that run it, so
+        that the error can name backends rather than formats."""
+        def alternatives() -> str:
+            usable = self.usable_formats
+            if backends_for:
+                names = [b for f, bs in backends_for.items() if f in usable for b in bs]  # caller's order
+                return f"backends that would work with it: {', '.join(names) or 'none'}"
+            return f"usable formats: {', '.join(usable) or 'none'}"
+
+        if name not in self.manifest["formats"]:
+            raise BundleError(f"{self.source} has no {name} files (it carries: {', '.join(self.formats)})",
+                              hint=f"{alternatives()}; or re-export with "
+                                   f"`edgetailor export bundle --formats {','.join([*self.formats, name])}`")
+        if name in self.damaged:
+            raise BundleError(f"{self.source}: {self.damaged[name]}",
+                              hint=f"its {name} files are corrupt or were modified; {alternatives()}; "
+                                   "or re-export / re-download the bundle")
 
     @property
     def bundle_id(self) -> str:

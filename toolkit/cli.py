@@ -352,20 +352,31 @@ def export() -> None:
               help="GE checkpoint directory (from `edgetailor server pretrain`).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Bundle directory to write; BUNDLE.zip is written beside it.")
+@click.option("--formats", default=None,
+              help="Comma-separated runtimes the bundle carries: onnx (ONNX Runtime: GE + training artifacts), "
+                   "executorch (.pte: GE on XNNPACK + LE/GN training programs), tflite (LiteRT: GE), "
+                   "torch (torch.export reference programs, for parity checks). "
+                   "Default: onnx,executorch,tflite, less those a quantized GE has no model for.")
 @click.option("--no-zip", is_flag=True, help="Write only the directory.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export_bundle_cmd(model: Path, out: Path, no_zip: bool, overwrite: bool) -> None:
-    """Write a device bundle: GE as ONNX, LE and GN as ONNX Runtime training
-    artifacts, replay glyphs, and a manifest with every file's sha256."""
-    from export.bundle import export_bundle
+def export_bundle_cmd(model: Path, out: Path, formats: str | None, no_zip: bool, overwrite: bool) -> None:
+    """Write a device bundle: GE in each format, LE and GN as training programs
+    for each training runtime, replay glyphs, and a manifest listing every
+    format's files with their sha256. Every model is checked against torch
+    before the bundle is written."""
+    from export.bundle import check_formats, export_bundle
 
+    chosen = check_formats([f.strip() for f in formats.split(",") if f.strip()]) if formats else None
     if out.suffix == ".zip":
         out = out.with_suffix("")
     if out.exists() and not overwrite:
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
-    path = export_bundle(model, out, make_zip=not no_zip, overwrite=overwrite,
+    path = export_bundle(model, out, make_zip=not no_zip, overwrite=overwrite, formats=chosen,
                          progress=lambda msg: click.echo(f"  {msg}", err=True))
     manifest = json.loads((path / "manifest.json").read_text())
+    for name, entry in manifest["formats"].items():
+        size = sum((path / f).stat().st_size for f in entry["files"])
+        click.echo(f"  {name:<10} {entry['runtime']:<12} {len(entry['files'])} files, {size / 1024:,.0f} KiB")
     ge, le, gn = (manifest[k] for k in ("global_expert", "local_expert", "gating_network"))
     click.echo(f"bundle written to {path}" + ("" if no_zip else f" and {path}.zip"))
     click.echo(f"  GE {ge['params']:,} params, {ge['macs']:,} MACs; LE+GN {le['params'] + gn['params']:,} params "
@@ -379,8 +390,12 @@ def device() -> None:
     """On-device runtime: personalise and evaluate (needs no torch)."""
 
 
+BACKEND_HELP = ("Runtime: ort, executorch, litert (GE; LE/GN train on another backend) or torch (reference). "
+                "Default: the best installed one the bundle carries (see `edgetailor device info`).")
+
+
 def _bundle_state_options(fn):
-    fn = click.option("--backend", default="ort", show_default=True, help="Device runtime backend.")(fn)
+    fn = click.option("--backend", default=None, help=BACKEND_HELP)(fn)
     fn = click.option("--samples", required=True, type=click.Path(exists=True, path_type=Path),
                       help="Labelled samples: .npz (x, y), MNIST/EMNIST IDX images file, or a folder per label.")(fn)
     fn = click.option("--state", required=True, type=click.Path(path_type=Path),
@@ -415,8 +430,9 @@ def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, m
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"added {added} new samples ({result['stored']} stored); personalized in {report['seconds']:.2f}s "
-                   f"({report['le_steps']} LE steps, {report['gn_steps']} GN steps); peak RSS {result['peak_rss_mb']:.0f} MB")
+        click.echo(f"added {added} new samples ({result['stored']} stored); personalized with {report['backend']} "
+                   f"in {report['seconds']:.2f}s ({report['le_steps']} LE steps, {report['gn_steps']} GN steps); "
+                   f"peak RSS {result['peak_rss_mb']:.0f} MB")
 
 
 @device.command("evaluate")
@@ -443,7 +459,7 @@ def device_evaluate(bundle: Path, state: Path, samples: Path, backend: str, as_j
 @click.option("--state", required=True, type=click.Path(path_type=Path), help="State directory.")
 @click.option("--samples", required=True, type=click.Path(exists=True, path_type=Path),
               help="Images (.npz, IDX or image folder; labels are ignored).")
-@click.option("--backend", default="ort", show_default=True)
+@click.option("--backend", default=None, help=BACKEND_HELP)
 def device_predict(bundle: Path, state: Path, samples: Path, backend: str) -> None:
     """Print one JSON line per image: label, probability, and which expert answered."""
     from device.runtime import DeviceRuntime
@@ -455,6 +471,44 @@ def device_predict(bundle: Path, state: Path, samples: Path, backend: str) -> No
         click.echo(json.dumps({"label": prediction.labels[i],
                                "probability": round(float(prediction.probabilities[i].max()), 4),
                                "expert": prediction.experts[i], "gate": round(float(prediction.gate[i]), 4)}))
+
+
+@device.command("info")
+@click.option("--bundle", type=click.Path(exists=True, path_type=Path),
+              help="Also say which backends can run this bundle (and verify its files).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def device_info(bundle: Path | None, as_json: bool) -> None:
+    """List the device backends: installed or not (and how to install),
+    what each runs, and which one `--backend auto` picks."""
+    from device.backends import BACKENDS, PREFERENCE, runtime_version, usable_backends
+    from toolkit.bundle import Bundle
+
+    opened = Bundle.open(bundle) if bundle else None
+    try:
+        usable = usable_backends(opened) if opened else None
+        rows = []
+        for name in PREFERENCE:
+            info = BACKENDS[name]
+            row = {"backend": name, "installed": runtime_version(name), "format": info.format, "trains": info.trains,
+                   "description": info.description, "install": f"pip install '{info.requirement}'"}
+            if opened:
+                row["bundle"] = ("usable" if name in usable else
+                                 "damaged: " + opened.damaged[info.format] if info.format in opened.damaged else
+                                 "no " + info.format + " files" if info.format not in opened.formats else
+                                 "not installed" if not row["installed"] else "no training backend")
+            rows.append(row)
+        auto = (usable[0] if usable else None) if opened else next((r["backend"] for r in rows if r["installed"]), None)
+    finally:
+        if opened:
+            opened.close()
+    if as_json:
+        click.echo(json.dumps({"backends": rows, "auto": auto}))
+        return
+    for row in rows:
+        state = f"installed {row['installed']}" if row["installed"] else f"not installed ({row['install']})"
+        extra = f"  bundle: {row['bundle']}" if opened else ""
+        click.echo(f"{row['backend']:<11} {state:<44} {row['description']}{extra}")
+    click.echo(f"auto picks: {auto or 'nothing (install a backend)'}")
 
 
 @device.command("reset")

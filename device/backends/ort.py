@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device.backends.base import is_weights_blob, unpack_weights
 from toolkit.bundle import Bundle
 
 
@@ -64,11 +65,11 @@ def _session_options():
 class OrtGlobalExpert:
     def __init__(self, bundle: Bundle):
         spec = bundle.manifest["global_expert"]
-        self.session = ort.InferenceSession(str(bundle.path(spec["file"])), _session_options(),
+        self.session = ort.InferenceSession(str(bundle.path(spec["files"]["onnx"])), _session_options(),
                                             providers=["CPUExecutionProvider"])
         self.input_name = spec["input_name"]
         self.logits_name = spec["outputs"]["logits"]
-        self.feature_names = list(spec["outputs"]["features"])
+        self.feature_names = spec["output_order"][1:]
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         outputs = self.session.run([self.logits_name, *self.feature_names], {self.input_name: x})
@@ -76,15 +77,18 @@ class OrtGlobalExpert:
 
 
 class OrtTrainer:
-    """A Module + Optimizer over a part's training artifacts."""
+    """A Module + Optimizer over a part's training artifacts (AdamW in the optimizer graph)."""
 
-    def __init__(self, bundle: Bundle, part: str):
-        spec = bundle.manifest[part]
-        files = {k: str(bundle.path(v)) for k, v in spec["artifacts"].items()}
+    def __init__(self, bundle: Bundle, part: str, weights: dict[str, np.ndarray] | None = None):
+        files = {k: str(bundle.path(v)) for k, v in bundle.manifest[part]["training"]["onnx"].items()}
         self.state = ort_api.CheckpointState.load_checkpoint(files["checkpoint"])
         self.module = ort_api.Module(files["training_model"], self.state, files["eval_model"])
+        for name, value in (weights or {}).items():  # only once a Module holds the state can it take values
+            self.state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
         self.optimizer = ort_api.Optimizer(files["optimizer_model"], self.module)
-        self.output_name = spec["output"]
+        self.output_name = bundle.manifest[part]["output"]
+        # Version-1 manifests do not list the parameters; the checkpoint has them.
+        self.parameter_names = list(bundle.manifest[part].get("parameters") or (n for n, _ in self.state.parameters))
         self.module.train()
 
     def set_learning_rate(self, lr: float) -> None:
@@ -96,7 +100,10 @@ class OrtTrainer:
         self.module.lazy_reset_grad()
         return float(loss)
 
-    def export(self) -> bytes:
+    def weights(self) -> dict[str, np.ndarray]:
+        return {name: np.array(self.state.parameters[name].data) for name in self.parameter_names}
+
+    def inference_model(self) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "trained.onnx"
             self.module.export_model_for_inferencing(str(path), [self.output_name])
@@ -113,7 +120,7 @@ class OrtTrainedPart:
 
 
 class OrtBackend:
-    name = "ort"
+    name, ge_format, trains = "ort", "onnx", True
 
     def load_global_expert(self, bundle: Bundle) -> OrtGlobalExpert:
         return OrtGlobalExpert(bundle)
@@ -121,5 +128,10 @@ class OrtBackend:
     def trainer(self, bundle: Bundle, part: str) -> OrtTrainer:
         return OrtTrainer(bundle, part)
 
-    def load_trained(self, model: bytes, input_names: list[str]) -> OrtTrainedPart:
-        return OrtTrainedPart(model, input_names)
+    def load_trained(self, bundle: Bundle, part: str, blob: bytes) -> OrtTrainedPart:
+        inputs = bundle.manifest[part]["inputs"]
+        if not is_weights_blob(blob):  # stored by edgetailor 0.1: the ONNX inference model itself
+            return OrtTrainedPart(blob, inputs)
+        weights = unpack_weights(blob, bundle, part, self.name)
+        # The part's inference graph with these weights, as training exported it.
+        return OrtTrainedPart(OrtTrainer(bundle, part, weights).inference_model(), inputs)

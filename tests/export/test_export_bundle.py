@@ -17,7 +17,14 @@ def test_manifest_and_overhead(bundle_dir):
     ge, le, gn = manifest["global_expert"], manifest["local_expert"], manifest["gating_network"]
     assert (le["params"] + gn["params"]) / ge["params"] <= 0.025
     assert (le["macs"] + gn["macs"]) / ge["macs"] <= 0.025
-    assert set(manifest["files"]) >= {"ge.onnx", "replay.npz", *le["artifacts"].values(), *gn["artifacts"].values()}
+    assert set(manifest["formats"]) == {"onnx", "executorch", "tflite", "torch"}
+    assert ge["files"] == {"onnx": "ge.onnx", "executorch": "ge.pte", "tflite": "ge.tflite", "torch": "ge.pt2"}
+    assert set(le["training"]) == set(gn["training"]) == {"onnx", "executorch", "torch"}
+    onnx_files = manifest["formats"]["onnx"]["files"]
+    assert set(onnx_files) == {"ge.onnx", *le["training"]["onnx"].values(), *gn["training"]["onnx"].values()}
+    assert manifest["formats"]["tflite"]["files"] == {"ge.tflite": manifest["files"]["ge.tflite"]}
+    assert all(manifest["files"][f] == h for entry in manifest["formats"].values() for f, h in entry["files"].items())
+    assert le["parameters"] == {"down.weight": [3, 400], "up.weight": [10, 3], "up.bias": [10]}
     assert manifest["input"]["std"] > 0 and manifest["labels"] == [str(d) for d in range(10)]
 
 
@@ -46,3 +53,17 @@ def test_bad_expert_config_leaves_nothing_behind(ge_dir, tmp_path):
 def test_refuses_to_overwrite(ge_dir, bundle_dir):
     with pytest.raises(FileExistsError):
         export_bundle(ge_dir, bundle_dir)
+
+
+def test_formats_are_checked_before_any_work(ge_dir, tmp_path):
+    with pytest.raises(ConfigError, match="unknown bundle format.*'coreml'"):
+        export_bundle(ge_dir, tmp_path / "b", formats=["onnx", "coreml"])
+    with pytest.raises(ConfigError, match="can run GE but not train"):
+        export_bundle(ge_dir, tmp_path / "b", formats=["tflite"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_only_bundle(ge_dir, tmp_path):
+    out = export_bundle(ge_dir, tmp_path / "b", formats=["onnx"], make_zip=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["formats"]) == ["onnx"] and not list(out.glob("*.pte"))

@@ -25,19 +25,53 @@ def test_open_dir_and_zip(bundle_dir):
     assert not root.exists()  # the zip's extraction is cleaned up
 
 
-def test_tampered_file_is_named(bundle_copy):
-    path = bundle_copy / "le" / "checkpoint"
+def _flip_a_byte(path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="le/checkpoint does not match its sha256"):
+
+
+def test_tampered_format_file_disables_only_that_format(bundle_copy):
+    _flip_a_byte(bundle_copy / "le" / "checkpoint")
+    with Bundle.open(bundle_copy) as b:
+        assert set(b.damaged) == {"onnx"} and "le/checkpoint does not match its sha256" in b.damaged["onnx"]
+        assert b.usable_formats == ["executorch", "tflite", "torch"]
+        with pytest.raises(BundleError, match="le/checkpoint does not match its sha256") as info:
+            b.require_format("onnx")
+        assert "usable formats: executorch, tflite, torch" in str(info.value)
+        b.require_format("executorch")
+
+
+def test_tampered_shared_file_refuses_the_bundle(bundle_copy):
+    _flip_a_byte(bundle_copy / "replay.npz")
+    with pytest.raises(BundleError, match="replay.npz does not match its sha256"):
         Bundle.open(bundle_copy)
 
 
 def test_missing_file_is_named(bundle_copy):
     (bundle_copy / "ge.onnx").unlink()
-    with pytest.raises(BundleError, match="missing ge.onnx"):
+    with Bundle.open(bundle_copy) as b:
+        assert "ge.onnx is missing" in b.damaged["onnx"]
+    for ge in ("ge.pte", "ge.tflite", "ge.pt2"):
+        (bundle_copy / ge).unlink()
+    with pytest.raises(BundleError, match="ge.onnx is missing"):
         Bundle.open(bundle_copy)
+
+
+def test_version_1_manifest_is_read(bundle_copy):
+    """A bundle written by edgetailor 0.1 (ONNX only, schema 1) still opens."""
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    v1 = {k: v for k, v in manifest.items() if k != "formats"}
+    v1["schema_version"] = 1
+    v1["global_expert"] = {k: v for k, v in manifest["global_expert"].items() if k not in ("files", "output_order")}
+    v1["global_expert"]["file"] = "ge.onnx"
+    for part in ("local_expert", "gating_network"):
+        v1[part] = {k: v for k, v in manifest[part].items() if k not in ("training", "parameters", "max_batch")}
+        v1[part]["artifacts"] = manifest[part]["training"]["onnx"]
+    (bundle_copy / "manifest.json").write_text(json.dumps(v1))
+    with Bundle.open(bundle_copy) as b:
+        assert b.formats == ["onnx"] and b.manifest["global_expert"]["files"] == {"onnx": "ge.onnx"}
+        assert b.manifest["local_expert"]["training"]["onnx"]["checkpoint"] == "le/checkpoint"
 
 
 def test_unknown_schema_version(bundle_copy):

@@ -1,0 +1,247 @@
+"""LE and GN as trainable programs, one per training runtime, registered in
+``TRAINING_FORMATS``.
+
+All are written from the same torch module with the same initial weights, so
+every device backend starts a personalization from the same point, and all
+train the same loss (softmax cross-entropy, mean over the batch):
+
+- ``onnx``: ONNX Runtime on-device training artifacts (training, eval and
+  optimizer models and a checkpoint; AdamW lives in the optimizer graph).
+- ``executorch``: one joint forward-backward program for
+  ``executorch.extension.training`` with a dynamic batch. ExecuTorch 1.5.1
+  has two defects that make training return wrong gradients or NaN, and
+  both are handled here or in the device backend; see
+  ``docs/upstream/executorch-training.md``.
+- ``torch``: a ``torch.export`` program; the reference backend trains its
+  module with autograd.
+
+Every program is run against its torch source before a bundle is published
+(loss, logits and, for ExecuTorch, every gradient).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit import atomic
+from toolkit.errors import EdgetailorError
+
+# The most rows an ExecuTorch training program takes per step unless the
+# personalize config asks for more: memory is planned for the upper bound, so
+# it is kept near the real batch (LE: batch_size * (1 + replay_weight)).
+MIN_PROGRAM_BATCH = 512
+CHECK_TOLERANCE = 1e-4
+
+
+@dataclass
+class TrainablePart:
+    """What export knows about LE or GN: the module and how it is called."""
+
+    key: str                        # manifest key: local_expert or gating_network
+    directory: str                  # folder in the bundle: le or gn
+    module: nn.Module
+    input_dims: list[int]           # width of each input; the batch is dynamic
+    input_names: list[str]
+    output: str
+    num_classes: int
+    max_batch: int
+
+    def example(self, batch: int, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        inputs = [torch.randn(batch, d, generator=generator) for d in self.input_dims]
+        target = torch.randint(0, self.num_classes, (batch,), generator=generator)
+        return inputs, target
+
+    def parameters(self) -> dict[str, list[int]]:
+        return {name: list(p.shape) for name, p in self.module.named_parameters()}
+
+
+class TrainingFormat(Protocol):
+    name: str
+
+    def export(self, part: TrainablePart, out_dir: Path) -> dict[str, str]:
+        """Write the part's program(s) under ``out_dir``; returns {role: path relative to the bundle}."""
+
+
+class _WithLoss(nn.Module):
+    """The part plus its loss: (loss, logits), the form training runtimes take."""
+
+    def __init__(self, part: nn.Module):
+        super().__init__()
+        self.part = part
+
+    def forward(self, *inputs_and_target: torch.Tensor):
+        *inputs, target = inputs_and_target
+        logits = self.part(*inputs)
+        return F.cross_entropy(logits, target), logits.detach()
+
+
+class OrtTrainingFormat:
+    name = "onnx"
+
+    def export(self, part: TrainablePart, out_dir: Path) -> dict[str, str]:
+        import onnx
+        import onnxruntime as ort
+
+        from export.bundle import _cap_ir_version, _native_stderr_captured, _onnx_export
+
+        ort.set_default_logger_severity(3)
+        from onnxruntime.training import artifacts
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        inputs, _ = part.example(2)
+        with tempfile.TemporaryDirectory() as tmp:
+            forward = Path(tmp) / "forward.onnx"
+            _onnx_export(part.module, tuple(inputs), forward, part.input_names, [part.output], training=True)
+            graph = onnx.load(str(forward))
+            trainable = [init.name for init in graph.graph.initializer]
+            if sorted(trainable) != sorted(part.parameters()):
+                raise EdgetailorError(f"{part.key}: the ONNX export renamed parameters ({trainable} vs "
+                                      f"{list(part.parameters())}); trained weights would not map back")
+            with _native_stderr_captured():
+                artifacts.generate_artifacts(
+                    graph, requires_grad=trainable, frozen_params=[], loss=artifacts.LossType.CrossEntropyLoss,
+                    optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out_dir))
+        files = {"training_model": "training_model.onnx", "eval_model": "eval_model.onnx",
+                 "optimizer_model": "optimizer_model.onnx", "checkpoint": "checkpoint"}
+        for name in ("training_model", "eval_model", "optimizer_model"):
+            _cap_ir_version(out_dir / files[name])
+        return {k: f"{out_dir.name}/{v}" for k, v in files.items()}
+
+
+def max_pool2d_backward_by_scatter(grad_output, input, kernel_size, stride, padding, dilation, ceil_mode, indices):
+    """max_pool2d's gradient as scatter_add into zeros.
+
+    ExecuTorch 1.5.1's portable ``max_pool2d_with_indices_backward`` adds into
+    its output without zeroing it first, so whatever the memory planner left
+    in that buffer leaks into the conv gradients (wrong from the first step,
+    NaN within ten). ``indices`` are flat positions within each (H, W) plane,
+    which is exactly what scatter_add along the flattened plane needs."""
+    n, c = input.shape[0], input.shape[1]
+    flat = torch.zeros_like(input).reshape(n, c, -1)
+    flat = flat.scatter_add(2, indices.reshape(n, c, -1), grad_output.reshape(n, c, -1))
+    return flat.reshape(input.shape)
+
+
+def export_forward_backward(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``torch.export.experimental._export_forward_backward`` with the
+    max-pool gradient replaced (see above). The joint graph is traced with a
+    decomposition table, so the replacement has to go into that table: a
+    later pass would see the op already in the graph."""
+    from torch._decomp import core_aten_decompositions
+    from torch.export.experimental import (_copy_graph_module_and_signature, _decompose_exported_program,
+                                           _remove_detach_pass)
+
+    table = core_aten_decompositions()
+    table[torch.ops.aten.max_pool2d_with_indices_backward.default] = max_pool2d_backward_by_scatter
+    program = _decompose_exported_program(program, cia_to_decomp={}, python_decomp_table=table,
+                                          joint_loss_index=0, decompose_custom_triton_ops=False)
+    module, signature = _copy_graph_module_and_signature(program)
+    _remove_detach_pass(module, signature)
+    return program._update(module, signature)
+
+
+def executorch_training_program(module: nn.Module, inputs: list[torch.Tensor], target: torch.Tensor,
+                                max_batch: int) -> bytes:
+    """A joint forward-backward ExecuTorch program of ``module`` + cross-entropy.
+
+    Returns (loss, logits, gradients..., parameters...) in one call; the
+    batch is dynamic up to ``max_batch``. Not lowered to XNNPACK: its
+    partitioner takes no backward ops, so training runs on the portable
+    kernels (fine for LE and GN, a few thousand multiply-adds)."""
+    from toolkit.native_output import quiet_native_output as _quiet_fds
+
+    with _quiet_fds():
+        from executorch.exir import to_edge
+
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    args = (*inputs, target)
+    with warnings.catch_warnings(), _quiet_fds():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(_WithLoss(copy.deepcopy(module)), args,
+                                      dynamic_shapes=(tuple({0: batch} for _ in args),), strict=True)
+        program = export_forward_backward(program)
+        return to_edge(program).to_executorch().buffer
+
+
+class ExecuTorchTrainingFormat:
+    name = "executorch"
+
+    def export(self, part: TrainablePart, out_dir: Path) -> dict[str, str]:
+        inputs, target = part.example(3)
+        buffer = executorch_training_program(part.module, inputs, target, part.max_batch)
+        check_executorch_program(buffer, part)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(out_dir / f"{out_dir.name}.pte", buffer)
+        return {"program": f"{out_dir.name}/{out_dir.name}.pte"}
+
+
+def check_executorch_program(buffer: bytes, part: TrainablePart) -> None:
+    """Loss, logits and every gradient of the program against torch autograd,
+    on a batch of another size than the one it was traced with."""
+    from toolkit.native_output import quiet_native_output as _quiet_fds
+
+    with _quiet_fds():
+        from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+        program = _load_for_executorch_from_buffer(buffer)  # `buffer` stays referenced: the runtime does not copy it
+    gradients_at = program.run_method("__et_training_gradients_index_forward", ())[0]
+    parameters_at = program.run_method("__et_training_parameters_index_forward", ())[0]
+    names = program.run_method("__et_training_fqn_forward", ())
+    inputs, target = part.example(min(37, part.max_batch), seed=1)
+    outputs = program.run_method("forward", (*inputs, target))
+    reference = copy.deepcopy(part.module)
+    logits = reference(*inputs)
+    loss = F.cross_entropy(logits, target)
+    loss.backward()
+    want = {"loss": loss.detach(), "logits": logits.detach(),
+            **{f"part.{n}": p.grad for n, p in reference.named_parameters()}}
+    got = {"loss": outputs[0], "logits": outputs[1], **dict(zip(names, outputs[gradients_at:parameters_at]))}
+    for name, value in want.items():
+        if name not in got:
+            raise EdgetailorError(f"{part.key}: the ExecuTorch program returns no gradient for {name}")
+        error = float((got[name] - value).abs().max())
+        if not error <= CHECK_TOLERANCE * max(1.0, float(value.abs().max())):
+            raise EdgetailorError(f"{part.key}: the ExecuTorch training program's {name} differs from torch by "
+                                  f"{error:.3g}", hint="a runtime kernel is wrong; see docs/upstream/executorch-training.md")
+
+
+class TorchTrainingFormat:
+    name = "torch"
+
+    def export(self, part: TrainablePart, out_dir: Path) -> dict[str, str]:
+        inputs, _ = part.example(3)
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(copy.deepcopy(part.module), tuple(inputs),
+                                          dynamic_shapes=tuple({0: batch} for _ in inputs))
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        loaded = torch.export.load(io.BytesIO(buffer.getvalue())).module()
+        check, _ = part.example(5, seed=1)
+        with torch.no_grad():
+            error = float((loaded(*check) - part.module(*check)).abs().max())
+        if not error <= CHECK_TOLERANCE:
+            raise EdgetailorError(f"{part.key}: the torch.export program differs from its source by {error:.3g}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(out_dir / f"{out_dir.name}.pt2", buffer.getvalue())
+        return {"program": f"{out_dir.name}/{out_dir.name}.pt2"}
+
+
+TRAINING_FORMATS: dict[str, TrainingFormat] = {
+    f.name: f for f in (OrtTrainingFormat(), ExecuTorchTrainingFormat(), TorchTrainingFormat())}
+
+
+def initial_weights(module: nn.Module) -> dict[str, np.ndarray]:
+    return {name: p.detach().numpy().copy() for name, p in module.named_parameters()}
