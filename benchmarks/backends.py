@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,28 +30,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.demo import format_table  # noqa: E402
-
 BACKENDS = ("ort", "executorch", "litert", "torch")
 
 
-def child(bundle: str, backend: str, users: int, seed: int) -> dict:
-    """One backend, in a fresh process: latency, personalization, accuracy, memory."""
+def child(bundle: str, backend: str, samples: Path, users: int) -> dict:
+    """One backend, in a fresh process that loads only what a device would
+    (the runtime and the users' sample files): latency, personalization,
+    accuracy, peak memory."""
     import numpy as np
 
     from device import DeviceRuntime
     from device.mixture import normalize
-    from toolkit.data import load_generic_digits, split_generic
-    from toolkit.users import simulate_users
+    from toolkit.cli import _peak_rss_mb
+    from toolkit.loaders import load_samples
 
-    split = split_generic(load_generic_digits(), seed=seed)
-    people = simulate_users(split.user_pool, users, seed=seed, train_per_class=10, test_per_class=20)
+    generic = load_samples(samples / "generic_test.npz")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for person in people:
-            with DeviceRuntime.open(bundle, Path(tmp) / str(person.user_id), backend) as rt:
+        for user_id in range(users):
+            with DeviceRuntime.open(bundle, Path(tmp) / str(user_id), backend) as rt:
                 if not rows:  # GE latency once per backend
-                    x = normalize(split.test.images[:300], rt.manifest["input"])
+                    x = normalize(generic.images[:300], rt.manifest["input"])
                     for i in range(20):
                         rt.ge.run(x[i:i + 1])
                     times = []
@@ -63,17 +61,17 @@ def child(bundle: str, backend: str, users: int, seed: int) -> dict:
                     latency_ms = 1000 * statistics.median(times)
                     logits, _ = rt.ge.run(x[:64])
                     trainer = rt.trainer.name
-                rt.add_dataset(person.train)
+                rt.add_dataset(load_samples(samples / f"user{user_id}_train.npz"))
                 report = rt.personalize()
                 rows.append({"seconds": report["seconds"], "le_loss": report["le_loss"],
-                             "user": rt.evaluate_dataset(person.test)["accuracy"],
-                             "generic": rt.evaluate_dataset(split.test)["accuracy"]})
+                             "user": rt.evaluate_dataset(load_samples(samples / f"user{user_id}_test.npz"))["accuracy"],
+                             "generic": rt.evaluate_dataset(generic)["accuracy"]})
     return {"backend": backend, "trainer": trainer, "ge_latency_ms": latency_ms,
             "personalize_s": statistics.median(r["seconds"] for r in rows),
             "user_accuracy": float(np.mean([r["user"] for r in rows])),
             "generic_accuracy": float(np.mean([r["generic"] for r in rows])),
             "per_user": rows, "logits": logits.tolist(),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": _peak_rss_mb(),  # VmHWM: ru_maxrss would carry this parent's peak over
             "torch_imported": "torch" in sys.modules}
 
 
@@ -147,10 +145,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", type=Path, help="GE checkpoint (default: pretrain the default recipe)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "backends")
-    parser.add_argument("--child", nargs=2, metavar=("BUNDLE", "BACKEND"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("BUNDLE", "BACKEND", "SAMPLES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.users, args.seed)))
+        print(json.dumps(child(args.child[0], args.child[1], Path(args.child[2]), args.users)))
         return 0
 
     import numpy as np
@@ -159,6 +157,10 @@ def main() -> int:
     from server_side.pretrain import pretrain
     from toolkit import atomic
     from toolkit.config import load_recipe
+    from toolkit.data import load_generic_digits, split_generic
+    from toolkit.demo import format_table
+    from toolkit.loaders import save_npz
+    from toolkit.users import simulate_users
 
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model
@@ -175,11 +177,19 @@ def main() -> int:
     sizes = {name: sum((bundle / f).stat().st_size for f in entry["files"]) / 1024
              for name, entry in manifest["formats"].items()}
 
+    split = split_generic(load_generic_digits(), seed=args.seed)
+    samples = args.out / "users"
+    samples.mkdir(exist_ok=True)
+    save_npz(split.test, samples / "generic_test.npz")
+    for person in simulate_users(split.user_pool, args.users, seed=args.seed, train_per_class=10, test_per_class=20):
+        save_npz(person.train, samples / f"user{person.user_id}_train.npz")
+        save_npz(person.test, samples / f"user{person.user_id}_test.npz")
+
     results = {}
     for backend in BACKENDS:
         print(f"{backend}: GE latency, personalizing {args.users} users ...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", str(bundle), backend, "--users", str(args.users),
-                               "--seed", str(args.seed)], capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run([sys.executable, __file__, "--child", str(bundle), backend, str(samples),
+                               "--users", str(args.users)], capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise SystemExit(f"{backend} failed:\n{proc.stderr[-3000:]}")
         results[backend] = json.loads(proc.stdout.strip().splitlines()[-1])

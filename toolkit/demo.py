@@ -129,6 +129,9 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
     bundle_dir = export_bundle(model_dir, out / "bundle", overwrite=True)
     bundle_zip = bundle_dir.with_name(bundle_dir.name + ".zip")
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    echo("  carries " + ", ".join(f"{name} ({sum((bundle_dir / f).stat().st_size for f in entry['files']) / 1024:.0f} KiB)"
+                                  for name, entry in manifest["formats"].items())
+         + "; the users below run on onnx (ONNX Runtime)")
     ge_m, le_m, gn_m = (manifest[k] for k in ("global_expert", "local_expert", "gating_network"))
     overhead = {"ge_params": ge_m["params"], "ge_macs": ge_m["macs"],
                 "le_gn_params": le_m["params"] + gn_m["params"], "le_gn_macs": le_m["macs"] + gn_m["macs"]}
@@ -153,8 +156,8 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
             if state.exists():
                 shutil.rmtree(state)
             personalized = _device_cli("personalize", "--bundle", str(bundle_zip), "--state", str(state),
-                                       "--samples", str(train_path))
-            with DeviceRuntime.open(bundle_zip, state) as runtime:
+                                       "--samples", str(train_path), "--backend", "ort")
+            with DeviceRuntime.open(bundle_zip, state, "ort") as runtime:
                 on_user = runtime.evaluate_dataset(user.test)
                 on_generic = runtime.evaluate_dataset(split.test)
             x, y = ckpt.normalize(user.train.images), torch.as_tensor(user.train.labels)
