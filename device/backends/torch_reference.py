@@ -8,16 +8,27 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from device.backends.base import split_outputs, unpack_weights
 from toolkit.bundle import Bundle
 
 THREADS = min(2, os.cpu_count() or 1)
 
+# Imported when the backend is created (get_backend), never by the device
+# package itself: the device side must install and run without torch.
+torch = F = None
 
-def _load(bundle: Bundle, file: str) -> torch.nn.Module:
+
+def _import_torch() -> None:
+    global torch, F
+    if torch is None:
+        import torch as torch_module
+        import torch.nn.functional as functional
+
+        torch, F = torch_module, functional
+
+
+def _load(bundle: Bundle, file: str):
     torch.set_num_threads(THREADS)
     return torch.export.load(str(bundle.path(file))).module()
 
@@ -67,6 +78,9 @@ class TorchTrainedPart:
 
 class TorchBackend:
     name, ge_format, trains = "torch", "torch", True
+
+    def __init__(self):
+        _import_torch()
 
     def load_global_expert(self, bundle: Bundle) -> TorchGlobalExpert:
         return TorchGlobalExpert(bundle)
