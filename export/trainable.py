@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -242,6 +241,3 @@ class TorchTrainingFormat:
 TRAINING_FORMATS: dict[str, TrainingFormat] = {
     f.name: f for f in (OrtTrainingFormat(), ExecuTorchTrainingFormat(), TorchTrainingFormat())}
 
-
-def initial_weights(module: nn.Module) -> dict[str, np.ndarray]:
-    return {name: p.detach().numpy().copy() for name, p in module.named_parameters()}
