@@ -39,10 +39,9 @@ def child(bundle: str, backend: str, samples: Path, users: int) -> dict:
     accuracy, peak memory."""
     import numpy as np
 
-    from device import DeviceRuntime
-    from device.mixture import normalize
-    from toolkit.cli import _peak_rss_mb
-    from toolkit.loaders import load_samples
+    from edgetailor.device import DeviceRuntime
+    from edgetailor.toolkit.loaders import load_samples
+    from edgetailor.toolkit.memory import peak_rss_mb
 
     generic = load_samples(samples / "generic_test.npz")
     rows = []
@@ -50,7 +49,7 @@ def child(bundle: str, backend: str, samples: Path, users: int) -> dict:
         for user_id in range(users):
             with DeviceRuntime.open(bundle, Path(tmp) / str(user_id), backend) as rt:
                 if not rows:  # GE latency once per backend
-                    x = normalize(generic.images[:300], rt.manifest["input"])
+                    x = rt.manifest.input.normalize(generic.images[:300])
                     for i in range(20):
                         rt.ge.run(x[i:i + 1])
                     times = []
@@ -71,7 +70,7 @@ def child(bundle: str, backend: str, samples: Path, users: int) -> dict:
             "user_accuracy": float(np.mean([r["user"] for r in rows])),
             "generic_accuracy": float(np.mean([r["generic"] for r in rows])),
             "per_user": rows, "logits": logits.tolist(),
-            "peak_rss_mb": _peak_rss_mb(),  # VmHWM: ru_maxrss would carry this parent's peak over
+            "peak_rss_mb": peak_rss_mb(),  # VmHWM: ru_maxrss would carry this parent's peak over
             "torch_imported": "torch" in sys.modules}
 
 
@@ -82,10 +81,10 @@ def conv_net_trial(steps: int = 20, batch: int = 32) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from export.trainable import executorch_training_program
-    from toolkit.data import load_generic_digits
-    from toolkit.models import LeNet5
-    from toolkit.native_output import quiet_native_output
+    from edgetailor.export.trainable import executorch_training_program
+    from edgetailor.toolkit.data import load_generic_digits
+    from edgetailor.server_side.models import LeNet5
+    from edgetailor.toolkit.native_output import quiet_native_output
 
     with quiet_native_output():
         from executorch.exir import to_edge
@@ -136,7 +135,8 @@ def conv_net_trial(steps: int = 20, batch: int = 32) -> dict:
         F.cross_entropy(reference(x[step * batch:(step + 1) * batch]), y[step * batch:(step + 1) * batch]).backward()
     torch_ms = 1000 * (time.perf_counter() - started) / steps
     return {"executorch_ms_per_step": et_ms, "torch_ms_per_step": torch_ms, "slowdown": et_ms / torch_ms,
-            "gradient_error_upstream_export": gradient_error(upstream), "gradient_error_with_workaround": gradient_error(fixed)}
+            "gradient_error_upstream_export": gradient_error(upstream),
+            "gradient_error_with_workaround": gradient_error(fixed)}
 
 
 def main() -> int:
@@ -153,14 +153,17 @@ def main() -> int:
 
     import numpy as np
 
-    from export.bundle import BUNDLE_FORMATS, RUNTIMES, export_bundle
-    from server_side.pretrain import pretrain
-    from toolkit import atomic
-    from toolkit.config import load_recipe
-    from toolkit.data import load_generic_digits, split_generic
-    from toolkit.demo import format_table
-    from toolkit.loaders import save_npz
-    from toolkit.users import simulate_users
+    from edgetailor.device.backends import BACKENDS as BACKEND_INFO
+    from edgetailor.export.bundle import export_bundle
+    from edgetailor.toolkit.formats import FORMATS
+    from edgetailor.toolkit.manifest import Manifest
+    from edgetailor.server_side.pretrain import pretrain
+    from edgetailor.toolkit import atomic
+    from edgetailor.toolkit.config import load_recipe
+    from edgetailor.toolkit.data import load_generic_digits, split_generic
+    from edgetailor.toolkit.tables import format_table
+    from edgetailor.toolkit.loaders import save_npz
+    from edgetailor.toolkit.users import simulate_users
 
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model
@@ -171,11 +174,11 @@ def main() -> int:
             pretrain(model, load_recipe("default"), overwrite=True)
     print("exporting one bundle with every format ...", flush=True)
     started = time.perf_counter()
-    bundle = export_bundle(model, args.out / "bundle", formats=BUNDLE_FORMATS, make_zip=False, overwrite=True)
+    bundle = export_bundle(model, args.out / "bundle", formats=list(FORMATS), make_zip=False, overwrite=True)
     export_s = time.perf_counter() - started
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    sizes = {name: sum((bundle / f).stat().st_size for f in entry["files"]) / 1024
-             for name, entry in manifest["formats"].items()}
+    manifest = Manifest.from_json((bundle / "manifest.json").read_text())
+    sizes = {name: sum((bundle / f).stat().st_size for f in entry.files) / 1024
+             for name, entry in manifest.formats.items()}
 
     split = split_generic(load_generic_digits(), seed=args.seed)
     samples = args.out / "users"
@@ -200,24 +203,26 @@ def main() -> int:
     rows = []
     for backend, r in results.items():
         logit_diff = float(np.abs(np.array(r["logits"]) - np.array(ref["logits"])).max())
-        rows.append({"backend": backend, "GE format": manifest["global_expert"]["files"][
-            {"ort": "onnx", "executorch": "executorch", "litert": "tflite", "torch": "torch"}[backend]],
-            "trains with": r["trainer"], "GE ms b1": r["ge_latency_ms"], "x torch": r["ge_latency_ms"] / ref["ge_latency_ms"],
+        rows.append({"backend": backend, "GE format": manifest.global_expert.files[BACKEND_INFO[backend].format],
+            "trains with": r["trainer"], "GE ms b1": r["ge_latency_ms"],
+            "x torch": r["ge_latency_ms"] / ref["ge_latency_ms"],
             "personalize s": r["personalize_s"], "x torch ": r["personalize_s"] / ref["personalize_s"],
             "peak RSS MB": r["peak_rss_mb"], "x torch  ": r["peak_rss_mb"] / ref["peak_rss_mb"],
             "user acc": r["user_accuracy"], "generic acc": r["generic_accuracy"], "|logits-torch|": logit_diff,
             "torch imported": "yes" if r["torch_imported"] else "no"})
     columns = [("backend", "backend", ""), ("GE format", "GE file", ""), ("trains with", "trains with", ""),
-               ("GE ms b1", "GE ms b1", ".3f"), ("x torch", "x torch", ".2f"), ("personalize s", "personalize s", ".3f"),
+               ("GE ms b1", "GE ms b1", ".3f"), ("x torch", "x torch", ".2f"),
+               ("personalize s", "personalize s", ".3f"),
                ("x torch ", "x torch", ".2f"), ("peak RSS MB", "peak RSS MB", ".0f"), ("x torch  ", "x torch", ".2f"),
                ("user acc", "user acc", ".4f"), ("generic acc", "generic acc", ".4f"),
                ("|logits-torch|", "|logits-torch|", ".1e"), ("torch imported", "torch?", "")]
     print()
     print(format_table(rows, columns))
     print()
-    print(format_table([{"format": n, "runtime": RUNTIMES[n], "files": len(manifest["formats"][n]["files"]),
+    print(format_table([{"format": n, "runtime": FORMATS[n].runtime, "files": len(manifest.formats[n].files),
                          "KiB": s} for n, s in sizes.items()],
-                       [("format", "format", ""), ("runtime", "runtime", ""), ("files", "files", "d"), ("KiB", "KiB", ".0f")]))
+                       [("format", "format", ""), ("runtime", "runtime", ""), ("files", "files", "d"),
+                        ("KiB", "KiB", ".0f")]))
     print(f"\nExecuTorch conv-net training (LeNet-5, batch 32): {trial['executorch_ms_per_step']:.1f} ms/step vs torch "
           f"{trial['torch_ms_per_step']:.1f} ({trial['slowdown']:.0f}x); max gradient error vs torch "
           f"{trial['gradient_error_upstream_export']:.3g} with the upstream export, "

@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toolkit import atomic  # noqa: E402
-from toolkit.demo import format_table  # noqa: E402
+from edgetailor.toolkit import atomic  # noqa: E402
+from edgetailor.toolkit.tables import format_table  # noqa: E402
 
 DEFAULT_RECIPES = ["int8", "qat-int8", "prune50", "prune50-int8", "ticket90", "sparse-2of4",
                    "w4-nearest", "w4-flexround", "w4-tensor-nearest", "w4-tensor-flexround"]
@@ -35,7 +35,7 @@ WIDE_RECIPES = ["int8", "qat-int8", "prune50"]
 
 def recipe_for(name: str):
     """Shipped recipes by name; the per-tensor 4-bit pair is the shipped pair with one key changed."""
-    from server_side.compress.recipe import load_compress_recipe, recipe_from_dict
+    from edgetailor.server_side.compress.recipe import load_compress_recipe, recipe_from_dict
 
     if name.startswith("w4-tensor-"):
         rounding = name.removeprefix("w4-tensor-")
@@ -49,11 +49,11 @@ def extended_accuracy(model_dir: Path, split, users) -> dict[str, float]:
     """Accuracy of a compressed GE's ONNX model on more data than the 359-image
     test set: the test set plus the unseen generic user pool (809 images), and
     the simulated users' styled test sets, where rounding errors flip more answers."""
-    from export.formats import get_format
-    from server_side.checkpoint import GECheckpoint
+    from edgetailor.export.formats import get_exporter
+    from edgetailor.server_side.checkpoint import GECheckpoint
 
     ckpt = GECheckpoint.load(model_dir)
-    run = get_format("onnx").load(model_dir / "ge.onnx")
+    run = get_exporter("onnx").load(model_dir / "ge.onnx")
     images = np.concatenate([split.test.images, split.user_pool.images])
     labels = np.concatenate([split.test.labels, split.user_pool.labels])
     generic = float((run(ckpt.normalize(images).numpy()).argmax(1) == labels).mean())
@@ -64,11 +64,11 @@ def extended_accuracy(model_dir: Path, split, users) -> dict[str, float]:
 def run_all(out: Path, n_users: int, wide: bool) -> dict:
     import torch
 
-    from server_side.compress.pipeline import compress
-    from server_side.pretrain import pretrain
-    from toolkit.config import load_recipe
-    from toolkit.data import load_generic_digits, split_generic
-    from toolkit.users import simulate_users
+    from edgetailor.app.compress import compress
+    from edgetailor.server_side.pretrain import pretrain
+    from edgetailor.toolkit.config import load_recipe
+    from edgetailor.toolkit.data import load_generic_digits, split_generic
+    from edgetailor.toolkit.users import simulate_users
 
     torch.set_num_threads(2)
     data = load_generic_digits()
@@ -81,7 +81,7 @@ def run_all(out: Path, n_users: int, wide: bool) -> dict:
         started = time.perf_counter()
         ckpt = pretrain(ge_dir, load_recipe(pretrain_recipe), data, overwrite=True)
         print(f"[{ge_name}] pretrained in {time.perf_counter() - started:.0f}s, generic "
-              f"{ckpt.meta['generic_accuracy']:.4f}", flush=True)
+              f"{ckpt.meta.generic_accuracy:.4f}", flush=True)
         for name in recipes:
             started = time.perf_counter()
             report = compress(ge_dir, recipe_for(name), out / ge_name / name, data, n_users=n_users, overwrite=True)
@@ -183,7 +183,7 @@ def main() -> int:
     result = run_all(args.out, args.users, wide=not args.skip_wide)
     rows = summary_rows(result)
     goals = targets(result)
-    from server_side.compress.report import COLUMNS, plot
+    from edgetailor.app.compress_report import COLUMNS, plot
 
     print()
     print(format_table(rows, [("ge", "GE", ""), *COLUMNS]))

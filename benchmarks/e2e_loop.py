@@ -20,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toolkit import atomic  # noqa: E402
-from toolkit.demo import format_table, run_demo  # noqa: E402
+from edgetailor.toolkit import atomic  # noqa: E402
+from edgetailor.app.demo import run_demo  # noqa: E402
+from edgetailor.toolkit.tables import format_table  # noqa: E402
 
 
 def targets(report: dict) -> list[dict]:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toolkit import atomic  # noqa: E402
-from toolkit.demo import format_table  # noqa: E402
+from edgetailor.toolkit import atomic  # noqa: E402
+from edgetailor.toolkit.tables import format_table  # noqa: E402
 
 
 def main() -> int:
@@ -42,13 +42,13 @@ def main() -> int:
     import torch
 
     from benchmarks.e2e_loop import targets as loop_targets
-    from server_side.learngene.compare import compare_family
-    from server_side.learngene.expand import expand_learngene
-    from server_side.learngene.recipe import load_learngene_recipe, load_profile
-    from server_side.learngene.train import train_learngene
-    from server_side.pretrain import pretrain
-    from toolkit.config import load_recipe
-    from toolkit.demo import run_demo
+    from edgetailor.server_side.learngene.compare import compare_family
+    from edgetailor.app.learngene import expand_for_device
+    from edgetailor.server_side.learngene.recipe import load_learngene_recipe, load_profile
+    from edgetailor.server_side.learngene.train import train_learngene
+    from edgetailor.server_side.pretrain import pretrain
+    from edgetailor.toolkit.config import load_recipe
+    from edgetailor.app.demo import run_demo
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     out, work = args.out, args.out / "work"
@@ -60,14 +60,14 @@ def main() -> int:
 
     stamp(f"pretraining the teacher ({args.teacher_recipe} recipe)")
     teacher = pretrain(work / "teacher", load_recipe(args.teacher_recipe), overwrite=True)
-    stamp(f"  teacher generic accuracy {teacher.meta['generic_accuracy']:.4f}")
+    stamp(f"  teacher generic accuracy {teacher.meta.generic_accuracy:.4f}")
     learngenes = []
     for method in ("tleg", "sws"):
         recipe = load_learngene_recipe(None)
         recipe.learngene.method = method
         stamp(f"distilling the {method.upper()} learngene ({recipe.learngene.epochs} epochs)")
         _, meta = train_learngene(work / "teacher", recipe, work / method, overwrite=True)
-        stamp(f"  auxiliary model {meta['auxiliary']['generic_accuracy']:.4f}, {meta['stored_params']:,} params stored")
+        stamp(f"  auxiliary model {meta.auxiliary['generic_accuracy']:.4f}, {meta.stored_params:,} params stored")
         learngenes.append(work / method)
 
     stamp("comparing depths 2..8 against training from scratch")
@@ -76,8 +76,8 @@ def main() -> int:
 
     profile = load_profile(args.profile)
     stamp(f"expanding TLEG for the {profile.name} profile and running the customization loop")
-    ge = expand_learngene(work / "tleg", work / "ge-learngene", profile=profile, overwrite=True)
-    stamp(f"  depth {ge.meta['depth']}, generic accuracy {ge.meta['generic_accuracy']:.4f}")
+    ge = expand_for_device(work / "tleg", work / "ge-learngene", profile=profile, overwrite=True)
+    stamp(f"  depth {ge.meta.depth}, generic accuracy {ge.meta.generic_accuracy:.4f}")
     loop = run_demo(out / "loop", n_users=args.users, model_dir=work / "ge-learngene")
 
     expand_ep, scratch_ep = report["recipe"]["expand"]["epochs"], report["recipe"]["scratch"]["epochs"]
@@ -95,7 +95,7 @@ def main() -> int:
         rows.append({"target": f"{method}: family training FLOPs / per-depth scratch", "goal": "-",
                      "measured": f"{s['family_flops'] / scratch['family_flops']:.2f}", "met": "-"})
     for row in loop_targets(loop):
-        rows.append({"target": f"loop with learngene GE (depth {ge.meta['depth']}): {row['target']}",
+        rows.append({"target": f"loop with learngene GE (depth {ge.meta.depth}): {row['target']}",
                      "goal": row["goal"], "measured": f"{row['measured']:.3f}", "met": row["met"]})
     rows.append({"target": "stretch: KIND (SVD learngene/tailor split)", "goal": "on the table",
                  "measured": "not built", "met": "NO"})
@@ -103,8 +103,8 @@ def main() -> int:
     print(format_table(rows, [("target", "target", ""), ("goal", "goal", ""), ("measured", "measured", ""),
                               ("met", "met", "")]))
     result = {"benchmark": "learngene", "cpu_count": os.cpu_count(), "teacher_recipe": args.teacher_recipe,
-              "teacher_generic_accuracy": teacher.meta["generic_accuracy"], "profile": profile.name,
-              "expanded_depth": ge.meta["depth"], "expanded_generic_accuracy": ge.meta["generic_accuracy"],
+              "teacher_generic_accuracy": teacher.meta.generic_accuracy, "profile": profile.name,
+              "expanded_depth": ge.meta.depth, "expanded_generic_accuracy": ge.meta.generic_accuracy,
               "targets": rows, "compare": {k: v for k, v in report.items() if k != "table"},
               "loop": {"mean": loop["mean"], "overhead": loop["overhead"]},
               "wall_seconds": round(time.perf_counter() - started, 1)}

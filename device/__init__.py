@@ -5,6 +5,6 @@ torch reference), chosen in ``device.backends``; imports and personalizes
 with numpy and onnxruntime-training alone, torch never needed.
 """
 
-from device.runtime import DeviceRuntime, Prediction
+from edgetailor.device.runtime import DeviceRuntime, Prediction
 
 __all__ = ["DeviceRuntime", "Prediction"]

@@ -24,10 +24,12 @@ from typing import Callable
 
 import numpy as np
 
-from device.backends.base import Backend, GlobalExpertRunner, TrainedPart, pack_weights
-from toolkit.bundle import Bundle
-from toolkit.config import PersonalizeConfig
-from toolkit.imaging import affine
+from edgetailor.device.backends.base import Backend, GlobalExpertRunner, TrainedPart, pack_weights
+from edgetailor.toolkit.bundle import Bundle
+from edgetailor.toolkit.config import PersonalizeConfig
+from edgetailor.toolkit.errors import PersonalizationError
+from edgetailor.toolkit.imaging import affine
+from edgetailor.toolkit.input_spec import InputSpec
 
 ProgressFn = Callable[[str, int, int], None]
 GE, LE = "GE", "LE"
@@ -47,12 +49,6 @@ def jitter(images: np.ndarray, copies: int, rng: np.random.Generator) -> np.ndar
     return np.concatenate(out)
 
 
-def normalize(images: np.ndarray, spec: dict) -> np.ndarray:
-    """uint8 (N, H, W) -> float32 (N, 1, H, W) as GE was trained."""
-    x = images.astype(np.float32) * np.float32(spec["scale"])
-    return ((x - np.float32(spec["mean"])) / np.float32(spec["std"]))[:, None, :, :]
-
-
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -63,7 +59,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def run_ge(ge: GlobalExpertRunner, images: np.ndarray, spec: dict, batch: int = 64):
+def run_ge(ge: GlobalExpertRunner, images: np.ndarray, spec: InputSpec, batch: int = 64):
     """GE logits and features for uint8 images, in batches to bound memory.
 
     64: a transformer GE's attention scores grow with the batch (heads x 50 x
@@ -71,7 +67,7 @@ def run_ge(ge: GlobalExpertRunner, images: np.ndarray, spec: dict, batch: int = 
     depth-4 ViT took the device process to 190 MB. LeNet-5 loses nothing."""
     logits, features = [], {}
     for start in range(0, len(images), batch):
-        lg, feats = ge.run(normalize(images[start:start + batch], spec))
+        lg, feats = ge.run(spec.normalize(images[start:start + batch]))
         logits.append(lg)
         for k, v in feats.items():
             features.setdefault(k, []).append(v)
@@ -101,17 +97,17 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
     deadline = started + cfg.max_seconds
     say = progress or (lambda stage, done, total: None)
     manifest = bundle.manifest
-    le_tap = manifest["local_expert"]["feature_tap"]
-    gn_tap = manifest["gating_network"]["feature_tap"]
+    le_tap = manifest.local_expert.feature_tap
+    gn_tap = manifest.gating_network.feature_tap
     rng = np.random.default_rng(cfg.seed)
 
     say("features", 0, 1)
     user_images = jitter(images, cfg.augment_copies, rng)
     user_labels = np.tile(labels, cfg.augment_copies + 1)
-    with np.load(bundle.path(manifest["replay"]["file"])) as archive:
+    with np.load(bundle.path(manifest.replay.file)) as archive:
         replay_images = archive["x"]
-    user_logits, user_feats = run_ge(ge, user_images, manifest["input"])
-    replay_logits, replay_feats = run_ge(ge, replay_images, manifest["input"])
+    user_logits, user_feats = run_ge(ge, user_images, manifest.input)
+    replay_logits, replay_feats = run_ge(ge, replay_images, manifest.input)
     user_f, replay_f = user_feats[le_tap], replay_feats[le_tap]
     user_g, replay_g = user_feats[gn_tap], replay_feats[gn_tap]
     replay_labels = replay_logits.argmax(axis=1).astype(np.int64)  # GE's own answers
@@ -138,7 +134,9 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
             stopped_early = True
             break
     if not np.isfinite(le_loss):
-        raise FloatingPointError(f"local-expert training diverged (loss {le_loss})")
+        raise PersonalizationError(f"local-expert training diverged (loss {le_loss})",
+                                   hint="lower personalize.le_learning_rate, or check the samples for mislabelled "
+                                        "or blank images; the previous personalization stays in use")
 
     # Gating Network: balanced batches of user (1) and replay (0) features,
     # a third of the replay held out to calibrate the threshold.
@@ -162,9 +160,10 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
                 stopped_early = True
                 break
     if not np.isfinite(gn_loss):
-        raise FloatingPointError(f"gating-network training diverged (loss {gn_loss})")
+        raise PersonalizationError(f"gating-network training diverged (loss {gn_loss})",
+                                   hint="lower personalize.gn_learning_rate; the previous personalization stays in use")
     gn_model = pack_weights(gn.weights())
-    threshold = float(manifest["gating_network"]["threshold"])
+    threshold = float(manifest.gating_network.threshold)
     if len(held_out):
         generic_scores = gate_probability(backend.load_trained(bundle, "gating_network", gn_model), held_out)
         threshold = float(min(0.99, max(threshold, np.quantile(generic_scores, 1.0 - cfg.gate_generic_share))))

@@ -22,13 +22,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from device.backends import choose_backends
-from device.mixture import GE, LE, ProgressFn, Routed, route, run_ge, softmax, train_mixture
-from device.store import StateStore
-from toolkit.bundle import Bundle
-from toolkit.config import PersonalizeConfig, from_dict
-from toolkit.data import LabeledImages
-from toolkit.errors import SampleError, StateError
+from edgetailor.device.backends import choose_backends
+from edgetailor.device.mixture import GE, LE, ProgressFn, Routed, route, run_ge, softmax, train_mixture
+from edgetailor.device.store import StateStore
+from edgetailor.toolkit.bundle import Bundle
+from edgetailor.toolkit.config import PersonalizeConfig, from_dict
+from edgetailor.toolkit.data import LabeledImages
+from edgetailor.toolkit.errors import SampleError, StateError
 
 
 @dataclass
@@ -67,7 +67,8 @@ def validate_images(images: Any, shape: Sequence[int]) -> np.ndarray:
         bad = ~np.isfinite(array)
         if bad.any():
             first = int(np.argwhere(bad.reshape(len(array), -1).any(axis=1))[0, 0])
-            raise SampleError(f"images contain NaN or infinite values ({int(bad.sum())} pixels, first in image {first})",
+            raise SampleError(f"images contain NaN or infinite values ({int(bad.sum())} pixels, "
+                              f"first in image {first})",
                               hint="drop or repair those images")
         if array.min() < 0.0 or array.max() > 1.0:
             raise SampleError(f"float images must lie in [0, 1], got [{array.min():.3g}, {array.max():.3g}]",
@@ -109,12 +110,12 @@ class DeviceRuntime:
         self.backend, self.trainer = choose_backends(bundle, backend_name)
         self.manifest = bundle.manifest
         self.labels = bundle.labels
-        self.input_shape = self.manifest["input"]["shape"]
-        self.le_tap = self.manifest["local_expert"]["feature_tap"]
-        self.gn_tap = self.manifest["gating_network"]["feature_tap"]
+        self.input_shape = self.manifest.input.shape
+        self.le_tap = self.manifest.local_expert.feature_tap
+        self.gn_tap = self.manifest.gating_network.feature_tap
         self.ge = self.backend.load_global_expert(bundle)
         self._le = self._gn = None
-        self.threshold = float(self.manifest["gating_network"]["threshold"])
+        self.threshold = float(self.manifest.gating_network.threshold)
         self.personalization_id: int | None = None
         self._load_personalization()
 
@@ -129,12 +130,16 @@ class DeviceRuntime:
 
     def _load_personalization(self) -> None:
         saved = self.store.active_personalization()
-        self.threshold = float(self.manifest["gating_network"]["threshold"])
+        self.threshold = float(self.manifest.gating_network.threshold)
         self._le = self._gn = None
         self.personalization_id = None
         self.personalization_problem: str | None = None
-        if saved is None or saved.bundle_id != self.bundle.bundle_id:
+        if saved is None:
+            return
+        if saved.bundle_id != self.bundle.bundle_id:
             # A personalization trained on another GE's features is meaningless here.
+            self.personalization_problem = (f"it was trained with another bundle (id {saved.bundle_id}, this one is "
+                                            f"{self.bundle.bundle_id}); personalize again to use this bundle")
             return
         try:
             le = self.trainer.load_trained(self.bundle, "local_expert", saved.le_model)
@@ -181,7 +186,7 @@ class DeviceRuntime:
         if len(np.unique(labels)) < 2:
             raise SampleError(f"all {len(labels)} stored samples have the label {self.labels[labels[0]]!r}",
                               hint="add samples of at least two labels")
-        cfg = from_dict(PersonalizeConfig, {**self.manifest["personalize"], **(overrides or {})}, "personalize")
+        cfg = from_dict(PersonalizeConfig, {**self.manifest.personalize, **(overrides or {})}, "personalize")
         cfg.validate()
         started = time.perf_counter()
         trained = train_mixture(self.trainer, self.ge, self.bundle, images, labels, cfg, progress)
@@ -197,7 +202,7 @@ class DeviceRuntime:
     # inference -----------------------------------------------------------
     def _answer(self, images: np.ndarray) -> tuple[np.ndarray, Routed]:
         """GE's logits and the routed answer for validated uint8 images."""
-        ge_logits, features = run_ge(self.ge, images, self.manifest["input"])
+        ge_logits, features = run_ge(self.ge, images, self.manifest.input)
         return ge_logits, route(ge_logits, features[self.le_tap], features[self.gn_tap], self._le, self._gn,
                                 self.threshold)
 

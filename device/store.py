@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.errors import StateError
+from edgetailor.toolkit.errors import StateError
 
 DB_NAME = "state.sqlite"
 SCHEMA_VERSION = 1
@@ -79,7 +79,8 @@ class StateStore:
             self.db.executescript(_SCHEMA)
         except (OSError, sqlite3.DatabaseError) as exc:
             raise StateError(f"cannot open the device state in {self.dir}: {exc}",
-                             hint="check the path and free space; a corrupt state.sqlite can be moved away to start afresh") from None
+                             hint="check the path and free space; a corrupt state.sqlite can be moved away "
+                                  "to start afresh") from None
         self._check_labels(labels)
 
     def _check_labels(self, labels: list[str]) -> None:
@@ -105,7 +106,8 @@ class StateStore:
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                         (key, value))
 
     # samples -----------------------------------------------------------
@@ -113,8 +115,8 @@ class StateStore:
         """Store validated uint8 (N, H, W) images; duplicates (same pixels and label) are skipped.
         Returns how many were new."""
         now = _now()
-        rows = [(int(l), img.shape[0], img.shape[1], img.tobytes(), hashlib.sha256(img.tobytes()).hexdigest(), now)
-                for img, l in zip(np.ascontiguousarray(images), labels)]
+        rows = [(int(label), img.shape[0], img.shape[1], img.tobytes(), hashlib.sha256(img.tobytes()).hexdigest(),
+                 now) for img, label in zip(np.ascontiguousarray(images), labels)]
         with self.transaction():
             before = self.count_samples()
             self.db.executemany("INSERT OR IGNORE INTO samples(label, height, width, image, digest, added_at) "

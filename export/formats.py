@@ -1,4 +1,4 @@
-"""Deployable model formats: one ``ModelFormat`` per runtime, registered in ``FORMATS``.
+"""GE exporters: one ``GEExporter`` per bundle format (``toolkit.formats``), registered in ``EXPORTERS``.
 
 Each format writes a GE (fp32, sparse, pruned or quantized) to a file that
 returns the same outputs as ``WithFeatures`` (logits, then every feature tap),
@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import tempfile
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -35,32 +34,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from toolkit.bundle import tflite_output_position
-from toolkit.errors import ConfigError
-from toolkit.native_output import quiet_native_output as _quiet_fds
-from toolkit.models import WithFeatures
+from edgetailor.toolkit import atomic
+from edgetailor.toolkit.bundle import tflite_output_position
+from edgetailor.toolkit.errors import ConfigError
+from edgetailor.toolkit.formats import FORMATS
+from edgetailor.toolkit.native_output import quiet_native_output
+from edgetailor.export.onnx_export import cap_ir_version, onnx_export
+from edgetailor.server_side.compress.quantization import QuantSpec
+from edgetailor.server_side.models import WithFeatures
 
 Runner = Callable[[np.ndarray], np.ndarray | list[np.ndarray]]
 """float32 (N, 1, H, W) normalised images -> logits (N, classes), or every output."""
 
 
-@dataclass
-class QuantSpec:
-    """What a quantizing compression stage decided, for the exporters."""
-
-    weight_bits: int
-    # layer name (as in model.named_modules()) -> per-output-channel scale of the grid its weights lie on
-    weight_scales: dict[str, np.ndarray] = field(default_factory=dict)
-    activation_bits: int = 8
-
-
-class ModelFormat(Protocol):
-    name: str
-    suffix: str
-    runtime: str
-
-    def cannot_carry(self, quantized: bool) -> str | None:
-        """Why this format cannot carry such a model, or None."""
+class GEExporter(Protocol):
+    name: str   # the format's name in the registry (toolkit.formats.FORMATS)
 
     def export(self, model: nn.Module, path: Path, calibration: np.ndarray, quant: QuantSpec | None) -> None: ...
 
@@ -78,27 +66,22 @@ def _per_sample(run_one: Callable[[np.ndarray], list[np.ndarray]], all_outputs: 
     return run
 
 
-class OnnxFormat:
-    name, suffix, runtime = "onnx", ".onnx", "onnxruntime"
-
-    def cannot_carry(self, quantized: bool) -> str | None:
-        return None
+class OnnxExporter:
+    name = "onnx"
 
     def export(self, model: nn.Module, path: Path, calibration: np.ndarray, quant: QuantSpec | None) -> None:
-        from export.bundle import _cap_ir_version, _onnx_export
-
         wrapped = WithFeatures(model).eval()
         outputs = ["logits", *(t.name for t in model.feature_taps)]
         example = (torch.as_tensor(calibration[:2]),)
         if quant is None:
-            _onnx_export(wrapped, example, path, ["image"], outputs, training=False)
-            _cap_ir_version(path)
+            onnx_export(wrapped, example, path, ["image"], outputs, training=False)
+            cap_ir_version(path)
             return
         with tempfile.TemporaryDirectory() as tmp:
             fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
-            _onnx_export(wrapped, example, fp32, ["image"], outputs, training=False)
+            onnx_export(wrapped, example, fp32, ["image"], outputs, training=False)
             _quantize_qdq(fp32, prepared, path, calibration, quant)
-        _cap_ir_version(path)
+        cap_ir_version(path)
 
     def load(self, path: Path, threads: int = 1, all_outputs: bool = False) -> Runner:
         import onnxruntime as ort
@@ -142,20 +125,19 @@ def _quantize_qdq(fp32: Path, prepared: Path, out: Path, calibration: np.ndarray
                         extra_options={"TensorQuantOverrides": overrides})
 
 
-class ExecuTorchFormat:
-    name, suffix, runtime = "executorch", ".pte", "executorch (xnnpack)"
+class ExecuTorchExporter:
+    """Lowered to XNNPACK; a quantized GE goes through PT2E with the XNNPACK quantizer."""
 
-    def cannot_carry(self, quantized: bool) -> str | None:
-        return None
+    name = "executorch"
 
     def export(self, model: nn.Module, path: Path, calibration: np.ndarray, quant: QuantSpec | None) -> None:
-        with _quiet_fds():  # torchao and XNNPACK announce missing GPU kernels and CPU probing
+        with quiet_native_output():  # torchao and XNNPACK announce missing GPU kernels and CPU probing
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
             from executorch.exir import to_edge_transform_and_lower
 
         wrapped = WithFeatures(copy.deepcopy(model)).eval()
         example = (torch.as_tensor(calibration[:1]),)
-        with warnings.catch_warnings(), _quiet_fds():
+        with warnings.catch_warnings(), quiet_native_output():
             warnings.simplefilter("ignore")
             program = torch.export.export(wrapped, example)
             if quant is not None:
@@ -169,49 +151,39 @@ class ExecuTorchFormat:
                     prepared(torch.as_tensor(calibration[i:i + 1]))
                 program = torch.export.export(convert_pt2e(prepared), example)
             lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
-        from toolkit import atomic
-
         atomic.write_bytes(path, lowered.buffer)
 
     def load(self, path: Path, threads: int = 1, all_outputs: bool = False) -> Runner:
-        with _quiet_fds():
+        with quiet_native_output():
             from executorch.extension.pybindings import portable_lib
             from executorch.runtime import Runtime
 
-        with _quiet_fds():
+        with quiet_native_output():
             portable_lib._unsafe_reset_threadpool(threads)
             method = Runtime.get().load_program(Path(path)).load_method("forward")
         return _per_sample(lambda x: [o.numpy() for o in method.execute([torch.as_tensor(x)])], all_outputs)
 
 
-class TFLiteFormat:
-    name, suffix, runtime = "tflite", ".tflite", "litert"
-
-    def cannot_carry(self, quantized: bool) -> str | None:
-        if quantized:
-            return ("tflite export here is fp32 only: litert-torch's own quantizer would re-quantize "
-                    "the weights and drop the stage's grid (learned rounding, QAT)")
-        return None
+class TFLiteExporter:
+    name = "tflite"
 
     def export(self, model: nn.Module, path: Path, calibration: np.ndarray, quant: QuantSpec | None) -> None:
         if quant is not None:
-            raise ConfigError(self.cannot_carry(True))
+            raise ConfigError(FORMATS[self.name].cannot_carry(True))
         import litert_torch
 
         wrapped = WithFeatures(copy.deepcopy(model)).eval()
-        with warnings.catch_warnings(), _quiet_fds():
+        with warnings.catch_warnings(), quiet_native_output():
             warnings.simplefilter("ignore")
             edge = litert_torch.convert(wrapped, (torch.as_tensor(calibration[:1]),))
             with tempfile.TemporaryDirectory() as tmp:
                 edge.export(str(Path(tmp) / "model.tflite"))
                 data = (Path(tmp) / "model.tflite").read_bytes()
-        from toolkit import atomic
-
         atomic.write_bytes(path, data)
 
     def load(self, path: Path, threads: int = 1, all_outputs: bool = False) -> Runner:
         interpreter_cls = _litert_interpreter()
-        with _quiet_fds():
+        with quiet_native_output():
             interpreter = interpreter_cls(model_path=str(path), num_threads=threads)
             interpreter.allocate_tensors()
         source = interpreter.get_input_details()[0]["index"]
@@ -225,19 +197,14 @@ class TFLiteFormat:
         return _per_sample(run_one, all_outputs)
 
 
-class TorchFormat:
-    name, suffix, runtime = "torch", ".pt2", "torch"
-
-    def cannot_carry(self, quantized: bool) -> str | None:
-        if quantized:
-            return "the torch reference format carries fp32 GEs only"
-        return None
+class TorchExporter:
+    name = "torch"
 
     def export(self, model: nn.Module, path: Path, calibration: np.ndarray, quant: QuantSpec | None) -> None:
         import io
 
         if quant is not None:
-            raise ConfigError(self.cannot_carry(True))
+            raise ConfigError(FORMATS[self.name].cannot_carry(True))
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -245,8 +212,6 @@ class TorchFormat:
                                           (torch.as_tensor(calibration[:2]),), dynamic_shapes=({0: batch},))
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
-        from toolkit import atomic
-
         atomic.write_bytes(path, buffer.getvalue())
 
     def load(self, path: Path, threads: int = 1, all_outputs: bool = False) -> Runner:
@@ -270,11 +235,13 @@ def _litert_interpreter():
     return Interpreter
 
 
-FORMATS: dict[str, ModelFormat] = {f.name: f for f in (OnnxFormat(), ExecuTorchFormat(), TFLiteFormat(), TorchFormat())}
+EXPORTERS: dict[str, GEExporter] = {e.name: e for e in (OnnxExporter(), ExecuTorchExporter(), TFLiteExporter(),
+                                                          TorchExporter())}
 
 
-def get_format(name: str) -> ModelFormat:
+def get_exporter(name: str) -> GEExporter:
+    """The exporter of a registered format (``toolkit.formats.FORMATS``)."""
     try:
-        return FORMATS[name]
+        return EXPORTERS[name]
     except KeyError:
-        raise ConfigError(f"unknown export format {name!r}", hint=f"formats: {', '.join(FORMATS)}") from None
+        raise ConfigError(f"unknown export format {name!r}", hint=f"formats: {', '.join(EXPORTERS)}") from None

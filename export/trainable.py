@@ -1,5 +1,5 @@
-"""LE and GN as trainable programs, one per training runtime, registered in
-``TRAINING_FORMATS``.
+"""LE and GN as trainable programs, one exporter per training format
+(``toolkit.formats``), registered in ``TRAINING_EXPORTERS``.
 
 All are written from the same torch module with the same initial weights, so
 every device backend starts a personalization from the same point, and all
@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit import atomic
-from toolkit.errors import EdgetailorError
+from edgetailor.toolkit import atomic
+from edgetailor.toolkit.errors import ExportError
+from edgetailor.toolkit.native_output import quiet_native_output
+from edgetailor.export.onnx_export import cap_ir_version, onnx_export
 
 # The most rows an ExecuTorch training program takes per step unless the
 # personalize config asks for more: memory is planned for the upper bound, so
@@ -66,8 +68,8 @@ class TrainablePart:
         return {name: list(p.shape) for name, p in self.module.named_parameters()}
 
 
-class TrainingFormat(Protocol):
-    name: str
+class TrainingExporter(Protocol):
+    name: str   # the format's name in the registry (toolkit.formats.FORMATS)
 
     def export(self, part: TrainablePart, out_dir: Path) -> dict[str, str]:
         """Write the part's program(s) under ``out_dir``; returns {role: path relative to the bundle}."""
@@ -86,14 +88,12 @@ class _WithLoss(nn.Module):
         return F.cross_entropy(logits, target), logits.detach()
 
 
-class OrtTrainingFormat:
+class OrtTrainingExporter:
     name = "onnx"
 
     def export(self, part: TrainablePart, out_dir: Path) -> dict[str, str]:
         import onnx
         import onnxruntime as ort
-
-        from export.bundle import _cap_ir_version, _native_stderr_captured, _onnx_export
 
         ort.set_default_logger_severity(3)
         from onnxruntime.training import artifacts
@@ -102,20 +102,22 @@ class OrtTrainingFormat:
         inputs, _ = part.example(2)
         with tempfile.TemporaryDirectory() as tmp:
             forward = Path(tmp) / "forward.onnx"
-            _onnx_export(part.module, tuple(inputs), forward, part.input_names, [part.output], training=True)
+            onnx_export(part.module, tuple(inputs), forward, part.input_names, [part.output], training=True)
             graph = onnx.load(str(forward))
             trainable = [init.name for init in graph.graph.initializer]
             if sorted(trainable) != sorted(part.parameters()):
-                raise EdgetailorError(f"{part.key}: the ONNX export renamed parameters ({trainable} vs "
+                raise ExportError(f"{part.key}: the ONNX export renamed parameters ({trainable} vs "
                                       f"{list(part.parameters())}); trained weights would not map back")
-            with _native_stderr_captured():
+            # generate_artifacts' C++ graph passes log every transformer to fd 2,
+            # ignoring the logger severity: shown only if the export fails
+            with quiet_native_output(replay_on_error=True):
                 artifacts.generate_artifacts(
                     graph, requires_grad=trainable, frozen_params=[], loss=artifacts.LossType.CrossEntropyLoss,
                     optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out_dir))
         files = {"training_model": "training_model.onnx", "eval_model": "eval_model.onnx",
                  "optimizer_model": "optimizer_model.onnx", "checkpoint": "checkpoint"}
         for name in ("training_model", "eval_model", "optimizer_model"):
-            _cap_ir_version(out_dir / files[name])
+            cap_ir_version(out_dir / files[name])
         return {k: f"{out_dir.name}/{v}" for k, v in files.items()}
 
 
@@ -159,14 +161,12 @@ def executorch_training_program(module: nn.Module, inputs: list[torch.Tensor], t
     batch is dynamic up to ``max_batch``. Not lowered to XNNPACK: its
     partitioner takes no backward ops, so training runs on the portable
     kernels (fine for LE and GN, a few thousand multiply-adds)."""
-    from toolkit.native_output import quiet_native_output as _quiet_fds
-
-    with _quiet_fds():
+    with quiet_native_output():
         from executorch.exir import to_edge
 
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     args = (*inputs, target)
-    with warnings.catch_warnings(), _quiet_fds():
+    with warnings.catch_warnings(), quiet_native_output():
         warnings.simplefilter("ignore")
         program = torch.export.export(_WithLoss(copy.deepcopy(module)), args,
                                       dynamic_shapes=(tuple({0: batch} for _ in args),), strict=True)
@@ -174,7 +174,7 @@ def executorch_training_program(module: nn.Module, inputs: list[torch.Tensor], t
         return to_edge(program).to_executorch().buffer
 
 
-class ExecuTorchTrainingFormat:
+class ExecuTorchTrainingExporter:
     name = "executorch"
 
     def export(self, part: TrainablePart, out_dir: Path) -> dict[str, str]:
@@ -189,9 +189,7 @@ class ExecuTorchTrainingFormat:
 def check_executorch_program(buffer: bytes, part: TrainablePart) -> None:
     """Loss, logits and every gradient of the program against torch autograd,
     on a batch of another size than the one it was traced with."""
-    from toolkit.native_output import quiet_native_output as _quiet_fds
-
-    with _quiet_fds():
+    with quiet_native_output():
         from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
         program = _load_for_executorch_from_buffer(buffer)  # `buffer` stays referenced: the runtime does not copy it
     gradients_at = program.run_method("__et_training_gradients_index_forward", ())[0]
@@ -208,14 +206,15 @@ def check_executorch_program(buffer: bytes, part: TrainablePart) -> None:
     got = {"loss": outputs[0], "logits": outputs[1], **dict(zip(names, outputs[gradients_at:parameters_at]))}
     for name, value in want.items():
         if name not in got:
-            raise EdgetailorError(f"{part.key}: the ExecuTorch program returns no gradient for {name}")
+            raise ExportError(f"{part.key}: the ExecuTorch program returns no gradient for {name}")
         error = float((got[name] - value).abs().max())
         if not error <= CHECK_TOLERANCE * max(1.0, float(value.abs().max())):
-            raise EdgetailorError(f"{part.key}: the ExecuTorch training program's {name} differs from torch by "
-                                  f"{error:.3g}", hint="a runtime kernel is wrong; see docs/upstream/executorch-training.md")
+            raise ExportError(f"{part.key}: the ExecuTorch training program's {name} differs from torch by "
+                              f"{error:.3g}",
+                              hint="a runtime kernel is wrong; see docs/upstream/executorch-training.md")
 
 
-class TorchTrainingFormat:
+class TorchTrainingExporter:
     name = "torch"
 
     def export(self, part: TrainablePart, out_dir: Path) -> dict[str, str]:
@@ -232,12 +231,12 @@ class TorchTrainingFormat:
         with torch.no_grad():
             error = float((loaded(*check) - part.module(*check)).abs().max())
         if not error <= CHECK_TOLERANCE:
-            raise EdgetailorError(f"{part.key}: the torch.export program differs from its source by {error:.3g}")
+            raise ExportError(f"{part.key}: the torch.export program differs from its source by {error:.3g}")
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_bytes(out_dir / f"{out_dir.name}.pt2", buffer.getvalue())
         return {"program": f"{out_dir.name}/{out_dir.name}.pt2"}
 
 
-TRAINING_FORMATS: dict[str, TrainingFormat] = {
-    f.name: f for f in (OrtTrainingFormat(), ExecuTorchTrainingFormat(), TorchTrainingFormat())}
+TRAINING_EXPORTERS: dict[str, TrainingExporter] = {
+    e.name: e for e in (OrtTrainingExporter(), ExecuTorchTrainingExporter(), TorchTrainingExporter())}
 

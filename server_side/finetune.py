@@ -9,6 +9,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from edgetailor.toolkit.errors import ConfigError
+
 FINETUNE_MODES = ("all", "last")
 
 
@@ -17,7 +19,7 @@ def finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str
     """Full-batch Adam on the user's samples; returns the tuned copy. Defaults:
     60 epochs at 1e-3 for all layers, 100 at 1e-2 for the last (tuned on the demo's users)."""
     if mode not in FINETUNE_MODES:
-        raise ValueError(f"mode must be one of {FINETUNE_MODES}, got {mode!r}")
+        raise ConfigError(f"mode must be one of {FINETUNE_MODES}, got {mode!r}")
     torch.manual_seed(seed)
     tuned = copy.deepcopy(model)
     params = tuned.parameters() if mode == "all" else tuned.head().parameters()

@@ -1,8 +1,9 @@
-"""Training on the generic data that every server-side workflow shares: the
-data as normalised tensors split the way pretraining split it, and one
-training loop (Adam, cosine decay, the pretraining augmentation, optional
-distillation from a teacher). Compression recovers with it; the learngene
-distils its auxiliary model and fine-tunes expanded models with it.
+"""Training on the generic data, the one loop every server-side workflow
+shares: the data as normalised tensors split the way pretraining split it,
+and ``fit`` (Adam, cosine decay, the pretraining augmentation, optional
+distillation from a teacher). Pretraining trains GE with it, compression
+recovers with it, the learngene distils its auxiliary model and fine-tunes
+expanded models with it.
 """
 
 from __future__ import annotations
@@ -15,11 +16,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.config import PretrainConfig
-from toolkit.data import LabeledImages, load_generic_digits, split_generic
-from server_side.pretrain import accuracy, random_affine
+from edgetailor.toolkit.config import PretrainConfig
+from edgetailor.toolkit.data import LabeledImages, load_generic_digits, split_generic
+from edgetailor.toolkit.input_spec import InputSpec
 
 ProgressFn = Callable[[int, int], None]
+
+
+def random_affine(x: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Mild rotation/scale/shift augmentation on a normalised batch (background = its minimum)."""
+    n = x.shape[0]
+    u = lambda *shape: torch.rand(*shape, generator=generator) * 2 - 1  # noqa: E731
+    angle = u(n) * np.deg2rad(cfg.augment_rotation_deg)
+    scale = 1 + u(n) * cfg.augment_scale
+    shift = u(n, 2) * cfg.augment_shift * 2
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    background = x.amin()
+    return F.grid_sample(x - background, grid, align_corners=False) + background
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
 
 
 @dataclass
@@ -38,20 +59,19 @@ class GenericData:
         return self.train_x[index].numpy()
 
 
-def load_generic(input_spec: dict[str, Any], seed: int, augment: PretrainConfig,
+def tensors(spec: InputSpec, data: LabeledImages) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images and labels as torch tensors."""
+    return torch.from_numpy(spec.normalize(data.images)), torch.as_tensor(data.labels)
+
+
+def load_generic(input_spec: InputSpec, seed: int, augment: PretrainConfig,
                  data: LabeledImages | None = None) -> tuple[GenericData, Any]:
     """The generic data (default: the built-in digits) split with ``seed`` and
     normalised with a checkpoint's ``input`` spec, so that the test part is the
     one that model's accuracy was measured on."""
     data = data if data is not None else load_generic_digits()
     split = split_generic(data, seed=seed)
-
-    def normalize(images: np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(images, dtype=torch.float32) * input_spec["scale"]
-        return ((x - input_spec["mean"]) / input_spec["std"]).unsqueeze(1)
-
-    generic = GenericData(normalize(split.train.images), torch.as_tensor(split.train.labels),
-                          normalize(split.test.images), torch.as_tensor(split.test.labels), augment)
+    generic = GenericData(*tensors(input_spec, split.train), *tensors(input_spec, split.test), augment)
     return generic, split
 
 
@@ -72,6 +92,7 @@ def fit(model: nn.Module, data: GenericData, epochs: int, learning_rate: float, 
     fake quantization) are trained through, not removed."""
     if epochs <= 0:
         return model
+    train_x, train_y = data.train_x, data.train_y
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
@@ -80,11 +101,11 @@ def fit(model: nn.Module, data: GenericData, epochs: int, learning_rate: float, 
         teacher.eval()
     for epoch in range(epochs):
         model.train()
-        order = torch.randperm(len(data.train_x), generator=generator)
+        order = torch.randperm(len(train_x), generator=generator)
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            x = random_affine(data.train_x[batch], data.augment, generator)
-            y = data.train_y[batch]
+            x = random_affine(train_x[batch], data.augment, generator)
+            y = train_y[batch]
             logits = model(x)
             if teacher is not None:
                 with torch.no_grad():

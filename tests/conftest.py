@@ -16,15 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def generic_split():
-    from toolkit.data import load_generic_digits, split_generic
+    from edgetailor.toolkit.data import load_generic_digits, split_generic
 
     return split_generic(load_generic_digits(), seed=0)
 
 
 @pytest.fixture(scope="session")
 def ge_dir(tmp_path_factory):
-    from toolkit.config import load_recipe
-    from server_side.pretrain import pretrain
+    from edgetailor.toolkit.config import load_recipe
+    from edgetailor.server_side.pretrain import pretrain
 
     recipe = load_recipe("default")  # ~5 s on two cores: the real GE, not a toy
     out = tmp_path_factory.mktemp("ge") / "ge"
@@ -35,14 +35,15 @@ def ge_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bundle_dir(ge_dir, tmp_path_factory):
     """Every format, the torch reference's included (~20 s): the backends' parity tests run on it."""
-    from export.bundle import BUNDLE_FORMATS, export_bundle
+    from edgetailor.export.bundle import export_bundle
+    from edgetailor.toolkit.formats import FORMATS
 
-    return export_bundle(ge_dir, tmp_path_factory.mktemp("bundle") / "bundle", formats=BUNDLE_FORMATS)
+    return export_bundle(ge_dir, tmp_path_factory.mktemp("bundle") / "bundle", formats=list(FORMATS))
 
 
 @pytest.fixture(scope="session")
 def user(generic_split):
-    from toolkit.users import simulate_user
+    from edgetailor.toolkit.users import simulate_user
 
     return simulate_user(generic_split.user_pool, user_id=1, seed=0, train_per_class=10, test_per_class=15)
 
@@ -50,7 +51,7 @@ def user(generic_split):
 def run_cli(*args: str, env: dict | None = None, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """The real CLI in a fresh interpreter, as a user or a device would run it."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "edgetailor.app.cli", *args], capture_output=True, text=True,
                           env=full_env, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"edgetailor {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

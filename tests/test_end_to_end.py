@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from tests.conftest import run_cli
-from toolkit.loaders import save_npz
+from edgetailor.toolkit.loaders import save_npz
 
 
 def test_cli_loop(tmp_path, user, generic_split):

@@ -2,7 +2,7 @@
 need — labelled image data and its loaders, the user simulator, the model
 definitions, the device-bundle format, typed configuration and the CLI.
 
-Modules that need torch (``toolkit.models``) are imported only by the server
+Modules that need torch (``server_side.models``) are imported only by the server
 and export sides; everything the device imports runs on numpy alone.
 """
 

@@ -2,13 +2,13 @@
 and the model files it lists, each with its sha256.
 
 A bundle carries GE (and LE and GN's training programs) in one or more
-formats, one per runtime; ``manifest["formats"]`` lists each format's files
-with their hashes. Export writes bundles; the device opens them with
-``Bundle.open``, which checks the schema version, validates the manifest
-against ``manifest.schema.json`` and re-hashes every file before anything
-runs. A damaged shared file (the manifest, the replay glyphs) refuses the
-whole bundle; a damaged format's file only that format, so that the error
-can name the backends that still work (``Bundle.require_format``).
+formats, one per runtime; the manifest (``toolkit.manifest.Manifest``)
+lists each format's files with their hashes. Export writes bundles; the
+device opens them with ``Bundle.open``, which reads and validates the
+manifest and re-hashes every file before anything runs. A damaged shared
+file (the manifest, the replay glyphs) refuses the whole bundle; a damaged
+format's file only that format, so that the error can name the backends that
+still work (``Bundle.require_format``).
 """
 
 from __future__ import annotations
@@ -21,16 +21,12 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from toolkit import atomic
-from toolkit.errors import BundleError
+from edgetailor.toolkit import atomic
+from edgetailor.toolkit.errors import BundleError
+from edgetailor.toolkit.manifest import Manifest
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: ONNX only, read by upgrading it in memory
-SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
-SCHEMA_V1_PATH = Path(__file__).with_name("manifest-v1.schema.json")
 
 
 def sha256_file(path: Path) -> str:
@@ -41,23 +37,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def validate_manifest(manifest: dict[str, Any], where: str = "manifest") -> None:
-    import jsonschema  # pure Python, a base dependency
-
-    version = manifest.get("schema_version")
-    if version not in READABLE_VERSIONS:
-        raise BundleError(f"{where} has schema version {version!r}; this toolkit reads versions "
-                          f"{', '.join(map(str, READABLE_VERSIONS))}",
-                          hint="re-export the bundle with this toolkit version, or install the toolkit that wrote it")
-    schema = json.loads((SCHEMA_PATH if version == SCHEMA_VERSION else SCHEMA_V1_PATH).read_text())
-    try:
-        jsonschema.validate(manifest, schema)
-    except jsonschema.ValidationError as exc:
-        at = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise BundleError(f"{where} is invalid at {at}: {exc.message}",
-                          hint="the bundle is damaged or was not written by edgetailor; re-export it") from None
-
-
 def tflite_output_position(detail: dict) -> int:
     """Where a TFLite GE output belongs in ``global_expert.output_order``.
     litert-torch names outputs ``..._output_<i>_...`` in the order the torch
@@ -66,41 +45,17 @@ def tflite_output_position(detail: dict) -> int:
     return int(match.group(1)) if match else 1 << 30
 
 
-def format_files(manifest: dict[str, Any], name: str) -> list[str]:
-    """The files a format needs: its GE and, for training formats, LE's and GN's programs."""
-    files = [manifest["global_expert"]["files"][name]]
-    for part in ("local_expert", "gating_network"):
-        files += list(manifest[part]["training"].get(name, {}).values())
-    return files
-
-
-def upgrade_v1(manifest: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 manifest (ONNX GE, ORT training artifacts) in version-2 form."""
-    upgraded = json.loads(json.dumps(manifest))
-    ge = upgraded["global_expert"]
-    ge["files"] = {"onnx": ge.pop("file")}
-    ge["output_order"] = ["logits", *ge["outputs"]["features"]]
-    for part in ("local_expert", "gating_network"):
-        upgraded[part]["training"] = {"onnx": upgraded[part].pop("artifacts")}
-    upgraded["formats"] = {"onnx": {"runtime": "onnxruntime", "files": {}}}
-    upgraded["formats"]["onnx"]["files"] = {f: upgraded["files"][f] for f in format_files(upgraded, "onnx")
-                                            if f in upgraded["files"]}
-    upgraded["schema_version"] = SCHEMA_VERSION
-    return upgraded
-
-
-def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file under ``bundle_dir``, add the lists (all files, and
-    each format's own) to the manifest, validate and write it."""
+def write_manifest(bundle_dir: Path, manifest: Manifest) -> Manifest:
+    """Hash every file under ``bundle_dir`` into the manifest (all files, and
+    each format's own), then validate and write it."""
     files = {}
     for path in sorted(bundle_dir.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
             files[path.relative_to(bundle_dir).as_posix()] = sha256_file(path)
-    manifest = {**manifest, "schema_version": SCHEMA_VERSION, "files": files}
-    for name, entry in manifest["formats"].items():
-        entry["files"] = {f: files[f] for f in format_files(manifest, name)}
-    validate_manifest(manifest)
-    atomic.write_text(bundle_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    manifest.files = files
+    for name, entry in manifest.formats.items():
+        entry.files = {f: files[f] for f in manifest.format_files(name)}
+    atomic.write_text(bundle_dir / MANIFEST, manifest.to_json())
     return manifest
 
 
@@ -127,7 +82,7 @@ class Bundle:
     extraction for a .zip, removed by ``close``)."""
 
     root: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     source: Path
     _tmp: Path | None = field(default=None, repr=False)
     # format -> why its files cannot be used (missing, or not matching their hash)
@@ -137,7 +92,8 @@ class Bundle:
     def open(cls, path: str | Path) -> "Bundle":
         path = Path(path)
         if not path.exists():
-            raise BundleError(f"no bundle at {path}", hint="export one with `edgetailor export bundle --model DIR --out BUNDLE`")
+            raise BundleError(f"no bundle at {path}",
+                              hint="export one with `edgetailor export bundle --model DIR --out BUNDLE`")
         tmp = None
         root = path
         if path.is_file():
@@ -167,25 +123,23 @@ class Bundle:
         return cls(root, manifest, path, tmp, damaged)
 
     @staticmethod
-    def _read_manifest(root: Path, source: Path) -> dict[str, Any]:
+    def _read_manifest(root: Path, source: Path) -> Manifest:
         manifest_path = root / MANIFEST
         if not manifest_path.exists():
             raise BundleError(f"{source} has no {MANIFEST}", hint="is this an edgetailor bundle? re-export it")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{source}/{MANIFEST} is not valid JSON: {exc}", hint="the bundle is damaged; re-export it") from None
-        if not isinstance(manifest, dict):
-            raise BundleError(f"{source}/{MANIFEST} is not a JSON object")
-        validate_manifest(manifest, f"{source}/{MANIFEST}")
-        return upgrade_v1(manifest) if manifest["schema_version"] == 1 else manifest
+            text = manifest_path.read_text()
+        except UnicodeDecodeError as exc:
+            raise BundleError(f"{source}/{MANIFEST} is not valid JSON: {exc}",
+                              hint="the bundle is damaged; re-export it") from None
+        return Manifest.from_json(text, f"{source}/{MANIFEST}")
 
     @staticmethod
-    def _verify_files(root: Path, manifest: dict[str, Any], source: Path) -> dict[str, str]:
+    def _verify_files(root: Path, manifest: Manifest, source: Path) -> dict[str, str]:
         """Re-hash every file. Returns the formats whose files are damaged;
         raises if a shared file is, or if every format is."""
         problems = {}
-        for name, expected in manifest["files"].items():
+        for name, expected in manifest.files.items():
             file = root / name
             if not file.is_file():
                 problems[name] = "is missing"
@@ -194,16 +148,16 @@ class Bundle:
             if actual != expected:
                 problems[name] = (f"does not match its sha256 in the manifest "
                                   f"(expected {expected[:12]}…, found {actual[:12]}…)")
-        formats = manifest["formats"]
+        formats = manifest.formats
         for fmt, entry in formats.items():
-            needed = format_files(manifest, fmt)
-            unlisted = [f for f in needed if entry["files"].get(f) != manifest["files"].get(f) or f not in manifest["files"]]
+            needed = manifest.format_files(fmt)
+            unlisted = [f for f in needed if entry.files.get(f) != manifest.files.get(f) or f not in manifest.files]
             if unlisted:
                 raise BundleError(f"{source}/{MANIFEST}: format {fmt!r} references files it does not hash "
                                   f"consistently: {', '.join(unlisted)}", hint="the bundle is damaged; re-export it")
-        owned = {f for fmt in formats for f in format_files(manifest, fmt)}
-        if manifest["replay"]["file"] not in manifest["files"]:
-            raise BundleError(f"{source}/{MANIFEST} references files it does not hash: {manifest['replay']['file']}")
+        owned = {f for fmt in formats for f in manifest.format_files(fmt)}
+        if manifest.replay.file not in manifest.files:
+            raise BundleError(f"{source}/{MANIFEST} references files it does not hash: {manifest.replay.file}")
         shared = {name: why for name, why in problems.items() if name not in owned}
         if shared:
             name, why = next(iter(shared.items()))
@@ -211,7 +165,7 @@ class Bundle:
                               hint="the file is corrupt, modified or missing; re-export or re-download the bundle")
         damaged = {}
         for fmt in formats:
-            bad = [f"{f} {problems[f]}" for f in format_files(manifest, fmt) if f in problems]
+            bad = [f"{f} {problems[f]}" for f in manifest.format_files(fmt) if f in problems]
             if bad:
                 damaged[fmt] = "; ".join(bad)
         if damaged and len(damaged) == len(formats):
@@ -222,7 +176,7 @@ class Bundle:
     @property
     def formats(self) -> list[str]:
         """The formats this bundle carries (damaged or not)."""
-        return list(self.manifest["formats"])
+        return list(self.manifest.formats)
 
     @property
     def usable_formats(self) -> list[str]:
@@ -240,7 +194,7 @@ class Bundle:
                 return f"backends that would work with it: {', '.join(names) or 'none'}"
             return f"usable formats: {', '.join(usable) or 'none'}"
 
-        if name not in self.manifest["formats"]:
+        if name not in self.manifest.formats:
             raise BundleError(f"{self.source} has no {name} files (it carries: {', '.join(self.formats)})",
                               hint=f"{alternatives()}; or re-export with "
                                    f"`edgetailor export bundle --formats {','.join([*self.formats, name])}`")
@@ -252,11 +206,11 @@ class Bundle:
     @property
     def bundle_id(self) -> str:
         """A content id: the same files give the same id, whatever the path."""
-        return hashlib.sha256(json.dumps(self.manifest["files"], sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.manifest.files, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def labels(self) -> list[str]:
-        return list(self.manifest["labels"])
+        return list(self.manifest.labels)
 
     def path(self, name: str) -> Path:
         return self.root / name

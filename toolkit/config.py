@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from toolkit.errors import ConfigError
+from edgetailor.toolkit.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 

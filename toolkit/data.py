@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from toolkit.imaging import mnist_style
+from edgetailor.toolkit.errors import SampleError
+from edgetailor.toolkit.imaging import mnist_style
 
 DIGIT_LABELS = [str(d) for d in range(10)]
 
@@ -33,9 +34,9 @@ class LabeledImages:
         self.images = np.asarray(self.images)
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if self.images.ndim != 3:
-            raise ValueError(f"images must have shape (N, H, W), got {self.images.shape}")
+            raise SampleError(f"images must have shape (N, H, W), got {self.images.shape}")
         if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+            raise SampleError(f"{len(self.images)} images but {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.data import DIGIT_LABELS, LabeledImages, to_uint8
-from toolkit.errors import DataFormatError, SampleError
-from toolkit.imaging import CANVAS, mnist_style
+from edgetailor.toolkit.data import DIGIT_LABELS, LabeledImages, to_uint8
+from edgetailor.toolkit.errors import DataFormatError, SampleError
+from edgetailor.toolkit.imaging import CANVAS, mnist_style
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm"}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -57,13 +57,13 @@ def load_samples(path: str | Path, label_names: list[str] | None = None) -> Labe
 def relabel(data: LabeledImages, label_names: list[str]) -> LabeledImages:
     """Express ``data``'s labels as indices into ``label_names``; unknown ones are an error."""
     index = {name: i for i, name in enumerate(label_names)}
-    unknown = sorted({data.label_names[l] if 0 <= l < len(data.label_names) else str(l)
-                      for l in data.labels} - set(index))
+    unknown = sorted({data.label_names[label] if 0 <= label < len(data.label_names) else str(label)
+                      for label in data.labels} - set(index))
     if unknown:
         raise SampleError(
             f"label(s) {', '.join(map(repr, unknown))} in {data.source or 'the samples'} are not known to the bundle",
             hint=f"the bundle knows: {', '.join(label_names)}")
-    labels = np.array([index[data.label_names[l]] for l in data.labels], dtype=np.int64)
+    labels = np.array([index[data.label_names[label]] for label in data.labels], dtype=np.int64)
     return LabeledImages(data.images, labels, list(label_names), data.source)
 
 
@@ -140,7 +140,8 @@ def load_idx_pair(images_path: Path, transpose: bool | None = None) -> LabeledIm
         raise DataFormatError(f"{labels_path} holds {labels.shape} labels for {len(images)} images")
     if transpose if transpose is not None else "emnist" in images_path.name.lower():
         images = images.transpose(0, 2, 1)
-    names = list(DIGIT_LABELS) if labels.size == 0 or labels.max() < 10 else [str(i) for i in range(int(labels.max()) + 1)]
+    digits = labels.size == 0 or labels.max() < 10
+    names = list(DIGIT_LABELS) if digits else [str(i) for i in range(int(labels.max()) + 1)]
     return LabeledImages(to_canvas(np.ascontiguousarray(images)), labels, names, str(images_path))
 
 
@@ -163,7 +164,8 @@ def _decode_image(path: Path) -> np.ndarray:
 def load_image_folder(root: Path) -> LabeledImages:
     label_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not label_dirs:
-        raise DataFormatError(f"{root} has no sub-folders", hint="put each label's images in a sub-folder named after the label")
+        raise DataFormatError(f"{root} has no sub-folders",
+                              hint="put each label's images in a sub-folder named after the label")
     images, labels = [], []
     for label, folder in enumerate(label_dirs):
         for file in sorted(folder.iterdir()):

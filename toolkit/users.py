@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from toolkit.data import LabeledImages, to_uint8
-from toolkit.imaging import affine, draw_line, mnist_style, thicken
+from edgetailor.toolkit.data import LabeledImages, to_uint8
+from edgetailor.toolkit.errors import SampleError
+from edgetailor.toolkit.imaging import affine, draw_line, mnist_style, thicken
 
 # Personal glyph variants: label -> strokes in MNIST 28x28 coordinates (row, col).
 GLYPH_VARIANTS: dict[str, tuple[int, list[tuple[tuple[float, float], tuple[float, float]]]]] = {
@@ -93,8 +94,9 @@ def simulate_user(pool: LabeledImages, user_id: int, seed: int = 0, train_per_cl
     for label in range(len(pool.label_names)):
         idx = rng.permutation(np.flatnonzero(pool.labels == label))
         if len(idx) < train_per_class + 1:
-            raise ValueError(f"the user pool holds only {len(idx)} samples of class "
-                             f"{pool.label_names[label]!r}; need more than {train_per_class}")
+            raise SampleError(f"the user pool holds only {len(idx)} samples of class "
+                              f"{pool.label_names[label]!r}; need more than {train_per_class}",
+                              hint="ask for fewer samples per class, or simulate from a larger pool")
         train_idx.extend(idx[:train_per_class])
         test_idx.extend(idx[train_per_class:train_per_class + test_per_class])
     train = _render(pool, np.array(train_idx), style, rng, f"simulated user {user_id} (train)")

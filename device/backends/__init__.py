@@ -23,9 +23,10 @@ import sys
 from dataclasses import dataclass
 from importlib import import_module
 
-from device.backends.base import Backend
-from toolkit.bundle import Bundle
-from toolkit.errors import EdgetailorError
+from edgetailor.device.backends.base import Backend
+from edgetailor.toolkit.bundle import Bundle
+from edgetailor.toolkit.errors import BackendError
+from edgetailor.toolkit.formats import FORMATS
 
 
 @dataclass(frozen=True)
@@ -33,25 +34,30 @@ class BackendInfo:
     name: str
     module: str
     cls: str
-    format: str                  # the bundle format whose GE it runs
-    trains: bool                 # whether it trains LE and GN itself
+    format: str                  # the bundle format whose GE it runs (a name in toolkit.formats.FORMATS)
     modules: tuple[str, ...]     # importable modules that provide the runtime (any one)
+    distributions: tuple[str, ...]  # the pip distribution of each of ``modules``, for its version
     requirement: str             # what to pip install
     description: str
     needs: tuple[str, ...] = ()  # modules its Python bindings also load
 
+    @property
+    def trains(self) -> bool:
+        """Whether it trains LE and GN itself: its format carries training programs."""
+        return FORMATS[self.format].trains
+
 
 BACKENDS: dict[str, BackendInfo] = {b.name: b for b in (
-    BackendInfo("ort", "device.backends.ort", "OrtBackend", "onnx", True, ("onnxruntime",),
-                "onnxruntime-training", "ONNX Runtime: GE inference and LE/GN training"),
-    BackendInfo("executorch", "device.backends.executorch", "ExecuTorchBackend", "executorch", True,
-                ("executorch",), "executorch",
+    BackendInfo("ort", "edgetailor.device.backends.ort", "OrtBackend", "onnx", ("onnxruntime",),
+                ("onnxruntime-training",), "onnxruntime-training", "ONNX Runtime: GE inference and LE/GN training"),
+    BackendInfo("executorch", "edgetailor.device.backends.executorch", "ExecuTorchBackend", "executorch",
+                ("executorch",), ("executorch",), "executorch",
                 "ExecuTorch: GE on XNNPACK, LE/GN as joint forward-backward programs", needs=("torch",)),
-    BackendInfo("litert", "device.backends.litert", "LiteRTBackend", "tflite", False,
-                ("ai_edge_litert", "tflite_runtime"), "ai-edge-litert",
+    BackendInfo("litert", "edgetailor.device.backends.litert", "LiteRTBackend", "tflite",
+                ("ai_edge_litert", "tflite_runtime"), ("ai-edge-litert", "tflite-runtime"), "ai-edge-litert",
                 "LiteRT: GE inference; LE/GN train on the best installed training backend"),
-    BackendInfo("torch", "device.backends.torch_reference", "TorchBackend", "torch", True, ("torch",),
-                "torch", "torch reference: torch.export programs, autograd"),
+    BackendInfo("torch", "edgetailor.device.backends.torch_reference", "TorchBackend", "torch", ("torch",),
+                ("torch",), "torch", "torch reference: torch.export programs, autograd"),
 )}
 
 # The order `auto` tries: fastest personalization and smallest memory first
@@ -75,10 +81,8 @@ def runtime_version(name: str) -> str | None:
     info = BACKENDS[name]
     if not all(_importable(m) for m in info.needs):
         return None
-    for module in info.modules:
+    for module, distribution in zip(info.modules, info.distributions):
         if _importable(module):
-            distribution = {"onnxruntime": "onnxruntime-training", "ai_edge_litert": "ai-edge-litert",
-                            "tflite_runtime": "tflite-runtime"}.get(module, module)
             try:
                 return importlib.metadata.version(distribution)
             except importlib.metadata.PackageNotFoundError:
@@ -98,8 +102,8 @@ def backends_by_format() -> dict[str, list[str]]:
     return result
 
 
-def _unknown(name: str) -> EdgetailorError:
-    return EdgetailorError(f"unknown backend {name!r}", hint=f"backends: {', '.join(BACKENDS)}, or {AUTO}")
+def _unknown(name: str) -> BackendError:
+    return BackendError(f"unknown backend {name!r}", hint=f"backends: {', '.join(BACKENDS)}, or {AUTO}")
 
 
 def get_backend(name: str) -> Backend:
@@ -110,12 +114,13 @@ def get_backend(name: str) -> Backend:
     if runtime_version(name) is None:
         others = [b for b in installed_backends() if b != name]
         missing = " or ".join(info.modules) if not any(_importable(m) for m in info.modules) else " ".join(info.needs)
-        raise EdgetailorError(f"backend {name!r} is not installed (no module {missing})",
-                              hint=f"pip install '{info.requirement}'; installed backends: {', '.join(others) or 'none'}")
+        raise BackendError(f"backend {name!r} is not installed (no module {missing})",
+                           hint=f"pip install '{info.requirement}'; installed backends: "
+                                f"{', '.join(others) or 'none'}")
     try:
         return getattr(import_module(info.module), info.cls)()
     except ImportError as exc:
-        raise EdgetailorError(f"backend {name!r} could not load its runtime ({exc})",
+        raise BackendError(f"backend {name!r} could not load its runtime ({exc})",
                               hint=f"reinstall it: pip install --force-reinstall '{info.requirement}'") from None
 
 
@@ -140,7 +145,7 @@ def choose_backends(bundle: Bundle, requested: str | None = None) -> tuple[Backe
     usable = usable_backends(bundle)
     if requested == AUTO:
         if not usable:
-            raise EdgetailorError(
+            raise BackendError(
                 f"no installed backend can run {bundle.source} (it carries {', '.join(bundle.formats)}; "
                 f"installed: {', '.join(installed_backends()) or 'none'})",
                 hint="pip install 'edgetailor[device]' (onnxruntime-training), or re-export the bundle with "
@@ -155,7 +160,7 @@ def choose_backends(bundle: Bundle, requested: str | None = None) -> tuple[Backe
         return ge_backend, ge_backend
     trainers = [n for n in usable if BACKENDS[n].trains]
     if not trainers:
-        raise EdgetailorError(f"backend {requested!r} runs GE only, and no installed backend can train LE and GN "
+        raise BackendError(f"backend {requested!r} runs GE only, and no installed backend can train LE and GN "
                               f"from {bundle.source} (it carries {', '.join(bundle.formats)})",
                               hint="pip install 'edgetailor[device]' (onnxruntime-training)")
     return ge_backend, get_backend(trainers[0])

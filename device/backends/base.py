@@ -14,8 +14,9 @@ from typing import Protocol
 
 import numpy as np
 
-from toolkit.bundle import Bundle
-from toolkit.errors import StateError
+from edgetailor.toolkit.bundle import Bundle
+from edgetailor.toolkit.errors import BundleError, StateError
+from edgetailor.toolkit.manifest import GlobalExpertSpec
 
 
 class GlobalExpertRunner(Protocol):
@@ -40,9 +41,10 @@ class TrainedPart(Protocol):
 
 
 class Backend(Protocol):
+    """Which format a backend reads and whether it trains are registered
+    once, in ``backends.BACKENDS`` and the format registry."""
+
     name: str
-    ge_format: str      # the bundle format its GE runner reads
-    trains: bool        # False: GE inference only; LE and GN train on another backend
 
     def load_global_expert(self, bundle: Bundle) -> GlobalExpertRunner: ...
 
@@ -53,11 +55,12 @@ class Backend(Protocol):
         """A stored trained part (``pack_weights``'s bytes) ready to run."""
 
 
-def split_outputs(outputs: list[np.ndarray], spec: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def split_outputs(outputs: list[np.ndarray], spec: GlobalExpertSpec) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Positional GE outputs (logits, then the taps, in the manifest's order) -> logits, features."""
-    order = spec["output_order"]
+    order = spec.output_order
     if len(outputs) != len(order):
-        raise RuntimeError(f"GE returned {len(outputs)} outputs, the manifest lists {order}")
+        raise BundleError(f"GE returned {len(outputs)} outputs, the manifest lists {order}",
+                          hint="the GE file does not belong to this manifest; re-export the bundle")
     return outputs[0], dict(zip(order[1:], outputs[1:]))
 
 
@@ -78,13 +81,14 @@ def unpack_weights(blob: bytes, bundle: Bundle, part: str, backend: str) -> dict
         raise StateError(f"the stored {part.replace('_', ' ')} is an ONNX model from an older edgetailor, which "
                          f"only the ort backend runs (this runtime trains with {backend})",
                          hint="open with --backend ort, or personalize again")
-    expected = bundle.manifest[part].get("parameters")  # absent in version-1 manifests
+    expected = bundle.manifest.part(part).parameters  # absent in version-1 manifests
     try:
         with np.load(io.BytesIO(blob)) as archive:
             weights = {name: archive[name] for name in archive.files}
     except (OSError, ValueError) as exc:
         raise StateError(f"the stored {part.replace('_', ' ')} weights are unreadable: {exc}",
-                         hint="reset the personalization (edgetailor device reset --keep-samples) and personalize again") from None
+                         hint="reset the personalization (edgetailor device reset --keep-samples) "
+                              "and personalize again") from None
     shapes = {name: list(value.shape) for name, value in weights.items()}
     if expected is not None and shapes != expected:
         raise StateError(f"the stored {part.replace('_', ' ')} has parameters {shapes}, this bundle's has {expected}",

@@ -22,10 +22,10 @@ import os
 
 import numpy as np
 
-from device.backends.base import split_outputs, unpack_weights
-from toolkit.bundle import Bundle
-from toolkit.errors import EdgetailorError
-from toolkit.native_output import quiet_native_output as _quiet_fds
+from edgetailor.device.backends.base import split_outputs, unpack_weights
+from edgetailor.toolkit.bundle import Bundle
+from edgetailor.toolkit.errors import BackendError
+from edgetailor.toolkit.native_output import quiet_native_output as _quiet_fds
 
 
 with _quiet_fds():
@@ -38,10 +38,10 @@ THREADS = min(2, os.cpu_count() or 1)
 
 class ExecuTorchGlobalExpert:
     def __init__(self, bundle: Bundle):
-        self.spec = bundle.manifest["global_expert"]
+        self.spec = bundle.manifest.global_expert
         with _quiet_fds():
             portable_lib._unsafe_reset_threadpool(THREADS)
-            self.method = Runtime.get().load_program(bundle.path(self.spec["files"]["executorch"])).load_method("forward")
+            self.method = Runtime.get().load_program(bundle.path(self.spec.files["executorch"])).load_method("forward")
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         # The program has a static batch of 1 (what an app runs); a batch runs image by image.
@@ -81,33 +81,34 @@ class TrainingProgram:
     own weights, so updating them in place trains the program."""
 
     def __init__(self, bundle: Bundle, part: str):
-        spec = bundle.manifest[part]
+        spec = bundle.manifest.part(part)
         self.part = part
-        self.max_batch = int(spec["max_batch"])
-        self.buffer = bundle.path(spec["training"]["executorch"]["program"]).read_bytes()  # must outlive the program
+        self.max_batch = int(spec.max_batch)
+        self.buffer = bundle.path(spec.training["executorch"]["program"]).read_bytes()  # must outlive the program
         with _quiet_fds():
             self.program = portable_lib._load_for_executorch_from_buffer(self.buffer)
         self.gradients_at = self.program.run_method("__et_training_gradients_index_forward", ())[0]
         self.parameters_at = self.program.run_method("__et_training_parameters_index_forward", ())[0]
         self.names = [n.removeprefix("part.") for n in self.program.run_method("__et_training_fqn_forward", ())]
-        if sorted(self.names) != sorted(spec["parameters"]):
-            raise EdgetailorError(f"the ExecuTorch program of {part} trains {self.names}, the manifest lists "
-                                  f"{list(spec['parameters'])}", hint="re-export the bundle")
-        dims = [spec["feature_dim"], *([len(bundle.labels)] if len(spec["inputs"]) == 2 else [])]
+        if sorted(self.names) != sorted(spec.parameters):
+            raise BackendError(f"the ExecuTorch program of {part} trains {self.names}, the manifest lists "
+                                  f"{list(spec.parameters)}", hint="re-export the bundle")
+        dims = [spec.feature_dim, *([len(bundle.labels)] if len(spec.inputs) == 2 else [])]
         outputs = self._run([np.zeros((1, d), np.float32) for d in dims], np.zeros(1, np.int64))
         # numpy views of the program's weights; writing to them changes the program
         self.parameters = [p.numpy() for p in outputs[self.parameters_at:]]
 
     def _run(self, inputs: list[np.ndarray], target: np.ndarray):
         if len(target) > self.max_batch:
-            raise EdgetailorError(f"a batch of {len(target)} rows is more than this bundle's ExecuTorch "
+            raise BackendError(f"a batch of {len(target)} rows is more than this bundle's ExecuTorch "
                                   f"{self.part.replace('_', ' ')} program takes ({self.max_batch})",
                                   hint="lower personalize.batch_size, or use --backend ort")
         args = [torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in inputs]
         args.append(torch.from_numpy(np.ascontiguousarray(target, dtype=np.int64)))
         return self.program.run_method("forward", args, clone_outputs=False)
 
-    def forward_backward(self, inputs: list[np.ndarray], target: np.ndarray) -> tuple[float, np.ndarray, list[np.ndarray]]:
+    def forward_backward(self, inputs: list[np.ndarray],
+                         target: np.ndarray) -> tuple[float, np.ndarray, list[np.ndarray]]:
         outputs = self._run(inputs, target)
         return (float(outputs[0]), outputs[1].numpy().copy(),
                 [g.numpy() for g in outputs[self.gradients_at:self.parameters_at]])
@@ -149,13 +150,14 @@ class ExecuTorchTrainedPart:
 
     def __call__(self, *inputs: np.ndarray) -> np.ndarray:
         n, step = len(inputs[0]), self.program.max_batch
-        chunks = [self.program.forward_backward([x[i:i + step] for x in inputs], np.zeros(min(step, n - i), np.int64))[1]
+        chunks = [self.program.forward_backward([x[i:i + step] for x in inputs],
+                                                np.zeros(min(step, n - i), np.int64))[1]
                   for i in range(0, n, step)]
         return np.concatenate(chunks)
 
 
 class ExecuTorchBackend:
-    name, ge_format, trains = "executorch", "executorch", True
+    name = "executorch"
 
     def load_global_expert(self, bundle: Bundle) -> ExecuTorchGlobalExpert:
         return ExecuTorchGlobalExpert(bundle)

@@ -10,9 +10,12 @@ import os
 
 import numpy as np
 
-from device.backends.base import split_outputs
-from toolkit.bundle import Bundle, tflite_output_position
-from toolkit.native_output import quiet_native_output
+from edgetailor.device.backends.base import split_outputs
+from edgetailor.toolkit.bundle import Bundle, tflite_output_position
+from edgetailor.toolkit.errors import BackendError
+from edgetailor.toolkit.native_output import quiet_native_output
+
+GE_ONLY_HINT = "LE and GN train on another backend; DeviceRuntime.open pairs LiteRT with the best installed one"
 
 try:
     from ai_edge_litert.interpreter import Interpreter
@@ -24,9 +27,9 @@ THREADS = min(2, os.cpu_count() or 1)
 
 class LiteRTGlobalExpert:
     def __init__(self, bundle: Bundle):
-        self.spec = bundle.manifest["global_expert"]
+        self.spec = bundle.manifest.global_expert
         with quiet_native_output():  # "INFO: Created TensorFlow Lite XNNPACK delegate"
-            self.interpreter = Interpreter(model_path=str(bundle.path(self.spec["files"]["tflite"])),
+            self.interpreter = Interpreter(model_path=str(bundle.path(self.spec.files["tflite"])),
                                            num_threads=THREADS)
             self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]["index"]
@@ -43,13 +46,13 @@ class LiteRTGlobalExpert:
 
 
 class LiteRTBackend:
-    name, ge_format, trains = "litert", "tflite", False
+    name = "litert"
 
     def load_global_expert(self, bundle: Bundle) -> LiteRTGlobalExpert:
         return LiteRTGlobalExpert(bundle)
 
     def trainer(self, bundle: Bundle, part: str):
-        raise NotImplementedError("LiteRT runs GE only; choose_backends pairs it with a training backend")
+        raise BackendError("LiteRT runs GE only", hint=GE_ONLY_HINT)
 
     def load_trained(self, bundle: Bundle, part: str, blob: bytes):
-        raise NotImplementedError("LiteRT runs GE only; choose_backends pairs it with a training backend")
+        raise BackendError("LiteRT runs GE only", hint=GE_ONLY_HINT)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from device.backends.base import is_weights_blob, unpack_weights
-from toolkit.bundle import Bundle
+from edgetailor.device.backends.base import is_weights_blob, unpack_weights
+from edgetailor.toolkit.bundle import Bundle
 
 
 def _import_onnxruntime():
@@ -64,12 +64,12 @@ def _session_options():
 
 class OrtGlobalExpert:
     def __init__(self, bundle: Bundle):
-        spec = bundle.manifest["global_expert"]
-        self.session = ort.InferenceSession(str(bundle.path(spec["files"]["onnx"])), _session_options(),
+        spec = bundle.manifest.global_expert
+        self.session = ort.InferenceSession(str(bundle.path(spec.files["onnx"])), _session_options(),
                                             providers=["CPUExecutionProvider"])
-        self.input_name = spec["input_name"]
-        self.logits_name = spec["outputs"]["logits"]
-        self.feature_names = spec["output_order"][1:]
+        self.input_name = spec.input_name
+        self.logits_name = spec.outputs["logits"]
+        self.feature_names = spec.output_order[1:]
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         outputs = self.session.run([self.logits_name, *self.feature_names], {self.input_name: x})
@@ -80,15 +80,15 @@ class OrtTrainer:
     """A Module + Optimizer over a part's training artifacts (AdamW in the optimizer graph)."""
 
     def __init__(self, bundle: Bundle, part: str, weights: dict[str, np.ndarray] | None = None):
-        files = {k: str(bundle.path(v)) for k, v in bundle.manifest[part]["training"]["onnx"].items()}
+        files = {k: str(bundle.path(v)) for k, v in bundle.manifest.part(part).training["onnx"].items()}
         self.state = ort_api.CheckpointState.load_checkpoint(files["checkpoint"])
         self.module = ort_api.Module(files["training_model"], self.state, files["eval_model"])
         for name, value in (weights or {}).items():  # only once a Module holds the state can it take values
             self.state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
         self.optimizer = ort_api.Optimizer(files["optimizer_model"], self.module)
-        self.output_name = bundle.manifest[part]["output"]
+        self.output_name = bundle.manifest.part(part).output
         # Version-1 manifests do not list the parameters; the checkpoint has them.
-        self.parameter_names = list(bundle.manifest[part].get("parameters") or (n for n, _ in self.state.parameters))
+        self.parameter_names = list(bundle.manifest.part(part).parameters or (n for n, _ in self.state.parameters))
         self.module.train()
 
     def set_learning_rate(self, lr: float) -> None:
@@ -120,7 +120,7 @@ class OrtTrainedPart:
 
 
 class OrtBackend:
-    name, ge_format, trains = "ort", "onnx", True
+    name = "ort"
 
     def load_global_expert(self, bundle: Bundle) -> OrtGlobalExpert:
         return OrtGlobalExpert(bundle)
@@ -129,7 +129,7 @@ class OrtBackend:
         return OrtTrainer(bundle, part)
 
     def load_trained(self, bundle: Bundle, part: str, blob: bytes) -> OrtTrainedPart:
-        inputs = bundle.manifest[part]["inputs"]
+        inputs = bundle.manifest.part(part).inputs
         if not is_weights_blob(blob):  # stored by edgetailor 0.1: the ONNX inference model itself
             return OrtTrainedPart(blob, inputs)
         weights = unpack_weights(blob, bundle, part, self.name)

@@ -9,8 +9,8 @@ import os
 
 import numpy as np
 
-from device.backends.base import split_outputs, unpack_weights
-from toolkit.bundle import Bundle
+from edgetailor.device.backends.base import split_outputs, unpack_weights
+from edgetailor.toolkit.bundle import Bundle
 
 THREADS = min(2, os.cpu_count() or 1)
 
@@ -35,8 +35,8 @@ def _load(bundle: Bundle, file: str):
 
 class TorchGlobalExpert:
     def __init__(self, bundle: Bundle):
-        self.spec = bundle.manifest["global_expert"]
-        self.module = _load(bundle, self.spec["files"]["torch"])
+        self.spec = bundle.manifest.global_expert
+        self.module = _load(bundle, self.spec.files["torch"])
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         with torch.no_grad():
@@ -46,7 +46,7 @@ class TorchGlobalExpert:
 
 class TorchTrainer:
     def __init__(self, bundle: Bundle, part: str):
-        self.module = _load(bundle, bundle.manifest[part]["training"]["torch"]["program"])
+        self.module = _load(bundle, bundle.manifest.part(part).training["torch"]["program"])
         # ORT's training artifacts: AdamW, betas 0.9/0.999, eps 1e-6, no weight decay.
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-3, eps=1e-6, weight_decay=0.0)
 
@@ -68,7 +68,7 @@ class TorchTrainer:
 
 class TorchTrainedPart:
     def __init__(self, bundle: Bundle, part: str, weights: dict[str, np.ndarray]):
-        self.module = _load(bundle, bundle.manifest[part]["training"]["torch"]["program"])
+        self.module = _load(bundle, bundle.manifest.part(part).training["torch"]["program"])
         self.module.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
 
     def __call__(self, *inputs: np.ndarray) -> np.ndarray:
@@ -77,7 +77,7 @@ class TorchTrainedPart:
 
 
 class TorchBackend:
-    name, ge_format, trains = "torch", "torch", True
+    name = "torch"
 
     def __init__(self):
         _import_torch()

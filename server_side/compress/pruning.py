@@ -15,10 +15,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from toolkit.errors import ConfigError
-from export.bundle import count_macs
-from server_side.compress.training import apply_masks, bake, weight_layers
-from server_side.training import GenericData, fit, test_accuracy
+from edgetailor.toolkit.errors import ConfigError
+from edgetailor.server_side.cost import count_macs
+from edgetailor.server_side.compress.training import apply_masks, bake, weight_layers
+from edgetailor.server_side.training import GenericData, fit, test_accuracy
 
 
 def output_layer(model: nn.Module) -> nn.Module:

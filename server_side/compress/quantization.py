@@ -15,6 +15,7 @@ three on the same grid.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -23,7 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from server_side.compress.training import weight_layers
+from edgetailor.server_side.compress.training import weight_layers
+
+
+@dataclass
+class QuantSpec:
+    """What a quantizing compression stage decided, for the exporters."""
+
+    weight_bits: int
+    # layer name (as in model.named_modules()) -> per-output-channel scale of the grid its weights lie on
+    weight_scales: dict[str, np.ndarray] = field(default_factory=dict)
+    activation_bits: int = 8
 
 
 def qmax(bits: int) -> int:

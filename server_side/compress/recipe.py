@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit.config import from_dict, read_recipe_file
-from toolkit.errors import ConfigError
+from edgetailor.toolkit.config import from_dict, read_recipe_file
+from edgetailor.toolkit.errors import ConfigError
+from edgetailor.toolkit.formats import DEPLOYABLE_FORMATS as FORMATS
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 
@@ -186,7 +187,6 @@ STAGE_CONFIGS: dict[str, type] = {cls.kind: cls for cls in (
     PruneStructured, PruneMagnitude, LotteryTicket, PruneNM, Distill, Quantize, QAT)}
 QUANTIZING_STAGES = ("quantize", "qat")
 
-FORMATS = ("onnx", "executorch", "tflite")
 
 
 @dataclass

@@ -16,13 +16,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from export.formats import QuantSpec
-from server_side.compress import pruning, quantization
-from server_side.compress.recipe import (QAT, Distill, LotteryTicket, PruneMagnitude, PruneNM, PruneStructured,
-                                         Quantize, Recovery)
-from server_side.compress.training import apply_masks, bake, weight_layers, zero_masks
-from server_side.training import GenericData, fit, test_accuracy
-from toolkit.models import build_model, model_depth
+from edgetailor.server_side.compress import pruning, quantization
+from edgetailor.server_side.compress.quantization import QuantSpec
+from edgetailor.server_side.compress.recipe import (QAT, Distill, LotteryTicket, PruneMagnitude, PruneNM,
+                                                    PruneStructured, Quantize, Recovery)
+from edgetailor.server_side.compress.training import apply_masks, bake, weight_layers, zero_masks
+from edgetailor.server_side.training import GenericData, fit, test_accuracy
+from edgetailor.server_side.models import build_model, model_depth
 
 ProgressFn = Callable[[str, int, int], None]
 

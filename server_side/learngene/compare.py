@@ -18,17 +18,16 @@ from typing import Any, Callable
 
 import torch
 
-from toolkit import atomic
-from toolkit.config import from_dict
-from toolkit.data import LabeledImages
-from toolkit.demo import format_table
-from toolkit.errors import ConfigError
-from toolkit.models import build_model
-from export.bundle import count_macs
-from server_side.learngene import gene
-from server_side.learngene.recipe import LearngeneRecipe, TrainSchedule
-from server_side.learngene.train import training_flops
-from server_side.training import GenericData, fit, test_accuracy
+from edgetailor.toolkit import atomic
+from edgetailor.toolkit.config import from_dict
+from edgetailor.toolkit.data import LabeledImages
+from edgetailor.toolkit.tables import format_table
+from edgetailor.toolkit.errors import ConfigError
+from edgetailor.server_side.models import build_model
+from edgetailor.server_side.cost import count_macs, training_flops
+from edgetailor.server_side.learngene import gene
+from edgetailor.server_side.learngene.recipe import LearngeneRecipe, TrainSchedule
+from edgetailor.server_side.training import GenericData, fit, test_accuracy
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -51,16 +50,16 @@ def compare_family(learngene_dirs: list[str | Path], depths: list[int], out: str
         raise ConfigError("compare needs at least one learngene")
     first_cfg, first_meta = loaded[0][0].cfg, loaded[0][1]
     for learngene, meta in loaded[1:]:
-        if learngene.cfg.widths != first_cfg.widths or meta["labels"] != first_meta["labels"]:
+        if learngene.cfg.widths != first_cfg.widths or meta.labels != first_meta.labels:
             raise ConfigError("the learngenes to compare must share widths and labels (one teacher, one family)")
     too_deep = [d for d in depths if not 1 <= d <= min(lg.cfg.max_depth for lg, _ in loaded)]
     if too_deep:
         raise ConfigError(f"depths {too_deep} are outside what these learngenes make",
                           hint=f"choose depths in 1..{min(lg.cfg.max_depth for lg, _ in loaded)}")
-    recipe = recipe or from_dict(LearngeneRecipe, first_meta.get("recipe", {})).validate()
+    recipe = recipe or from_dict(LearngeneRecipe, first_meta.recipe).validate()
     generic, _ = gene.generic_data(first_meta, data)
-    n_train, num_classes, widths = len(generic.train_x), len(first_meta["labels"]), list(first_cfg.widths)
-    methods = [meta["method"] for _, meta in loaded]
+    n_train, num_classes, widths = len(generic.train_x), len(first_meta.labels), list(first_cfg.widths)
+    methods = [meta.method for _, meta in loaded]
     scratch_runs = sorted({1, recipe.scratch.epochs})
     started = time.perf_counter()
     rows = []
@@ -95,10 +94,10 @@ def compare_family(learngene_dirs: list[str | Path], depths: list[int], out: str
             "stored_params": learngene.stored_parameters(),
             "stored_vs_model_per_depth": learngene.stored_parameters() / per_depth_models,
             "depths_matching_scratch": sum(r[tuned] >= r[best_scratch] for r in rows),
-            "learngene_train_seconds": meta["train_seconds"], "learngene_train_flops": meta["train_flops"],
-            "family_seconds": meta["train_seconds"] + sum(r[f"{tuned} s"] for r in rows),
-            "family_flops": meta["train_flops"] + sum(r[f"{tuned} flops"] for r in rows),
-            "teacher": meta["teacher"], "auxiliary": meta["auxiliary"],
+            "learngene_train_seconds": meta.train_seconds, "learngene_train_flops": meta.train_flops,
+            "family_seconds": meta.train_seconds + sum(r[f"{tuned} s"] for r in rows),
+            "family_flops": meta.train_flops + sum(r[f"{tuned} flops"] for r in rows),
+            "teacher": meta.teacher, "auxiliary": meta.auxiliary,
         }
     summary["scratch"] = {
         "stored_params": per_depth_models, "stored_vs_model_per_depth": 1.0,
@@ -136,7 +135,8 @@ def _table(report: dict[str, Any]) -> str:
     lines = ["generic test accuracy by depth (learngene-initialised vs from scratch)", "",
              format_table(report["rows"], columns), ""]
     names = {"scratch": f"one model per depth ({scratch_ep} ep each)",
-             "pretrain per depth": f"one model per depth ({report['summary'].get('pretrain per depth', {}).get('epochs')}"
+             "pretrain per depth": "one model per depth "
+                                   f"({report['summary'].get('pretrain per depth', {}).get('epochs')}"
                                    " ep each, FLOPs estimated, not run)"}
     cost = [{"way": names.get(m, f"learngene {m}"), **{k: v for k, v in s.items() if not isinstance(v, dict)}}
             for m, s in report["summary"].items()]
@@ -149,7 +149,8 @@ def _table(report: dict[str, Any]) -> str:
         lines.append(f"{m}: +{expand_ep} epoch matches or beats {scratch_ep} epochs from scratch at "
                      f"{s['depths_matching_scratch']} of {len(report['depths'])} depths; learngene distilled in "
                      f"{s['learngene_train_seconds']:.0f}s from a {s['teacher']['arch']} teacher "
-                     f"({s['teacher']['generic_accuracy']:.4f}); auxiliary model {s['auxiliary']['generic_accuracy']:.4f}")
+                     f"({s['teacher']['generic_accuracy']:.4f}); "
+                     f"auxiliary model {s['auxiliary']['generic_accuracy']:.4f}")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ The same rule generates the auxiliary model the learngene is trained in (at
 ``aux_depth``) and the models it initialises (at any depth), so training and
 expansion cannot drift apart. Written here rather than taken from the papers'
 code because that code is built around DeiT on ImageNet and timm; the rules
-are the papers' equations, applied to ``toolkit.models.ViT``.
+are the papers' equations, applied to ``server_side.models.ViT``.
 """
 
 from __future__ import annotations
@@ -25,68 +25,29 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-import toolkit
-from toolkit import atomic
-from toolkit.config import PretrainConfig
-from toolkit.data import LabeledImages
-from toolkit.errors import CheckpointError
-from toolkit.models import TransformerBlock, ViT
-from server_side.learngene.recipe import LearngeneConfig
-from server_side.training import GenericData, load_generic
+from edgetailor.toolkit import __version__, atomic
+from edgetailor.toolkit.config import PretrainConfig
+from edgetailor.toolkit.data import LabeledImages
+from edgetailor.toolkit.errors import CheckpointError, ConfigError
+from edgetailor.toolkit.input_spec import InputSpec
+from edgetailor.server_side.models import TransformerBlock, ViT
+from edgetailor.server_side.learngene.recipe import LearngeneConfig
+from edgetailor.server_side.learngene.rules import RULES
+from edgetailor.server_side.training import GenericData, load_generic
 
 FORMAT = "edgetailor-learngene"
 # Bump when the file layout or an expansion rule changes meaning.
 FORMAT_VERSION = 1
 FAMILY = ViT.arch
-
-
-class ExpansionRule(Protocol):
-    """How a learngene's components make the layers of a model of some depth."""
-
-    name: str
-
-    def components(self, cfg: LearngeneConfig) -> list[str]: ...
-
-    def mix(self, layer: int, depth: int, components: list[str]) -> list[tuple[str, float]]:
-        """(component, weight) pairs for 0-based ``layer`` of a ``depth``-layer model."""
-
-
-class LinearExpansion:
-    """TLEG: θ_l = θ_A + (l−1)/(L−1)·θ_B (1-based l; a one-layer model is θ_A)."""
-
-    name = "tleg"
-
-    def components(self, cfg: LearngeneConfig) -> list[str]:
-        return ["A", "B"]
-
-    def mix(self, layer: int, depth: int, components: list[str]) -> list[tuple[str, float]]:
-        return [("A", 1.0), ("B", layer / (depth - 1) if depth > 1 else 0.0)]
-
-
-class StageSharing:
-    """SWS: layer l takes the layer of the stage at its relative depth,
-    ``floor((l + ½)·S / L)``; with L = S·k every stage gets k copies, with
-    L < S the stages at the layers' relative positions are kept."""
-
-    name = "sws"
-
-    def components(self, cfg: LearngeneConfig) -> list[str]:
-        return [f"stage{s}" for s in range(cfg.stages)]
-
-    def mix(self, layer: int, depth: int, components: list[str]) -> list[tuple[str, float]]:
-        stage = min(len(components) - 1, int((layer + 0.5) * len(components) / depth))
-        return [(components[stage], 1.0)]
-
-
-RULES: dict[str, ExpansionRule] = {rule.name: rule for rule in (LinearExpansion(), StageSharing())}
 
 
 class Learngene(nn.Module):
@@ -99,7 +60,7 @@ class Learngene(nn.Module):
         self.rule = RULES[cfg.method]
         dim, mlp_dim = cfg.widths
         self.shell = ViT(num_classes, (dim, mlp_dim), depth=0)
-        names = self.rule.components(cfg)
+        names = self.rule.components(cfg.stages)
         self.components = nn.ModuleDict({n: TransformerBlock(dim, ViT.heads, mlp_dim) for n in names})
         for block in self.components.values():
             block.apply(_init_block)
@@ -134,7 +95,8 @@ class Learngene(nn.Module):
     def expand(self, depth: int) -> ViT:
         """A ViT of ``depth`` blocks initialised from the learngene."""
         if not 1 <= depth <= self.cfg.max_depth:
-            raise ValueError(f"depth {depth} is outside 1..{self.cfg.max_depth} (this learngene's max_depth)")
+            raise ConfigError(f"depth {depth} is outside 1..{self.cfg.max_depth} (this learngene's max_depth)",
+                              hint=f"choose a depth in 1..{self.cfg.max_depth}")
         model = ViT(self.num_classes, tuple(self.cfg.widths), depth=depth)
         state = {k: v.clone() for k, v in self.shell.state_dict().items()}
         for layer in range(depth):
@@ -155,34 +117,73 @@ def _init_block(module: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------ files
-def save(learngene: Learngene, meta: dict[str, Any], out_dir: Path) -> None:
+@dataclass
+class LearngeneMeta:
+    """``learngene.json``: what the learngene is (checked on load) and how it was made."""
+
+    VERSION: ClassVar[int] = FORMAT_VERSION
+
+    method: str
+    config: dict[str, Any]                 # the LearngeneConfig, as a dict
+    components: list[str]
+    stored_params: int
+    labels: list[str]
+    input: InputSpec
+    data: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    recipe: dict[str, Any] = field(default_factory=dict)
+    # the teacher's device settings travel to the models the learngene makes
+    experts: dict[str, Any] = field(default_factory=dict)
+    personalize: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, Any] = field(default_factory=dict)
+    auxiliary: dict[str, Any] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    train_flops: int = 0
+    weights_sha256: str = ""
+    toolkit_version: str = __version__
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    family: str = FAMILY
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def of(cls, learngene: Learngene, **how_made: Any) -> "LearngeneMeta":
+        """The metadata of ``learngene``: its identity from the module, the rest as given."""
+        return cls(method=learngene.cfg.method, config=asdict(learngene.cfg),
+                   components=list(learngene.components), stored_params=learngene.stored_parameters(),
+                   **how_made)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "input": self.input.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LearngeneMeta":
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in data.items() if k in known}, "input": InputSpec.from_dict(data["input"])})
+
+
+def save(learngene: Learngene, meta: LearngeneMeta, out_dir: Path) -> LearngeneMeta:
     """``learngene.pt`` (weights) and ``learngene.json`` (what it is, how it was
     made, and the weights' sha256, checked on load)."""
     buffer = io.BytesIO()
     torch.save(learngene.state_dict(), buffer)
     payload = buffer.getvalue()
     atomic.write_bytes(out_dir / "learngene.pt", payload)
-    meta = {**meta, "weights_sha256": hashlib.sha256(payload).hexdigest()}
-    atomic.write_text(out_dir / "learngene.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    meta = replace(meta, weights_sha256=hashlib.sha256(payload).hexdigest())
+    atomic.write_text(out_dir / "learngene.json", json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n")
+    return meta
 
 
-def describe(learngene: Learngene) -> dict[str, Any]:
-    """The identifying part of ``learngene.json``: what ``load`` checks."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "toolkit_version": toolkit.__version__,
-            "family": FAMILY, "method": learngene.cfg.method, "config": asdict(learngene.cfg),
-            "components": list(learngene.components), "stored_params": learngene.stored_parameters()}
-
-
-def generic_data(meta: dict[str, Any], data: LabeledImages | None = None) -> tuple[GenericData, Any]:
+def generic_data(meta: LearngeneMeta, data: LabeledImages | None = None) -> tuple[GenericData, Any]:
     """The generic data split and normalised as the learngene's teacher saw it."""
-    return load_generic(meta["input"], meta.get("seed", 0), PretrainConfig(), data)
+    return load_generic(meta.input, meta.seed, PretrainConfig(), data)
 
 
 def _minor(version: str) -> tuple[str, ...]:
     return tuple(version.split(".")[:2])
 
 
-def load(learngene_dir: str | Path) -> tuple[Learngene, dict[str, Any]]:
+def load(learngene_dir: str | Path) -> tuple[Learngene, LearngeneMeta]:
     """Load and check a learngene directory; every refusal says what would fit."""
     learngene_dir = Path(learngene_dir)
     meta_path = learngene_dir / "learngene.json"
@@ -191,38 +192,40 @@ def load(learngene_dir: str | Path) -> tuple[Learngene, dict[str, Any]]:
         what = "a GE checkpoint" if (learngene_dir / "model.json").is_file() else "not a learngene"
         raise CheckpointError(f"{learngene_dir} is {what} (no learngene.json)", hint=train_hint)
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{meta_path} is not valid JSON: {exc}", hint=train_hint) from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{learngene_dir} is not a learngene (format {meta.get('format')!r})", hint=train_hint)
-    if meta.get("family") != FAMILY:
-        raise CheckpointError(f"{learngene_dir} is a learngene of the {meta.get('family')!r} model family; "
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{learngene_dir} is not a learngene (format {found!r})", hint=train_hint)
+    if data.get("family") != FAMILY:
+        raise CheckpointError(f"{learngene_dir} is a learngene of the {data.get('family')!r} model family; "
                               f"this toolkit expands {FAMILY!r} learngenes", hint=train_hint)
-    made_by = meta.get("toolkit_version", "?")
-    if meta.get("format_version") != FORMAT_VERSION or _minor(made_by) != _minor(toolkit.__version__):
+    made_by = data.get("toolkit_version", "?")
+    if data.get("format_version") != FORMAT_VERSION or _minor(made_by) != _minor(__version__):
         raise CheckpointError(
-            f"{learngene_dir} was made by edgetailor {made_by} (learngene format {meta.get('format_version')}); "
-            f"this is edgetailor {toolkit.__version__} (format {FORMAT_VERSION}), which reads learngenes of "
-            f"edgetailor {'.'.join(_minor(toolkit.__version__))}.x",
+            f"{learngene_dir} was made by edgetailor {made_by} (learngene format {data.get('format_version')}); "
+            f"this is edgetailor {__version__} (format {FORMAT_VERSION}), which reads learngenes of "
+            f"edgetailor {'.'.join(_minor(__version__))}.x",
             hint=f"re-train it with this version ({train_hint[len('train one with '):]}), "
                  f"or expand it with edgetailor {made_by}")
-    if meta.get("method") not in RULES:
-        raise CheckpointError(f"{learngene_dir} uses expansion method {meta.get('method')!r}; "
+    if data.get("method") not in RULES:
+        raise CheckpointError(f"{learngene_dir} uses expansion method {data.get('method')!r}; "
                               f"known: {', '.join(RULES)}", hint=train_hint)
     weights = learngene_dir / "learngene.pt"
     try:
         payload = weights.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"cannot read {weights}: {exc}", hint=train_hint) from None
-    if hashlib.sha256(payload).hexdigest() != meta.get("weights_sha256"):
+    if hashlib.sha256(payload).hexdigest() != data.get("weights_sha256"):
         raise CheckpointError(f"{weights} does not match the sha256 in learngene.json: corrupt or modified",
                               hint="copy the learngene again from where it was trained, or re-train it")
     try:
-        cfg = LearngeneConfig(**meta["config"])
+        meta = LearngeneMeta.from_dict(data)
+        cfg = LearngeneConfig(**meta.config)
         cfg.validate()
-        learngene = Learngene(cfg, len(meta["labels"]))
+        learngene = Learngene(cfg, len(meta.labels))
         learngene.load_state_dict(torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True))
-    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+    except (KeyError, TypeError, RuntimeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"cannot load the learngene in {learngene_dir}: {exc}", hint=train_hint) from None
     return learngene.eval(), meta

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit.config import from_dict, read_recipe_file
-from toolkit.errors import ConfigError
+from edgetailor.toolkit.config import from_dict, read_recipe_file
+from edgetailor.toolkit.errors import ConfigError
+from edgetailor.server_side.learngene.rules import RULES
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 PROFILES_DIR = Path(__file__).with_name("profiles")
-METHODS = ("tleg", "sws")
 
 
 @dataclass
@@ -41,12 +41,13 @@ class LearngeneConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"learngene.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in RULES:
+            raise ConfigError(f"learngene.method must be one of {', '.join(RULES)}, got {self.method!r}")
         if len(self.widths) != 2 or any(w < 1 for w in self.widths):
             raise ConfigError(f"learngene.widths must be [embedding, mlp] >= 1, got {self.widths}")
         if self.widths[0] % 4:
-            raise ConfigError(f"learngene.widths[0] (embedding) must be a multiple of the 4 heads, got {self.widths[0]}")
+            raise ConfigError("learngene.widths[0] (embedding) must be a multiple of the 4 heads, "
+                              f"got {self.widths[0]}")
         if self.aux_depth < 2:
             raise ConfigError(f"learngene.aux_depth must be >= 2 (two layers fix a line), got {self.aux_depth}")
         if self.method == "sws" and not 1 <= self.stages <= self.aux_depth:

@@ -9,33 +9,26 @@ can teach (the default LeNet-5 included): only its logits are used.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from toolkit import atomic
-from toolkit.config import PretrainConfig
-from toolkit.data import LabeledImages, load_generic_digits, provenance
-from toolkit.errors import EdgetailorError
-from export.bundle import count_macs
-from server_side.checkpoint import GECheckpoint
-from server_side.learngene import gene
-from server_side.learngene.recipe import LearngeneRecipe
-from server_side.training import fit, load_generic, test_accuracy
+from edgetailor.toolkit import atomic
+from edgetailor.toolkit.data import LabeledImages, load_generic_digits, provenance
+from edgetailor.toolkit.errors import EdgetailorError
+from edgetailor.server_side.cost import count_macs, count_params, training_flops
+from edgetailor.server_side.checkpoint import GECheckpoint
+from edgetailor.server_side.learngene import gene
+from edgetailor.server_side.learngene.recipe import LearngeneRecipe
+from edgetailor.server_side.training import fit, load_generic, test_accuracy
 
 ProgressFn = Callable[[int, int], None]
 
 
-def training_flops(macs_per_sample: int, samples: int, epochs: int) -> int:
-    """Forward + backward ≈ 3 forward passes, 2 FLOPs per multiply-add."""
-    return 3 * 2 * macs_per_sample * samples * epochs
-
-
 def train_learngene(teacher_dir: str | Path, recipe: LearngeneRecipe, out: str | Path,
                     data: LabeledImages | None = None, progress: ProgressFn | None = None,
-                    overwrite: bool = False) -> tuple[gene.Learngene, dict[str, Any]]:
+                    overwrite: bool = False) -> tuple[gene.Learngene, gene.LearngeneMeta]:
     """Train the learngene of ``recipe`` from the GE in ``teacher_dir``; write it to ``out``."""
     recipe.validate()
     out = Path(out)
@@ -43,10 +36,9 @@ def train_learngene(teacher_dir: str | Path, recipe: LearngeneRecipe, out: str |
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
     teacher = GECheckpoint.load(teacher_dir)
     cfg = recipe.learngene
-    seed = teacher.meta.get("seed", 0)
-    augment = PretrainConfig(**teacher.meta.get("recipe", {}).get("pretrain", {}))
+    seed = teacher.meta.seed
     data = data if data is not None else load_generic_digits()
-    generic, split = load_generic(teacher.meta["input"], seed, augment, data)
+    generic, split = load_generic(teacher.meta.input, seed, teacher.meta.pretrain_config, data)
     torch.manual_seed(cfg.seed)
     learngene = gene.Learngene(cfg, len(teacher.labels))
     started = time.perf_counter()
@@ -57,26 +49,16 @@ def train_learngene(teacher_dir: str | Path, recipe: LearngeneRecipe, out: str |
     aux_macs = count_macs(learngene.expand(cfg.aux_depth), (example,))
     teacher_macs = count_macs(teacher.model, (example,))
     n = len(generic.train_x)
-    meta = {
-        **gene.describe(learngene),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "labels": teacher.labels,
-        "input": teacher.meta["input"],
-        "data": provenance(data, split),
-        "seed": seed,
-        "recipe": recipe.to_dict(),
-        # the teacher's device settings travel to the models the learngene makes
-        "experts": teacher.meta.get("recipe", {}).get("experts", {}),
-        "personalize": teacher.meta.get("recipe", {}).get("personalize", {}),
-        "teacher": {"path": str(teacher_dir), "arch": teacher.meta["arch"], "widths": teacher.meta.get("widths"),
-                    "params": sum(p.numel() for p in teacher.model.parameters()),
-                    "generic_accuracy": test_accuracy(teacher.model, generic)},
-        "auxiliary": {"depth": cfg.aux_depth, "generic_accuracy": test_accuracy(learngene, generic),
-                      "macs": aux_macs},
-        "train_seconds": round(seconds, 2),
+    meta = gene.LearngeneMeta.of(
+        learngene, labels=teacher.labels, input=teacher.meta.input, data=provenance(data, split), seed=seed,
+        recipe=recipe.to_dict(), experts=teacher.meta.recipe.get("experts", {}),
+        personalize=teacher.meta.recipe.get("personalize", {}),
+        teacher={"path": str(teacher_dir), "arch": teacher.meta.arch, "widths": teacher.meta.widths,
+                 "params": count_params(teacher.model), "generic_accuracy": test_accuracy(teacher.model, generic)},
+        auxiliary={"depth": cfg.aux_depth, "generic_accuracy": test_accuracy(learngene, generic), "macs": aux_macs},
+        train_seconds=round(seconds, 2),
         # the student's forward+backward and the teacher's forward, every epoch
-        "train_flops": training_flops(aux_macs, n, cfg.epochs) + 2 * teacher_macs * n * cfg.epochs,
-    }
+        train_flops=training_flops(aux_macs, n, cfg.epochs) + 2 * teacher_macs * n * cfg.epochs)
     with atomic.staged_dir(out, overwrite=overwrite) as staging:
-        gene.save(learngene, meta, staging)
+        meta = gene.save(learngene, meta, staging)
     return learngene, meta

@@ -13,12 +13,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from device import DeviceRuntime
-from device.backends import PREFERENCE, choose_backends, installed_backends
-from device.mixture import normalize
+from edgetailor.device import DeviceRuntime
+from edgetailor.device.backends import PREFERENCE, choose_backends, installed_backends
 from tests.conftest import ROOT, run_cli
-from toolkit.bundle import Bundle
-from toolkit.errors import BundleError, EdgetailorError
+from edgetailor.toolkit.bundle import Bundle
+from edgetailor.toolkit.errors import BundleError, EdgetailorError
 
 BACKENDS = list(PREFERENCE)
 
@@ -32,7 +31,7 @@ def test_ge_outputs_agree_across_backends(bundle_dir, user, tmp_path):
     outputs = {}
     for name in BACKENDS:
         with DeviceRuntime.open(bundle_dir, tmp_path / name, name) as rt:
-            x = normalize(user.test.images[:24], rt.manifest["input"])
+            x = rt.manifest.input.normalize(user.test.images[:24])
             outputs[name] = rt.ge.run(x)
     ref_logits, ref_features = outputs["torch"]
     for name, (logits, features) in outputs.items():
@@ -80,7 +79,7 @@ def test_a_personalization_runs_on_any_training_backend(bundle_dir, user, person
 
 
 def test_bundle_without_the_backends_format(ge_dir, tmp_path):
-    from export.bundle import export_bundle
+    from edgetailor.export.bundle import export_bundle
 
     bundle = export_bundle(ge_dir, tmp_path / "b", formats=["onnx"], make_zip=False)
     with pytest.raises(BundleError, match="has no tflite files") as info:
@@ -118,8 +117,8 @@ def test_backend_not_installed(bundle_dir, tmp_path):
         import sys
         sys.modules["ai_edge_litert"] = None
         sys.modules["tflite_runtime"] = None
-        from device import DeviceRuntime
-        from toolkit.errors import EdgetailorError
+        from edgetailor.device import DeviceRuntime
+        from edgetailor.toolkit.errors import EdgetailorError
         try:
             DeviceRuntime.open({str(bundle_dir)!r}, {str(tmp_path / 's')!r}, "litert")
         except EdgetailorError as exc:
@@ -142,7 +141,7 @@ def test_device_info_cli(bundle_dir):
 
 
 def test_cli_backend_flag(bundle_dir, user, tmp_path):
-    from toolkit.loaders import save_npz
+    from edgetailor.toolkit.loaders import save_npz
 
     save_npz(user.train, tmp_path / "train.npz")
     out = run_cli("device", "personalize", "--bundle", str(bundle_dir), "--state", str(tmp_path / "s"),

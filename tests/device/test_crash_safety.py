@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 
-from device import DeviceRuntime
+from edgetailor.device import DeviceRuntime
 from tests.conftest import ROOT
-from toolkit.loaders import save_npz
+from edgetailor.toolkit.loaders import save_npz
 
 
 def test_kill_during_personalize(bundle_dir, user, tmp_path):
@@ -23,7 +23,7 @@ def test_kill_during_personalize(bundle_dir, user, tmp_path):
     save_npz(user.train, tmp_path / "all.npz")
     # A long personalization in a real device process, killed mid-training.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "toolkit.cli", "device", "personalize", "--bundle", str(bundle_dir),
+        [sys.executable, "-m", "edgetailor.app.cli", "device", "personalize", "--bundle", str(bundle_dir),
          "--state", str(state), "--samples", str(tmp_path / "all.npz"), "--epochs", "100000", "--max-seconds", "600"],
         cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)

@@ -1,12 +1,13 @@
+import json
 import shutil
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from device import DeviceRuntime
-from device.mixture import normalize
-from toolkit.errors import SampleError, StateError
+from edgetailor.device import DeviceRuntime
+from edgetailor.toolkit.errors import SampleError, StateError
+from tests.conftest import run_cli
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def personalized_state(bundle_dir, user, tmp_path_factory):
 def test_unpersonalized_answers_with_ge_alone(runtime, bundle_dir, user):
     prediction = runtime.predict(user.test.images)
     session = ort.InferenceSession(str(bundle_dir / "ge.onnx"), providers=["CPUExecutionProvider"])
-    ge_logits = session.run(["logits"], {"image": normalize(user.test.images, runtime.manifest["input"])})[0]
+    ge_logits = session.run(["logits"], {"image": runtime.manifest.input.normalize(user.test.images)})[0]
     assert np.array_equal(prediction.indices, ge_logits.argmax(1))
     assert set(prediction.experts) == {"GE"}
     result = runtime.evaluate_dataset(user.test)
@@ -99,18 +100,29 @@ def test_personalize_needs_samples(runtime, user):
 
 
 def test_personalization_of_another_bundle_is_not_used(ge_dir, bundle_dir, personalized_state, tmp_path):
-    from export.bundle import export_bundle
-    from toolkit.config import ExpertConfig
+    from edgetailor.export.bundle import export_bundle
+    from edgetailor.toolkit.config import ExpertConfig
 
     other = export_bundle(ge_dir, tmp_path / "other", experts=ExpertConfig(gate_threshold=0.6), make_zip=False)
     state = tmp_path / "state"
     shutil.copytree(personalized_state[0], state)
     with DeviceRuntime.open(other, state) as rt:
         assert not rt.personalized and rt.sample_count() == 100  # samples kept, LE/GN of another GE dropped
+        assert "trained with another bundle" in rt.status()["personalization_problem"]
+    # and the CLI says so, in evaluate and in info
+    np.savez(tmp_path / "few.npz", x=np.zeros((2, 28, 28), np.uint8), y=np.array([0, 1]))
+    evaluated = json.loads(run_cli("device", "evaluate", "--bundle", str(other), "--state", str(state),
+                                   "--samples", str(tmp_path / "few.npz"), "--json").stdout)
+    assert "trained with another bundle" in evaluated["personalization_problem"]
+    proc = run_cli("device", "evaluate", "--bundle", str(other), "--state", str(state),
+                   "--samples", str(tmp_path / "few.npz"))
+    assert "not in use: it was trained with another bundle" in proc.stderr
+    info = run_cli("device", "info", "--bundle", str(other), "--state", str(state)).stdout
+    assert "100 samples stored" in info and "not in use: it was trained with another bundle" in info
 
 
 def test_state_for_other_labels_is_refused(bundle_dir, tmp_path):
-    from device.store import StateStore
+    from edgetailor.device.store import StateStore
 
     StateStore(tmp_path / "state", ["a", "b"]).close()
     with pytest.raises(StateError, match="labels"):

@@ -9,19 +9,20 @@ from tests.conftest import ROOT
 
 
 def test_personalize_with_torch_unimportable(bundle_dir, user, tmp_path):
-    from toolkit.loaders import save_npz
+    from edgetailor.toolkit.loaders import save_npz
 
     save_npz(user.train, tmp_path / "train.npz")
     script = textwrap.dedent(f"""
         import json, sys
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
-        from device import DeviceRuntime
-        from toolkit.loaders import load_samples
+        from edgetailor.device import DeviceRuntime
+        from edgetailor.toolkit.loaders import load_samples
         with DeviceRuntime.open({str(bundle_dir)!r}, {str(tmp_path / 'state')!r}) as rt:
             rt.add_dataset(load_samples({str(tmp_path / 'train.npz')!r}))
             report = rt.personalize()
             accuracy = rt.evaluate_dataset(load_samples({str(tmp_path / 'train.npz')!r}))["accuracy"]
-        heavy = [m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in ("torch", "sklearn", "matplotlib")]
+        heavy = [m for m, mod in sys.modules.items()
+                 if mod is not None and m.split(".")[0] in ("torch", "sklearn", "matplotlib")]
         print(json.dumps({{"steps": report["le_steps"], "accuracy": accuracy, "heavy": heavy}}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,

@@ -6,10 +6,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.bundle import MAX_IR_VERSION, export_bundle
-from server_side.checkpoint import GECheckpoint
-from toolkit.config import ExpertConfig
-from toolkit.errors import ConfigError
+from edgetailor.export.bundle import export_bundle
+from edgetailor.export.onnx_export import MAX_IR_VERSION
+from edgetailor.server_side.checkpoint import GECheckpoint
+from edgetailor.toolkit.config import ExpertConfig
+from edgetailor.toolkit.errors import ConfigError
 
 
 def test_manifest_and_overhead(bundle_dir):

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from device.backends.executorch import AdamW
-from export.trainable import executorch_training_program
-from toolkit.models import LeNet5
-from toolkit.native_output import quiet_native_output
+from edgetailor.device.backends.executorch import AdamW
+from edgetailor.export.trainable import executorch_training_program
+from edgetailor.server_side.models import LeNet5
+from edgetailor.toolkit.native_output import quiet_native_output
 
 
 def test_conv_net_trains_in_executorch_as_in_torch(generic_split):

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from server_side import training
-from toolkit.errors import CheckpointError, ConfigError
+from edgetailor.server_side import training
+from edgetailor.toolkit.errors import CheckpointError, ConfigError
 
 
 def small_recipe(method: str = "tleg", epochs: int = 6):
     """A narrow learngene trained briefly: real training, test-sized."""
-    from server_side.learngene.recipe import LearngeneConfig, LearngeneRecipe, TrainSchedule
+    from edgetailor.server_side.learngene.recipe import LearngeneConfig, LearngeneRecipe, TrainSchedule
 
     return LearngeneRecipe(
         learngene=LearngeneConfig(method=method, widths=[32, 64], aux_depth=4, stages=2, max_depth=6,
@@ -29,7 +29,7 @@ def small_recipe(method: str = "tleg", epochs: int = 6):
 
 @pytest.fixture(scope="module")
 def tleg_dir(ge_dir, tmp_path_factory):
-    from server_side.learngene.train import train_learngene
+    from edgetailor.server_side.learngene.train import train_learngene
 
     out = tmp_path_factory.mktemp("lg") / "tleg"
     train_learngene(ge_dir, small_recipe("tleg"), out)
@@ -38,7 +38,7 @@ def tleg_dir(ge_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sws_dir(ge_dir, tmp_path_factory):
-    from server_side.learngene.train import train_learngene
+    from edgetailor.server_side.learngene.train import train_learngene
 
     out = tmp_path_factory.mktemp("lg") / "sws"
     train_learngene(ge_dir, small_recipe("sws", epochs=2), out)
@@ -46,7 +46,7 @@ def sws_dir(ge_dir, tmp_path_factory):
 
 
 def test_tleg_layers_are_a_line_in_depth():
-    from server_side.learngene.gene import Learngene
+    from edgetailor.server_side.learngene.gene import Learngene
 
     learngene = Learngene(small_recipe("tleg").learngene, 10)
     model = learngene.expand(5)
@@ -60,7 +60,7 @@ def test_tleg_layers_are_a_line_in_depth():
 
 
 def test_sws_repeats_each_stage_layer():
-    from server_side.learngene.gene import Learngene
+    from edgetailor.server_side.learngene.gene import Learngene
 
     learngene = Learngene(small_recipe("sws").learngene, 10)
     stages = [learngene.components[f"stage{s}"].fc1.weight for s in range(2)]
@@ -73,7 +73,7 @@ def test_sws_repeats_each_stage_layer():
 
 @pytest.mark.parametrize("method", ["tleg", "sws"])
 def test_auxiliary_model_is_the_expansion_at_its_depth(method):
-    from server_side.learngene.gene import Learngene
+    from edgetailor.server_side.learngene.gene import Learngene
 
     learngene = Learngene(small_recipe(method).learngene, 10).eval()
     x = torch.randn(4, 1, 28, 28)
@@ -82,32 +82,32 @@ def test_auxiliary_model_is_the_expansion_at_its_depth(method):
 
 
 def test_trained_learngene_records_what_it_is(tleg_dir):
-    from server_side.learngene import gene
+    from edgetailor.server_side.learngene import gene
 
     learngene, meta = gene.load(tleg_dir)
-    assert meta["family"] == "vit" and meta["method"] == "tleg" and meta["components"] == ["A", "B"]
+    assert meta.family == "vit" and meta.method == "tleg" and meta.components == ["A", "B"]
     per_block = sum(p.numel() for p in learngene.components["A"].parameters())
     shell = sum(p.numel() for p in learngene.shell.parameters())
-    assert meta["stored_params"] == shell + 2 * per_block
-    assert meta["teacher"]["arch"] == "lenet5" and meta["train_flops"] > 0
+    assert meta.stored_params == shell + 2 * per_block
+    assert meta.teacher["arch"] == "lenet5" and meta.train_flops > 0
     # the accuracy recorded is the one the expansion at the auxiliary depth has
     generic, _ = gene.generic_data(meta)
-    assert abs(training.test_accuracy(learngene.expand(4), generic) - meta["auxiliary"]["generic_accuracy"]) < 1e-6
+    assert abs(training.test_accuracy(learngene.expand(4), generic) - meta.auxiliary["generic_accuracy"]) < 1e-6
 
 
 def test_expand_makes_a_ge_that_goes_through_bundle_and_device(tleg_dir, tmp_path, user, generic_split):
-    from device.runtime import DeviceRuntime
-    from export.bundle import export_bundle
-    from server_side.checkpoint import GECheckpoint
+    from edgetailor.device.runtime import DeviceRuntime
+    from edgetailor.export.bundle import export_bundle
+    from edgetailor.server_side.checkpoint import GECheckpoint
 
     out = tmp_path / "ge3"
     proc = run_cli("server", "learngene", "expand", "--learngene", str(tleg_dir), "--depth", "3",
                    "--out", str(out))
     assert "depth 3" in proc.stdout
     ckpt = GECheckpoint.load(out)
-    assert ckpt.meta["arch"] == "vit" and ckpt.meta["depth"] == 3 and len(ckpt.model.blocks) == 3
-    assert ckpt.meta["learngene"]["method"] == "tleg"
-    assert ckpt.meta["recipe"]["experts"]["le_feature_tap"] == "tokens"
+    assert ckpt.meta.arch == "vit" and ckpt.meta.depth == 3 and len(ckpt.model.blocks) == 3
+    assert ckpt.meta.learngene["method"] == "tleg"
+    assert ckpt.meta.recipe["experts"]["le_feature_tap"] == "tokens"
     bundle = export_bundle(out, tmp_path / "bundle")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["global_expert"]["arch"] == "vit"
@@ -119,9 +119,9 @@ def test_expand_makes_a_ge_that_goes_through_bundle_and_device(tleg_dir, tmp_pat
 
 
 def test_profile_picks_the_deepest_model_that_fits(tleg_dir, tmp_path):
-    from server_side.learngene import gene
-    from server_side.learngene.expand import check_profile, expand_learngene, footprint, pick_depth
-    from server_side.learngene.recipe import DeviceProfile, TrainSchedule
+    from edgetailor.server_side.learngene import gene
+    from edgetailor.app.learngene import check_profile, expand_for_device, footprint, pick_depth
+    from edgetailor.server_side.learngene.recipe import DeviceProfile, TrainSchedule
 
     learngene, _ = gene.load(tleg_dir)
     rows = {d: footprint(learngene, d) for d in (2, 3)}
@@ -129,10 +129,10 @@ def test_profile_picks_the_deepest_model_that_fits(tleg_dir, tmp_path):
     profile = DeviceProfile(name="tight", flash_kb=(rows[2]["flash_kb"] + rows[3]["flash_kb"]) / 2)
     depth, row = pick_depth(learngene, profile)
     assert depth == 2 and not check_profile(row, profile)
-    ckpt = expand_learngene(tleg_dir, tmp_path / "ge", profile=profile, schedule=TrainSchedule(epochs=0))
-    assert ckpt.meta["depth"] == 2 and ckpt.meta["learngene"]["device_profile"]["name"] == "tight"
+    ckpt = expand_for_device(tleg_dir, tmp_path / "ge", profile=profile, schedule=TrainSchedule(epochs=0))
+    assert ckpt.meta.depth == 2 and ckpt.meta.learngene["device_profile"]["name"] == "tight"
     with pytest.raises(ConfigError, match="exceeds device profile 'tight'") as info:
-        expand_learngene(tleg_dir, tmp_path / "ge5", depth=5, profile=profile)
+        expand_for_device(tleg_dir, tmp_path / "ge5", depth=5, profile=profile)
     assert "deepest model that fits is depth 2" in str(info.value)
     with pytest.raises(ConfigError, match="no depth of this learngene fits"):
         pick_depth(learngene, DeviceProfile(name="tiny", ram_kb=1))
@@ -140,9 +140,9 @@ def test_profile_picks_the_deepest_model_that_fits(tleg_dir, tmp_path):
 
 
 def test_shipped_profiles_load_and_order_depths(tleg_dir):
-    from server_side.learngene import gene
-    from server_side.learngene.expand import pick_depth
-    from server_side.learngene.recipe import load_profile, shipped_profiles
+    from edgetailor.server_side.learngene import gene
+    from edgetailor.app.learngene import pick_depth
+    from edgetailor.server_side.learngene.recipe import load_profile, shipped_profiles
 
     learngene, _ = gene.load(tleg_dir)
     assert {"wearable", "budget-phone", "phone"} <= set(shipped_profiles())
@@ -159,7 +159,7 @@ def test_depth_outside_the_learngene_is_refused(tleg_dir, tmp_path, depth):
 
 
 def test_bad_profiles_are_refused(tmp_path):
-    from server_side.learngene.recipe import load_profile
+    from edgetailor.server_side.learngene.recipe import load_profile
 
     bad = tmp_path / "p.toml"
     bad.write_text("[device]\nname = 'x'\nlatency_ms = 3\n")
@@ -181,7 +181,7 @@ def _copy(src, dst):
 
 
 def test_foreign_or_tampered_learngenes_are_refused(tleg_dir, ge_dir, tmp_path):
-    from server_side.learngene import gene
+    from edgetailor.server_side.learngene import gene
 
     with pytest.raises(CheckpointError, match="is a GE checkpoint"):
         gene.load(ge_dir)
@@ -202,7 +202,7 @@ def test_foreign_or_tampered_learngenes_are_refused(tleg_dir, ge_dir, tmp_path):
 
 
 def test_compare_reports_every_depth_against_scratch(tleg_dir, sws_dir, tmp_path):
-    from server_side.learngene.compare import compare_family
+    from edgetailor.server_side.learngene.compare import compare_family
 
     report = compare_family([tleg_dir, sws_dir], [1, 3], tmp_path / "cmp", small_recipe())
     assert [r["depth"] for r in report["rows"]] == [1, 3]
@@ -216,21 +216,21 @@ def test_compare_reports_every_depth_against_scratch(tleg_dir, sws_dir, tmp_path
 
 
 def test_pretrain_vit_from_the_cli(tmp_path):
-    from server_side.checkpoint import GECheckpoint
+    from edgetailor.server_side.checkpoint import GECheckpoint
 
     out = tmp_path / "vit"
     run_cli("server", "pretrain", "--arch", "vit", "--depth", "2", "--epochs", "1", "--out", str(out))
     ckpt = GECheckpoint.load(out)
-    assert ckpt.meta["depth"] == 2 and len(ckpt.model.blocks) == 2
-    assert (ckpt.meta["recipe"]["experts"]["le_feature_tap"], ckpt.meta["recipe"]["experts"]["gn_feature_tap"]) \
+    assert ckpt.meta.depth == 2 and len(ckpt.model.blocks) == 2
+    assert (ckpt.meta.recipe["experts"]["le_feature_tap"], ckpt.meta.recipe["experts"]["gn_feature_tap"]) \
         == ("tokens", "cls")
 
 
 def test_structured_pruning_of_a_transformer_is_refused_before_work(tleg_dir, tmp_path):
-    from server_side.compress.pipeline import compress
-    from server_side.compress.recipe import recipe_from_dict
-    from server_side.learngene.expand import expand_learngene
-    from server_side.learngene.recipe import TrainSchedule
+    from edgetailor.app.compress import compress
+    from edgetailor.server_side.compress.recipe import recipe_from_dict
+    from edgetailor.server_side.learngene.expand import expand_learngene
+    from edgetailor.server_side.learngene.recipe import TrainSchedule
 
     expand_learngene(tleg_dir, tmp_path / "ge", depth=2, schedule=TrainSchedule(epochs=0))
     recipe = recipe_from_dict({"stage": [{"kind": "prune_structured", "ratio": 0.5}]}, name="t")
@@ -242,8 +242,8 @@ def test_structured_pruning_of_a_transformer_is_refused_before_work(tleg_dir, tm
 def test_demo_runs_the_loop_with_an_expanded_ge(tleg_dir, tmp_path):
     """The user's loop with a learngene GE: bundle, a torch-free device process
     personalizing a simulated user, and the report against the baselines."""
-    from server_side.learngene.expand import expand_learngene
-    from toolkit.demo import run_demo
+    from edgetailor.server_side.learngene.expand import expand_learngene
+    from edgetailor.app.demo import run_demo
 
     expand_learngene(tleg_dir, tmp_path / "ge", depth=2)
     report = run_demo(tmp_path / "demo", n_users=1, model_dir=tmp_path / "ge", echo=lambda _m: None)

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from server_side.checkpoint import GECheckpoint
-from server_side.finetune import finetune
-from toolkit.errors import CheckpointError
+from edgetailor.server_side.checkpoint import GECheckpoint
+from edgetailor.server_side.finetune import finetune
+from edgetailor.toolkit.errors import CheckpointError
 
 
 def test_checkpoint_records_how_it_was_made(ge_dir):
@@ -37,3 +37,25 @@ def test_finetune_baselines_leave_ge_untouched(ge_dir, user):
     changed = [k for k, v in last.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all(k.startswith("fc3") for k in changed)
     assert not torch.equal(full.conv1.weight, before["conv1.weight"])
+
+
+def test_checkpoint_metadata_is_typed_and_reads_older_files(ge_dir, tmp_path):
+    import shutil
+
+    from edgetailor.server_side.checkpoint import CheckpointMeta
+
+    ckpt = GECheckpoint.load(ge_dir)
+    assert isinstance(ckpt.meta, CheckpointMeta) and ckpt.meta.arch == "lenet5" and not ckpt.meta.quantized
+    assert CheckpointMeta.from_dict(ckpt.meta.to_dict()) == ckpt.meta
+    # model.json as edgetailor 0.1 wrote it: no format_version, and a key this version does not know
+    old = shutil.copytree(ge_dir, tmp_path / "old")
+    data = json.loads((old / "model.json").read_text())
+    data.pop("format_version")
+    data["written_by_a_later_minor"] = True
+    (old / "model.json").write_text(json.dumps(data))
+    assert GECheckpoint.load(old).meta == ckpt.meta
+    data["format_version"] = 99
+    (old / "model.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="format 99") as info:
+        GECheckpoint.load(old)
+    assert "hint:" in str(info.value)

@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 
-from toolkit.bundle import Bundle
-from toolkit.errors import BundleError
+from edgetailor.toolkit.bundle import Bundle
+from edgetailor.toolkit.errors import BundleError
 
 
 @pytest.fixture
@@ -70,8 +70,9 @@ def test_version_1_manifest_is_read(bundle_copy):
         v1[part]["artifacts"] = manifest[part]["training"]["onnx"]
     (bundle_copy / "manifest.json").write_text(json.dumps(v1))
     with Bundle.open(bundle_copy) as b:
-        assert b.formats == ["onnx"] and b.manifest["global_expert"]["files"] == {"onnx": "ge.onnx"}
-        assert b.manifest["local_expert"]["training"]["onnx"]["checkpoint"] == "le/checkpoint"
+        assert b.formats == ["onnx"] and b.manifest.global_expert.files == {"onnx": "ge.onnx"}
+        assert b.manifest.local_expert.training["onnx"]["checkpoint"] == "le/checkpoint"
+        assert b.manifest.local_expert.parameters is None
 
 
 def test_unknown_schema_version(bundle_copy):

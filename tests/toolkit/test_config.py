@@ -1,7 +1,7 @@
 import pytest
 
-from toolkit.config import Recipe, load_recipe, shipped_recipes
-from toolkit.errors import ConfigError
+from edgetailor.toolkit.config import Recipe, load_recipe, shipped_recipes
+from edgetailor.toolkit.errors import ConfigError
 
 
 def test_shipped_recipes_load():

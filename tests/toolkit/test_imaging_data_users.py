@@ -1,8 +1,8 @@
 import numpy as np
 
-from toolkit.data import load_generic_digits, split_generic
-from toolkit.imaging import center_of_mass, mnist_style, resize, thicken
-from toolkit.users import UserStyle, simulate_user
+from edgetailor.toolkit.data import load_generic_digits, split_generic
+from edgetailor.toolkit.imaging import center_of_mass, mnist_style, resize, thicken
+from edgetailor.toolkit.users import UserStyle, simulate_user
 
 
 def test_mnist_style_fits_box_and_centres_mass():

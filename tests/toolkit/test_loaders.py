@@ -4,9 +4,9 @@ import struct
 import numpy as np
 import pytest
 
-from toolkit.data import LabeledImages
-from toolkit.errors import DataFormatError, SampleError
-from toolkit.loaders import load_samples, relabel, save_npz
+from edgetailor.toolkit.data import LabeledImages
+from edgetailor.toolkit.errors import DataFormatError, SampleError
+from edgetailor.toolkit.loaders import load_samples, relabel, save_npz
 
 
 def _write_idx(path, array, opener=open):

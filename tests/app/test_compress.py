@@ -13,18 +13,18 @@ import torch
 from onnx import numpy_helper
 
 from tests.conftest import run_cli
-from toolkit.errors import CheckpointError, ConfigError
+from edgetailor.toolkit.errors import CheckpointError, ConfigError
 
 
 def recipe(*stages: dict, formats=("onnx",)):
-    from server_side.compress.recipe import recipe_from_dict
+    from edgetailor.server_side.compress.recipe import recipe_from_dict
 
     return recipe_from_dict({"stage": list(stages), "export": {"formats": list(formats)}}, name="test")
 
 
 @pytest.fixture(scope="module")
 def int8_dir(ge_dir, tmp_path_factory):
-    from server_side.compress.pipeline import compress
+    from edgetailor.app.compress import compress
 
     out = tmp_path_factory.mktemp("int8") / "ge-int8"
     compress(ge_dir, recipe({"kind": "quantize", "weight_bits": 8, "calibration_samples": 64}), out, n_users=0)
@@ -33,7 +33,7 @@ def int8_dir(ge_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pruned_dir(ge_dir, tmp_path_factory):
-    from server_side.compress.pipeline import compress
+    from edgetailor.app.compress import compress
 
     out = tmp_path_factory.mktemp("pruned") / "ge-pruned"
     stage = {"kind": "prune_structured", "ratio": 0.5, "recovery": {"epochs": 8, "distill": True}}
@@ -42,7 +42,7 @@ def pruned_dir(ge_dir, tmp_path_factory):
 
 
 def test_structured_pruning_shrinks_the_exported_model(ge_dir, pruned_dir):
-    from server_side.checkpoint import GECheckpoint
+    from edgetailor.server_side.checkpoint import GECheckpoint
 
     report = json.loads((pruned_dir / "report.json").read_text())
     rows = {(r["variant"], r["format"]): r for r in report["rows"]}
@@ -52,14 +52,14 @@ def test_structured_pruning_shrinks_the_exported_model(ge_dir, pruned_dir):
     assert rows["compressed", "tflite"]["generic_accuracy"] == pytest.approx(pruned["generic_accuracy"], abs=0.01)
     ckpt = GECheckpoint.load(pruned_dir)  # a GE checkpoint again, rebuilt from its recorded widths
     assert ckpt.model.widths() == [3, 8, 60, 42]
-    assert ckpt.meta["compression"]["stages"][0]["channels"]["conv2"] == {"before": 16, "after": 8}
+    assert ckpt.meta.compression["stages"][0]["channels"]["conv2"] == {"before": 16, "after": 8}
     assert "personalized_user_accuracy" in pruned and "personalized_user_accuracy" in dense
     assert (pruned_dir / "report.png").stat().st_size > 10_000
 
 
 def test_pruned_bundle_personalizes_on_the_device(pruned_dir, tmp_path, user):
-    from device.runtime import DeviceRuntime
-    from export.bundle import export_bundle
+    from edgetailor.device.runtime import DeviceRuntime
+    from edgetailor.export.bundle import export_bundle
 
     bundle = export_bundle(pruned_dir, tmp_path / "bundle", make_zip=False)
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -73,7 +73,7 @@ def test_pruned_bundle_personalizes_on_the_device(pruned_dir, tmp_path, user):
 
 
 def test_int8_is_a_qdq_model_with_the_stage_grid(int8_dir):
-    from server_side.checkpoint import GECheckpoint
+    from edgetailor.server_side.checkpoint import GECheckpoint
 
     model = onnx.load(str(int8_dir / "ge.onnx"))
     ops = {n.op_type for n in model.graph.node}
@@ -90,8 +90,8 @@ def test_int8_is_a_qdq_model_with_the_stage_grid(int8_dir):
 
 
 def test_quantized_bundle_ships_the_qdq_model(int8_dir, tmp_path, user):
-    from device.runtime import DeviceRuntime
-    from export.bundle import export_bundle
+    from edgetailor.device.runtime import DeviceRuntime
+    from edgetailor.export.bundle import export_bundle
 
     bundle = export_bundle(int8_dir, tmp_path / "bundle", make_zip=False)
     assert (bundle / "ge.onnx").read_bytes() == (int8_dir / "ge.onnx").read_bytes()
@@ -106,9 +106,9 @@ def test_quantized_bundle_ships_the_qdq_model(int8_dir, tmp_path, user):
 def test_quantized_checkpoint_with_a_foreign_onnx_is_refused(int8_dir, ge_dir, tmp_path):
     import shutil
 
-    from export.bundle import export_bundle
-    from export.formats import get_format
-    from server_side.checkpoint import GECheckpoint
+    from edgetailor.export.bundle import export_bundle
+    from edgetailor.export.formats import get_exporter
+    from edgetailor.server_side.checkpoint import GECheckpoint
 
     tampered = tmp_path / "tampered"
     shutil.copytree(int8_dir, tampered)
@@ -116,18 +116,18 @@ def test_quantized_checkpoint_with_a_foreign_onnx_is_refused(int8_dir, ge_dir, t
     torch.manual_seed(3)
     for p in other.parameters():
         p.data = torch.randn_like(p)
-    get_format("onnx").export(other, tampered / "ge.onnx", np.zeros((2, 1, 28, 28), np.float32), None)
+    get_exporter("onnx").export(other, tampered / "ge.onnx", np.zeros((2, 1, 28, 28), np.float32), None)
     with pytest.raises(CheckpointError, match="agrees with the checkpoint"):
         export_bundle(tampered, tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
 
 
 def test_magnitude_and_two_of_four_sparsity_survive_recovery(ge_dir):
-    from server_side.checkpoint import GECheckpoint
-    from server_side.compress.pipeline import load_generic
-    from server_side.compress.recipe import PruneMagnitude, PruneNM, Recovery
-    from server_side.compress.stages import CompressionState, run_stage
-    from server_side.compress.training import weight_layers
+    from edgetailor.server_side.checkpoint import GECheckpoint
+    from edgetailor.server_side.compress.pipeline import load_generic
+    from edgetailor.server_side.compress.recipe import PruneMagnitude, PruneNM, Recovery
+    from edgetailor.server_side.compress.stages import CompressionState, run_stage
+    from edgetailor.server_side.compress.training import weight_layers
 
     ckpt = GECheckpoint.load(ge_dir)
     data, _ = load_generic(ckpt, None)
@@ -146,10 +146,10 @@ def test_magnitude_and_two_of_four_sparsity_survive_recovery(ge_dir):
 
 
 def test_lottery_ticket_reaches_its_sparsity_in_rounds(ge_dir):
-    from server_side.checkpoint import GECheckpoint
-    from server_side.compress.pipeline import load_generic
-    from server_side.compress.recipe import LotteryTicket
-    from server_side.compress.stages import CompressionState, run_stage
+    from edgetailor.server_side.checkpoint import GECheckpoint
+    from edgetailor.server_side.compress.pipeline import load_generic
+    from edgetailor.server_side.compress.recipe import LotteryTicket
+    from edgetailor.server_side.compress.stages import CompressionState, run_stage
 
     ckpt = GECheckpoint.load(ge_dir)
     data, _ = load_generic(ckpt, None)
@@ -166,9 +166,9 @@ def test_flexround_reconstructs_better_than_rounding_to_nearest(ge_dir):
 
     import torch.nn.functional as F
 
-    from server_side.checkpoint import GECheckpoint
-    from server_side.compress.pipeline import load_generic
-    from server_side.compress.quantization import flexround, quantize_nearest
+    from edgetailor.server_side.checkpoint import GECheckpoint
+    from edgetailor.server_side.compress.pipeline import load_generic
+    from edgetailor.server_side.compress.quantization import flexround, quantize_nearest
 
     ckpt = GECheckpoint.load(ge_dir)
     data, _ = load_generic(ckpt, None)
@@ -186,8 +186,8 @@ def test_flexround_reconstructs_better_than_rounding_to_nearest(ge_dir):
 
 
 def test_qat_keeps_weights_on_the_grid_and_exports_to_executorch(ge_dir, tmp_path):
-    from server_side.checkpoint import GECheckpoint
-    from server_side.compress.pipeline import compress
+    from edgetailor.server_side.checkpoint import GECheckpoint
+    from edgetailor.app.compress import compress
 
     out = tmp_path / "qat"
     qat = {"kind": "qat", "weight_bits": 8, "calibration_samples": 32, "recovery": {"epochs": 2}}
@@ -211,8 +211,8 @@ def test_qat_keeps_weights_on_the_grid_and_exports_to_executorch(ge_dir, tmp_pat
     ({"stage": []}, "no \\[\\[stage\\]\\]"),
 ])
 def test_bad_recipes_fail_before_any_work(ge_dir, tmp_path, bad, message):
-    from server_side.compress.pipeline import compress
-    from server_side.compress.recipe import recipe_from_dict
+    from edgetailor.app.compress import compress
+    from edgetailor.server_side.compress.recipe import recipe_from_dict
 
     with pytest.raises(ConfigError, match=message):
         compress(ge_dir, recipe_from_dict(bad), tmp_path / "out", n_users=0)
@@ -220,13 +220,13 @@ def test_bad_recipes_fail_before_any_work(ge_dir, tmp_path, bad, message):
 
 
 def test_failed_run_leaves_no_output(ge_dir, tmp_path, monkeypatch):
-    from export.formats import OnnxFormat
-    from server_side.compress.pipeline import compress
+    from edgetailor.app.compress import compress
+    from edgetailor.export.formats import OnnxExporter
 
     def full_disk(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(OnnxFormat, "export", full_disk)
+    monkeypatch.setattr(OnnxExporter, "export", full_disk)
     with pytest.raises(OSError, match="No space left"):
         compress(ge_dir, recipe({"kind": "distill", "recovery": {"epochs": 1}}), tmp_path / "out", n_users=0)
     assert list(tmp_path.iterdir()) == []

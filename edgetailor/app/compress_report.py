@@ -13,8 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from toolkit import atomic
-from toolkit.data import LabeledImages
+from edgetailor.toolkit import atomic
+from edgetailor.toolkit.data import LabeledImages
+from edgetailor.toolkit.formats import FORMATS
+from edgetailor.toolkit.tables import format_table
+from edgetailor.device.runtime import DeviceRuntime
+from edgetailor.export.bundle import export_bundle
+from edgetailor.export.formats import GEExporter
 
 LATENCY_RUNS = 300
 
@@ -31,9 +36,9 @@ def latency_us(run, sample: np.ndarray, runs: int = LATENCY_RUNS) -> float:
     return float(np.median(times) * 1e6)
 
 
-def measure_file(fmt, path: Path, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:
+def measure_file(exporter: GEExporter, path: Path, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:
     """Size, accuracy and batch-1 single-thread latency of an exported model in its runtime."""
-    run = fmt.load(path, threads=1)
+    run = exporter.load(path, threads=1)
     logits = run(test_x)
     data = path.read_bytes()
     return {"file_bytes": len(data), "deflate_bytes": len(zlib.compress(data, 9)),
@@ -45,9 +50,6 @@ def personalization_accuracy(model_dir: Path, users: list, generic_test: Labeled
     """Export a bundle from ``model_dir`` and personalize LE+GN on each
     simulated user with the device runtime (ONNX Runtime training), as a phone
     would; mean accuracy on the users' held-out samples and on generic data."""
-    from device.runtime import DeviceRuntime
-    from export.bundle import export_bundle
-
     user_acc, generic_acc, ge_user_acc = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         bundle = export_bundle(model_dir, Path(tmp) / "bundle", make_zip=False)
@@ -90,8 +92,6 @@ def relate(rows: list[dict[str, Any]]) -> None:
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    from toolkit.demo import format_table
-
     return format_table(rows, COLUMNS)
 
 
@@ -102,7 +102,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"onnx": "o", "executorch": "s", "tflite": "^"}
+    markers = {name: "os^vDPX*"[i % 8] for i, name in enumerate(FORMATS)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     variants = sorted({r["variant"] for r in rows}, key=lambda v: (v != "fp32 GE", v))
     palette = plt.cm.tab10 if len(variants) <= 10 else plt.cm.tab20

@@ -9,29 +9,16 @@ never loads torch.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 import click
 
-import toolkit
-from toolkit.errors import EdgetailorError
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory. On Linux, VmHWM: ru_maxrss would
-    carry over the parent's peak across fork+exec (a device process started
-    by the demo would report the demo's torch-sized RSS)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+from edgetailor.toolkit import __version__
+from edgetailor.toolkit.errors import EdgetailorError
+from edgetailor.toolkit.formats import DEFAULT_FORMATS, FORMATS
+from edgetailor.server_side.learngene.rules import RULES as LEARNGENE_METHODS
 
 
 class _Progress:
@@ -72,7 +59,7 @@ class _FriendlyGroup(click.Group):
 
 
 @click.group(cls=_FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(toolkit.__version__, prog_name="edgetailor")
+@click.version_option(__version__, prog_name="edgetailor")
 def main() -> None:
     """edgetailor: personalise a model on the user's own device.
 
@@ -108,9 +95,9 @@ def server_pretrain(out: Path, recipe: str, data: Path | None, arch: str | None,
                     epochs: int | None, seed: int | None, overwrite: bool) -> None:
     """Train the Global Expert (default LeNet-5) and save a checkpoint with its
     metadata (data hash, seed, accuracy, recipe)."""
-    from toolkit.config import load_recipe
-    from toolkit.loaders import load_samples
-    from server_side.pretrain import pretrain
+    from edgetailor.toolkit.config import load_recipe
+    from edgetailor.toolkit.loaders import load_samples
+    from edgetailor.server_side.pretrain import pretrain
 
     cfg = load_recipe(recipe)
     if arch is not None and arch != cfg.pretrain.arch:
@@ -129,14 +116,14 @@ def server_pretrain(out: Path, recipe: str, data: Path | None, arch: str | None,
     dataset = load_samples(data) if data else None
     progress = _Progress()
     started = time.perf_counter()
-    ckpt = pretrain(out, cfg, dataset, progress=lambda e, n, logs: progress("pretrain GE", e, n), overwrite=overwrite)
+    ckpt = pretrain(out, cfg, dataset, progress=lambda e, n: progress("pretrain GE", e, n), overwrite=overwrite)
     progress.close()
-    click.echo(f"GE ({ckpt.meta['arch']}) trained in {time.perf_counter() - started:.1f}s; "
-               f"generic test accuracy {ckpt.meta['generic_accuracy']:.4f}; saved to {out}")
+    click.echo(f"GE ({ckpt.meta.arch}) trained in {time.perf_counter() - started:.1f}s; "
+               f"generic test accuracy {ckpt.meta.generic_accuracy:.4f}; saved to {out}")
 
 
 def _compress_help() -> str:
-    from server_side.compress.recipe import shipped_compress_recipes
+    from edgetailor.server_side.compress.recipe import shipped_compress_recipes
 
     lines = ["Compress a trained GE with a recipe of stages (pruning, distillation,",
              "quantization) and export it; OUT is a GE checkpoint again, so",
@@ -165,9 +152,9 @@ def _compress_help() -> str:
               help="Simulated users to personalize on, fp32 and compressed GE (0 skips it).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def server_compress(model: Path, recipe: str, out: Path, data: Path | None, n_users: int, overwrite: bool) -> None:
-    from server_side.compress.pipeline import compress
-    from server_side.compress.recipe import load_compress_recipe
-    from toolkit.loaders import load_samples
+    from edgetailor.app.compress import compress
+    from edgetailor.server_side.compress.recipe import load_compress_recipe
+    from edgetailor.toolkit.loaders import load_samples
 
     cfg = load_compress_recipe(recipe)
     if out.exists() and not overwrite:
@@ -207,7 +194,7 @@ def learngene() -> None:
 
 
 def _learngene_recipe(recipe: str | None, **overrides):
-    from server_side.learngene.recipe import load_learngene_recipe
+    from edgetailor.server_side.learngene.recipe import load_learngene_recipe
 
     cfg = load_learngene_recipe(recipe)
     for section, key, value in overrides.values():
@@ -219,7 +206,7 @@ def _learngene_recipe(recipe: str | None, **overrides):
 @learngene.command("train")
 @click.option("--teacher", required=True, type=click.Path(exists=True, path_type=Path),
               help="GE checkpoint to distil from (any architecture; only its logits are used).")
-@click.option("--method", type=click.Choice(["tleg", "sws"]), default="tleg", show_default=True,
+@click.option("--method", type=click.Choice(list(LEARNGENE_METHODS)), default="tleg", show_default=True,
               help="tleg: layer l = θ_A + (l-1)/(L-1)·θ_B; sws: layers share weights within stages.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Learngene directory to write.")
 @click.option("--recipe", help="Learngene recipe TOML ([learngene], [expand], [scratch]); default: the shipped one.")
@@ -231,8 +218,8 @@ def learngene_train(teacher: Path, method: str, out: Path, recipe: str | None, e
                     data: Path | None, overwrite: bool) -> None:
     """Train a learngene: an auxiliary transformer whose layers the learngene
     generates, distilled from the teacher's soft predictions on the generic data."""
-    from server_side.learngene.train import train_learngene
-    from toolkit.loaders import load_samples
+    from edgetailor.server_side.learngene.train import train_learngene
+    from edgetailor.toolkit.loaders import load_samples
 
     cfg = _learngene_recipe(recipe, method=("learngene", "method", method), epochs=("learngene", "epochs", epochs))
     if out.exists() and not overwrite:
@@ -242,15 +229,15 @@ def learngene_train(teacher: Path, method: str, out: Path, recipe: str | None, e
     _, meta = train_learngene(teacher, cfg, out, dataset, progress=lambda e, n: progress("distil learngene", e, n),
                               overwrite=overwrite)
     progress.close()
-    click.echo(f"{method.upper()} learngene: {meta['stored_params']:,} parameters stored "
-               f"({', '.join(meta['components'])} + embedding and head); auxiliary model "
-               f"(depth {meta['auxiliary']['depth']}) {meta['auxiliary']['generic_accuracy']:.4f} on the generic "
-               f"test set, teacher {meta['teacher']['generic_accuracy']:.4f}; {meta['train_seconds']:.0f}s; "
+    click.echo(f"{method.upper()} learngene: {meta.stored_params:,} parameters stored "
+               f"({', '.join(meta.components)} + embedding and head); auxiliary model "
+               f"(depth {meta.auxiliary['depth']}) {meta.auxiliary['generic_accuracy']:.4f} on the generic "
+               f"test set, teacher {meta.teacher['generic_accuracy']:.4f}; {meta.train_seconds:.0f}s; "
                f"saved to {out}")
 
 
 def _expand_help() -> str:
-    from server_side.learngene.recipe import shipped_profiles
+    from edgetailor.server_side.learngene.recipe import shipped_profiles
 
     return ("Expand a learngene into a GE of one depth, fine-tune it briefly on the generic data\n"
             "(recipe [expand], default 1 epoch) and save it as a GE checkpoint.\n\n"
@@ -272,9 +259,9 @@ def _expand_help() -> str:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def learngene_expand(learngene_dir: Path, depth: int | None, profile: str | None, out: Path, epochs: int | None,
                      data: Path | None, overwrite: bool) -> None:
-    from server_side.learngene.expand import expand_learngene
-    from server_side.learngene.recipe import load_profile
-    from toolkit.loaders import load_samples
+    from edgetailor.app.learngene import expand_for_device
+    from edgetailor.server_side.learngene.recipe import load_profile
+    from edgetailor.toolkit.loaders import load_samples
 
     if depth is None and profile is None:
         raise EdgetailorError("give --depth N or --device-profile PROFILE",
@@ -284,14 +271,14 @@ def learngene_expand(learngene_dir: Path, depth: int | None, profile: str | None
     device = load_profile(profile) if profile else None
     dataset = load_samples(data) if data else None
     progress = _Progress()
-    ckpt = expand_learngene(learngene_dir, out, depth, device, data=dataset, epochs=epochs,
-                            progress=lambda e, n: progress("fine-tune", e, n), overwrite=overwrite)
+    ckpt = expand_for_device(learngene_dir, out, depth, device, data=dataset, epochs=epochs,
+                             progress=lambda e, n: progress("fine-tune", e, n), overwrite=overwrite)
     progress.close()
-    lg = ckpt.meta["learngene"]
+    lg = ckpt.meta.learngene
     params = sum(p.numel() for p in ckpt.model.parameters())
     fitted = f" (deepest that fits {device.name})" if device and depth is None else ""
-    click.echo(f"depth {ckpt.meta['depth']}{fitted}: {params:,} parameters; generic test accuracy "
-               f"{lg['generic_accuracy_at_init']:.4f} from the learngene, {ckpt.meta['generic_accuracy']:.4f} "
+    click.echo(f"depth {ckpt.meta.depth}{fitted}: {params:,} parameters; generic test accuracy "
+               f"{lg['generic_accuracy_at_init']:.4f} from the learngene, {ckpt.meta.generic_accuracy:.4f} "
                f"after {lg['finetune']['epochs']} epoch(s); saved to {out}")
     if lg["device_profile"]:
         e = lg["device_profile"]["estimate"]
@@ -316,7 +303,8 @@ def _depth_range(value: str) -> list[int]:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Report directory to write.")
 @click.option("--recipe", help="Learngene recipe TOML for the [expand] and [scratch] schedules "
                                "(default: the first learngene's).")
-@click.option("--data", type=click.Path(exists=True, path_type=Path), help="Generic data. Default: the built-in digits.")
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
+              help="Generic data. Default: the built-in digits.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def learngene_compare(learngenes: tuple[Path, ...], depths: str, out: Path, recipe: str | None, data: Path | None,
                       overwrite: bool) -> None:
@@ -324,9 +312,9 @@ def learngene_compare(learngenes: tuple[Path, ...], depths: str, out: Path, reci
     short fine-tune) against the same depth trained from scratch for 1 and for
     [scratch] epochs; parameters stored and training cost for the whole family.
     Writes OUT/report.txt, report.json and report.png."""
-    from server_side.learngene.compare import compare_family
-    from server_side.learngene.recipe import load_learngene_recipe
-    from toolkit.loaders import load_samples
+    from edgetailor.server_side.learngene.compare import compare_family
+    from edgetailor.server_side.learngene.recipe import load_learngene_recipe
+    from edgetailor.toolkit.loaders import load_samples
 
     if out.exists() and not overwrite:
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
@@ -353,10 +341,10 @@ def export() -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Bundle directory to write; BUNDLE.zip is written beside it.")
 @click.option("--formats", default=None,
-              help="Comma-separated runtimes the bundle carries: onnx (ONNX Runtime: GE + training artifacts), "
-                   "executorch (.pte: GE on XNNPACK + LE/GN training programs), tflite (LiteRT: GE), "
-                   "torch (torch.export reference programs, for parity checks). "
-                   "Default: onnx,executorch,tflite, less those a quantized GE has no model for.")
+              help="Comma-separated formats the bundle carries, one per runtime: "
+                   + ", ".join(f"{f.name} ({f.runtime}: GE{' + LE/GN training programs' if f.trains else ''}"
+                               f"{'; a reference for parity checks' if f.reference else ''})" for f in FORMATS.values())
+                   + f". Default: {','.join(DEFAULT_FORMATS)}, less those a quantized GE has no model for.")
 @click.option("--no-zip", is_flag=True, help="Write only the directory.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export_bundle_cmd(model: Path, out: Path, formats: str | None, no_zip: bool, overwrite: bool) -> None:
@@ -364,7 +352,10 @@ def export_bundle_cmd(model: Path, out: Path, formats: str | None, no_zip: bool,
     for each training runtime, replay glyphs, and a manifest listing every
     format's files with their sha256. Every model is checked against torch
     before the bundle is written."""
-    from export.bundle import check_formats, export_bundle
+    from edgetailor.export.bundle import export_bundle
+    from edgetailor.toolkit.formats import check_formats
+    from edgetailor.toolkit.manifest import Manifest
+    from edgetailor.toolkit.tables import format_table
 
     chosen = check_formats([f.strip() for f in formats.split(",") if f.strip()]) if formats else None
     if out.suffix == ".zip":
@@ -373,15 +364,17 @@ def export_bundle_cmd(model: Path, out: Path, formats: str | None, no_zip: bool,
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
     path = export_bundle(model, out, make_zip=not no_zip, overwrite=overwrite, formats=chosen,
                          progress=lambda msg: click.echo(f"  {msg}", err=True))
-    manifest = json.loads((path / "manifest.json").read_text())
-    for name, entry in manifest["formats"].items():
-        size = sum((path / f).stat().st_size for f in entry["files"])
-        click.echo(f"  {name:<10} {entry['runtime']:<12} {len(entry['files'])} files, {size / 1024:,.0f} KiB")
-    ge, le, gn = (manifest[k] for k in ("global_expert", "local_expert", "gating_network"))
+    manifest = Manifest.from_json((path / "manifest.json").read_text())
+    rows = [{"format": name, "runtime": entry.runtime, "files": len(entry.files),
+             "KiB": sum((path / f).stat().st_size for f in entry.files) / 1024}
+            for name, entry in manifest.formats.items()]
+    click.echo(format_table(rows, [("format", "format", ""), ("runtime", "runtime", ""), ("files", "files", "d"),
+                                   ("KiB", "KiB", ",.0f")]))
+    ge, le, gn = manifest.global_expert, manifest.local_expert, manifest.gating_network
     click.echo(f"bundle written to {path}" + ("" if no_zip else f" and {path}.zip"))
-    click.echo(f"  GE {ge['params']:,} params, {ge['macs']:,} MACs; LE+GN {le['params'] + gn['params']:,} params "
-               f"({(le['params'] + gn['params']) / ge['params']:.2%}), {le['macs'] + gn['macs']:,} MACs "
-               f"({(le['macs'] + gn['macs']) / ge['macs']:.2%})")
+    click.echo(f"  GE {ge.params:,} params, {ge.macs:,} MACs; LE+GN {le.params + gn.params:,} params "
+               f"({(le.params + gn.params) / ge.params:.2%}), {le.macs + gn.macs:,} MACs "
+               f"({(le.macs + gn.macs) / ge.macs:.2%})")
 
 
 # --------------------------------------------------------------------- device
@@ -415,8 +408,9 @@ def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, m
     """Add the samples at PATH to the state and train the Local Expert and
     Gating Network on all stored samples. The previous personalization stays
     in use until the new one is committed."""
-    from device.runtime import DeviceRuntime
-    from toolkit.loaders import load_samples
+    from edgetailor.device.runtime import DeviceRuntime
+    from edgetailor.toolkit.loaders import load_samples
+    from edgetailor.toolkit.memory import peak_rss_mb
 
     overrides = {k: v for k, v in {"max_seconds": max_seconds, "le_epochs": epochs}.items() if v is not None}
     with DeviceRuntime.open(bundle, state, backend) as runtime:
@@ -426,7 +420,7 @@ def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, m
         report = runtime.personalize(overrides, progress)
         progress.close()
         result = {"added": added, "stored": runtime.sample_count(), **report,
-                  "peak_rss_mb": round(_peak_rss_mb(), 1), "torch_imported": "torch" in sys.modules}
+                  "peak_rss_mb": round(peak_rss_mb(), 1), "torch_imported": "torch" in sys.modules}
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -440,14 +434,17 @@ def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, m
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (accuracy, n, experts, ...).")
 def device_evaluate(bundle: Path, state: Path, samples: Path, backend: str, as_json: bool) -> None:
     """Accuracy of the device's model (GE alone until personalized) on the samples at PATH."""
-    from device.runtime import DeviceRuntime
-    from toolkit.loaders import load_samples
+    from edgetailor.device.runtime import DeviceRuntime
+    from edgetailor.toolkit.loaders import load_samples
 
     with DeviceRuntime.open(bundle, state, backend) as runtime:
         result = runtime.evaluate_dataset(load_samples(samples, runtime.labels))
+        problem = runtime.status()["personalization_problem"]
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps({**result, "personalization_problem": problem}))
         return
+    if problem:
+        click.secho(f"warning: the stored personalization is not in use: {problem}", fg="yellow", err=True)
     click.echo(f"accuracy {result['accuracy']:.4f} on {result['n']} samples "
                f"({'personalized' if result['personalized'] else 'GE only'}); "
                f"answered by GE {result['experts']['GE']}, LE {result['experts']['LE']}; "
@@ -462,8 +459,8 @@ def device_evaluate(bundle: Path, state: Path, samples: Path, backend: str, as_j
 @click.option("--backend", default=None, help=BACKEND_HELP)
 def device_predict(bundle: Path, state: Path, samples: Path, backend: str) -> None:
     """Print one JSON line per image: label, probability, and which expert answered."""
-    from device.runtime import DeviceRuntime
-    from toolkit.loaders import load_samples
+    from edgetailor.device.runtime import DeviceRuntime
+    from edgetailor.toolkit.loaders import load_samples
 
     with DeviceRuntime.open(bundle, state, backend) as runtime:
         prediction = runtime.predict(load_samples(samples).images)
@@ -476,12 +473,20 @@ def device_predict(bundle: Path, state: Path, samples: Path, backend: str) -> No
 @device.command("info")
 @click.option("--bundle", type=click.Path(exists=True, path_type=Path),
               help="Also say which backends can run this bundle (and verify its files).")
+@click.option("--state", type=click.Path(path_type=Path),
+              help="With --bundle: also report this state's samples and personalization (and why it is not in "
+                   "use, if it was dropped).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def device_info(bundle: Path | None, as_json: bool) -> None:
+def device_info(bundle: Path | None, state: Path | None, as_json: bool) -> None:
     """List the device backends: installed or not (and how to install),
     what each runs, and which one `--backend auto` picks."""
-    from device.backends import BACKENDS, PREFERENCE, runtime_version, usable_backends
-    from toolkit.bundle import Bundle
+    from edgetailor.device.backends import BACKENDS, PREFERENCE, runtime_version, usable_backends
+    from edgetailor.device.runtime import DeviceRuntime
+    from edgetailor.toolkit.bundle import Bundle
+    from edgetailor.toolkit.tables import format_table
+
+    if state is not None and bundle is None:
+        raise EdgetailorError("--state needs --bundle", hint="give the bundle the state was personalized with")
 
     opened = Bundle.open(bundle) if bundle else None
     try:
@@ -498,17 +503,27 @@ def device_info(bundle: Path | None, as_json: bool) -> None:
                                  "not installed" if not row["installed"] else "no training backend")
             rows.append(row)
         auto = (usable[0] if usable else None) if opened else next((r["backend"] for r in rows if r["installed"]), None)
+        status = None
+        if opened and state is not None:
+            with DeviceRuntime.open(opened, state) as runtime:  # closes the bundle too
+                status = runtime.status()
     finally:
         if opened:
             opened.close()
     if as_json:
-        click.echo(json.dumps({"backends": rows, "auto": auto}))
+        click.echo(json.dumps({"backends": rows, "auto": auto, **({"state": status} if status else {})}))
         return
     for row in rows:
-        state = f"installed {row['installed']}" if row["installed"] else f"not installed ({row['install']})"
-        extra = f"  bundle: {row['bundle']}" if opened else ""
-        click.echo(f"{row['backend']:<11} {state:<44} {row['description']}{extra}")
+        row["status"] = f"installed {row['installed']}" if row["installed"] else f"not installed ({row['install']})"
+    columns = [("backend", "backend", "<"), ("status", "installed", "<"), ("description", "runs", "<")]
+    click.echo(format_table(rows, columns + ([("bundle", "this bundle", "<")] if bundle else [])))
     click.echo(f"auto picks: {auto or 'nothing (install a backend)'}")
+    if status:
+        click.echo(f"state {state}: {status['samples']} samples stored; "
+                   + ("personalized" if status["personalized"] else "not personalized (GE answers alone)"))
+        if status["personalization_problem"]:
+            click.secho(f"  the stored personalization is not in use: {status['personalization_problem']}",
+                        fg="yellow")
 
 
 @device.command("reset")
@@ -517,7 +532,7 @@ def device_info(bundle: Path | None, as_json: bool) -> None:
 @click.option("--keep-samples", is_flag=True, help="Forget only the personalization.")
 def device_reset(bundle: Path, state: Path, keep_samples: bool) -> None:
     """Forget the personalization (and the stored samples): back to GE alone."""
-    from device.runtime import DeviceRuntime
+    from edgetailor.device.runtime import DeviceRuntime
 
     with DeviceRuntime.open(bundle, state) as runtime:
         runtime.reset(keep_samples=keep_samples)
@@ -542,7 +557,7 @@ def demo_cmd(out: Path, n_users: int, samples_per_class: int, recipe: str, fast:
     """The whole loop on built-in data: pretrain GE -> export a bundle ->
     personalize on simulated users (each in its own torch-free device
     process) -> one table against fine-tuning baselines, as JSON and PNG."""
-    from toolkit.demo import run_demo
+    from edgetailor.app.demo import run_demo
 
     run_demo(out, recipe="fast" if fast and recipe == "default" else recipe, n_users=n_users,
              samples_per_class=samples_per_class, seed=seed, echo=click.echo, model_dir=model)

@@ -20,11 +20,14 @@ from typing import Callable
 
 import numpy as np
 
-from toolkit import atomic
-from toolkit.config import load_recipe
-from toolkit.data import LabeledImages, load_generic_digits, split_generic
-from toolkit.loaders import save_npz
-from toolkit.users import simulate_users
+from edgetailor.toolkit import atomic
+from edgetailor.toolkit.config import load_recipe
+from edgetailor.toolkit.data import LabeledImages, load_generic_digits, split_generic
+from edgetailor.toolkit.errors import CheckpointError, EdgetailorError
+from edgetailor.toolkit.loaders import save_npz
+from edgetailor.toolkit.manifest import Manifest
+from edgetailor.toolkit.tables import format_table
+from edgetailor.toolkit.users import simulate_users
 
 METHODS = ("GE", "GE+LE+GN", "FT all", "FT last")
 
@@ -32,13 +35,12 @@ METHODS = ("GE", "GE+LE+GN", "FT all", "FT last")
 def _device_cli(*args: str) -> dict:
     """Run ``edgetailor device ...`` in a fresh process; returns its --json
     output plus the process's whole wall time (start-up and bundle checks too)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "device", *args, "--json"],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "edgetailor.app.cli", "device", *args, "--json"],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"device process failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        raise EdgetailorError(f"the device process failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}",
+                              hint="run the same `edgetailor device personalize` command by hand to see it fail")
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_seconds": time.perf_counter() - started}
 
 
@@ -47,17 +49,6 @@ def _accuracy(model, ckpt, data: LabeledImages) -> float:
 
     with torch.no_grad():
         return float((model(ckpt.normalize(data.images)).argmax(1).numpy() == data.labels).mean())
-
-
-def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """A plain fixed-width table: columns are (key, header, format)."""
-    cells = [[h for _, h, _ in columns]]
-    for row in rows:
-        cells.append([("" if row.get(k) is None else format(row[k], f)) for k, _, f in columns])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def plot_report(report: dict, path: Path) -> None:
@@ -94,12 +85,11 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
     import click
     import torch
 
-    from device.runtime import DeviceRuntime
-    from export.bundle import export_bundle
-    from server_side.checkpoint import GECheckpoint
-    from server_side.finetune import finetune
-    from server_side.pretrain import pretrain
-    from toolkit.errors import CheckpointError
+    from edgetailor.device.runtime import DeviceRuntime
+    from edgetailor.export.bundle import export_bundle
+    from edgetailor.server_side.checkpoint import GECheckpoint
+    from edgetailor.server_side.finetune import finetune
+    from edgetailor.server_side.pretrain import pretrain
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,28 +103,28 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
         echo(f"[1/4] pretraining the Global Expert ({cfg.pretrain.arch}, {cfg.pretrain.epochs} epochs) "
              "on built-in digits")
         with click.progressbar(length=cfg.pretrain.epochs, label="  pretrain", file=sys.stderr) as bar:
-            ckpt = pretrain(out / "ge", cfg, data, progress=lambda e, n, logs: bar.update(1), overwrite=True)
+            ckpt = pretrain(out / "ge", cfg, data, progress=lambda e, n: bar.update(1), overwrite=True)
         model_dir = out / "ge"
     else:
         ckpt = GECheckpoint.load(model_dir)
-        if ckpt.meta.get("data", {}).get("sha256") != data.fingerprint():
+        if ckpt.meta.data.get("sha256") != data.fingerprint():
             raise CheckpointError(f"the GE in {model_dir} was not trained on the built-in digits",
                                   hint="the demo simulates users from the built-in digits; give a GE trained on them")
         # users come from the pool this GE never saw: split as it was split
-        seed = ckpt.meta.get("seed", 0)
-        echo(f"[1/4] using the Global Expert in {model_dir} ({ckpt.meta['arch']})")
-    echo(f"  generic test accuracy {ckpt.meta['generic_accuracy']:.4f}")
+        seed = ckpt.meta.seed
+        echo(f"[1/4] using the Global Expert in {model_dir} ({ckpt.meta.arch})")
+    echo(f"  generic test accuracy {ckpt.meta.generic_accuracy:.4f}")
 
     echo("[2/4] exporting the device bundle")
     bundle_dir = export_bundle(model_dir, out / "bundle", overwrite=True)
     bundle_zip = bundle_dir.with_name(bundle_dir.name + ".zip")
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    echo("  carries " + ", ".join(f"{name} ({sum((bundle_dir / f).stat().st_size for f in entry['files']) / 1024:.0f} KiB)"
-                                  for name, entry in manifest["formats"].items())
+    manifest = Manifest.from_json((bundle_dir / "manifest.json").read_text())
+    echo("  carries " + ", ".join(f"{name} ({sum((bundle_dir / f).stat().st_size for f in entry.files) / 1024:.0f} KiB)"
+                                  for name, entry in manifest.formats.items())
          + "; the users below run on onnx (ONNX Runtime)")
-    ge_m, le_m, gn_m = (manifest[k] for k in ("global_expert", "local_expert", "gating_network"))
-    overhead = {"ge_params": ge_m["params"], "ge_macs": ge_m["macs"],
-                "le_gn_params": le_m["params"] + gn_m["params"], "le_gn_macs": le_m["macs"] + gn_m["macs"]}
+    ge_m, le_m, gn_m = manifest.global_expert, manifest.local_expert, manifest.gating_network
+    overhead = {"ge_params": ge_m.params, "ge_macs": ge_m.macs,
+                "le_gn_params": le_m.params + gn_m.params, "le_gn_macs": le_m.macs + gn_m.macs}
     overhead["params_pct"] = 100.0 * overhead["le_gn_params"] / overhead["ge_params"]
     overhead["macs_pct"] = 100.0 * overhead["le_gn_macs"] / overhead["ge_macs"]
 
@@ -149,7 +139,8 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
     rows = []
     with click.progressbar(users, label="  users", file=sys.stderr) as bar:
         for user in bar:
-            train_path, test_path = out / "users" / f"user{user.user_id}_train.npz", out / "users" / f"user{user.user_id}_test.npz"
+            train_path = out / "users" / f"user{user.user_id}_train.npz"
+            test_path = out / "users" / f"user{user.user_id}_test.npz"
             save_npz(user.train, train_path)
             save_npz(user.test, test_path)
             state = out / "state" / f"user{user.user_id}"
@@ -184,7 +175,8 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
                *[(f"{m} generic", f"{m} gen.", ".3f") for m in METHODS],
                ("personalize s", "pers. s", ".2f"), ("peak RSS MB", "RSS MB", ".0f")]
     table = format_table([*rows, mean], columns)
-    report = {"model": str(model_dir), "arch": ckpt.meta["arch"], "recipe": ckpt.meta.get("recipe"), "seed": seed, "samples_per_class": samples_per_class,
+    report = {"model": str(model_dir), "arch": ckpt.meta.arch, "recipe": ckpt.meta.recipe, "seed": seed,
+              "samples_per_class": samples_per_class,
               "generic_test_n": len(split.test), "users": rows, "mean": mean, "overhead": overhead,
               "bundle": str(bundle_dir), "wall_seconds": round(time.perf_counter() - started, 1)}
     atomic.write_text(out / "report.json", json.dumps(report, indent=2) + "\n")

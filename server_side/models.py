@@ -19,6 +19,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from edgetailor.toolkit.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class FeatureTap:
@@ -46,9 +48,9 @@ class LeNet5(nn.Module):
     def __init__(self, num_classes: int = 10, widths: tuple[int, ...] | None = None, depth: int | None = None):
         super().__init__()
         if depth not in (None, 0, 5):
-            raise ValueError(f"lenet5 has a fixed depth of 5 layers (got depth {depth}); its size knob is widths")
+            raise ConfigError(f"lenet5 has a fixed depth of 5 layers (got depth {depth}); its size knob is widths")
         if widths is not None and len(widths) != 4:
-            raise ValueError(f"lenet5 takes 4 widths (conv1, conv2, fc1, fc2), got {list(widths)}")
+            raise ConfigError(f"lenet5 takes 4 widths (conv1, conv2, fc1, fc2), got {list(widths)}")
         c1, c2, f1, f2 = widths or self.default_widths
         self.conv1 = nn.Conv2d(1, c1, 5, padding=2)
         self.conv2 = nn.Conv2d(c1, c2, 5)
@@ -94,7 +96,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_dim: int):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"the embedding width {dim} must be a multiple of the {heads} attention heads")
+            raise ConfigError(f"the embedding width {dim} must be a multiple of the {heads} attention heads")
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -138,10 +140,10 @@ class ViT(nn.Module):
     def __init__(self, num_classes: int = 10, widths: tuple[int, ...] | None = None, depth: int | None = None):
         super().__init__()
         if widths is not None and len(widths) != 2:
-            raise ValueError(f"vit takes 2 widths (embedding, mlp), got {list(widths)}")
+            raise ConfigError(f"vit takes 2 widths (embedding, mlp), got {list(widths)}")
         depth = self.default_depth if depth is None else depth
         if depth < 0:
-            raise ValueError(f"vit depth must be >= 1, got {depth}")
+            raise ConfigError(f"vit depth must be >= 1, got {depth}")
         dim, mlp_dim = widths or self.default_widths
         tokens = (self.image_size // self.patch) ** 2
         self.patch_embed = nn.Conv2d(1, dim, self.patch, stride=self.patch)
@@ -213,7 +215,7 @@ def build_model(arch: str, num_classes: int, widths: list[int] | None = None, de
     try:
         cls = ARCHITECTURES[arch]
     except KeyError:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
+        raise ConfigError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
     return cls(num_classes=num_classes, widths=tuple(widths) if widths else None, depth=depth or None)
 
 

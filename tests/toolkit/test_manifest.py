@@ -1,0 +1,41 @@
+"""The typed manifest: one way to and from JSON, validated against the schema
+(whose format names come from the registry), older versions upgraded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgetailor.toolkit.errors import BundleError
+from edgetailor.toolkit.manifest import Manifest
+
+
+def test_round_trip_is_exact(bundle_dir):
+    text = (bundle_dir / "manifest.json").read_text()
+    manifest = Manifest.from_json(text)
+    assert json.loads(manifest.to_json()) == json.loads(text)
+    x = manifest.input.normalize(np.zeros((2, 28, 28), np.uint8))
+    assert x.shape == (2, 1, 28, 28) and x.dtype == np.float32 and x.flags["C_CONTIGUOUS"]
+
+
+def test_unknown_format_is_refused_by_the_schema(bundle_dir):
+    data = json.loads((bundle_dir / "manifest.json").read_text())
+    data["formats"]["coreml"] = data["formats"]["onnx"]
+    with pytest.raises(BundleError, match="coreml"):
+        Manifest.from_dict(data)
+
+
+def test_training_files_of_a_format_are_required(bundle_dir):
+    data = json.loads((bundle_dir / "manifest.json").read_text())
+    del data["local_expert"]["training"]["onnx"]["optimizer_model"]
+    with pytest.raises(BundleError, match="optimizer_model"):
+        Manifest.from_dict(data)
+
+
+def test_a_manifest_that_fails_the_schema_is_never_written(bundle_dir):
+    manifest = Manifest.from_json((bundle_dir / "manifest.json").read_text())
+    manifest.labels = ["only one"]
+    with pytest.raises(BundleError, match="labels"):
+        manifest.to_json()

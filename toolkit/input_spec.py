@@ -1,0 +1,54 @@
+"""What GE expects as input, and the one normalisation every side applies.
+
+GE is trained on uint8 glyphs scaled to [0, 1] and standardised with the
+training set's mean and std. The checkpoint records those numbers, the bundle
+carries them, and the server (training, evaluation, export checks) and the
+device (inference, personalization) all normalise through ``normalize``
+below, so that the inputs GE sees on the phone are the ones it was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MNIST_STYLE = "mnist-style 20x20 box, centred by mass on 28x28"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    shape: list[int]                   # (channels, height, width) of one input
+    scale: float                       # uint8 -> [0, 1]
+    mean: float                        # of the scaled training images
+    std: float
+    dtype: str = "uint8"
+    ink: str = "white-on-black"
+    preprocess: str | None = field(default=None)
+
+    @classmethod
+    def fit(cls, images: np.ndarray, preprocess: str | None = MNIST_STYLE) -> "InputSpec":
+        """The spec of GE trained on ``images`` (uint8, (N, H, W))."""
+        scaled = images.astype(np.float32) / 255.0
+        return cls(shape=[1, *images.shape[1:]], scale=1.0 / 255.0, mean=float(scaled.mean()),
+                   std=float(scaled.std()), preprocess=preprocess)
+
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W) -> float32 (N, 1, H, W), as GE was trained."""
+        x = np.asarray(images).astype(np.float32) * np.float32(self.scale)
+        x = (x - np.float32(self.mean)) / np.float32(self.std)
+        # reshape, not x[:, None]: a broadcast axis has stride 0, which ExecuTorch's exporter refuses
+        return x.reshape(len(x), 1, *x.shape[1:])
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if data["preprocess"] is None:
+            del data["preprocess"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "InputSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

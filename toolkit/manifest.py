@@ -1,0 +1,213 @@
+"""The bundle manifest as a typed, versioned object: what a device bundle
+holds and how to run it.
+
+Export builds a ``Manifest`` and writes it with ``to_json``; the device reads
+it back with ``Manifest.from_json``, which validates it against
+``manifest.schema.json`` (the format names and training-file roles filled in
+from the format registry) and upgrades older versions in memory. Nothing else
+reads manifest JSON by key.
+
+Version 1 (edgetailor 0.1 before the multi-runtime bundles) carried ONNX
+only; version 2 lists every format's files with their sha256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+from edgetailor.toolkit import __version__
+from edgetailor.toolkit.errors import BundleError
+from edgetailor.toolkit.formats import FORMATS, TRAINING_FORMATS
+from edgetailor.toolkit.input_spec import InputSpec
+
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+SCHEMA_V1_PATH = Path(__file__).with_name("manifest-v1.schema.json")
+PARTS = ("local_expert", "gating_network")
+
+
+@lru_cache(maxsize=None)
+def manifest_schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
+    """The JSON schema of a manifest version; version 2's format names and
+    training-file roles come from the format registry."""
+    if version != SCHEMA_VERSION:
+        return json.loads(SCHEMA_V1_PATH.read_text())
+    schema = json.loads(SCHEMA_PATH.read_text())
+    schema["$defs"]["format_name"]["enum"] = list(FORMATS)
+    schema["$defs"]["training_format_name"]["enum"] = list(TRAINING_FORMATS)
+    training = schema["$defs"]["trainable"]["properties"]["training"]
+    training["properties"] = {name: {"type": "object", "required": list(FORMATS[name].training_files),
+                                     "additionalProperties": {"type": "string"}} for name in TRAINING_FORMATS}
+    return schema
+
+
+def validate_manifest(data: dict[str, Any], where: str = "manifest") -> None:
+    import jsonschema  # pure Python, a base dependency
+
+    version = data.get("schema_version")
+    if version not in READABLE_VERSIONS:
+        raise BundleError(f"{where} has schema version {version!r}; this toolkit reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}",
+                          hint="re-export the bundle with this toolkit version, or install the toolkit that wrote it")
+    try:
+        jsonschema.validate(data, manifest_schema(version))
+    except jsonschema.ValidationError as exc:
+        at = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise BundleError(f"{where} is invalid at {at}: {exc.message}",
+                          hint="the bundle is damaged or was not written by edgetailor; re-export it") from None
+
+
+def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 manifest (ONNX GE, ORT training artifacts) in version-2 form."""
+    upgraded = json.loads(json.dumps(data))
+    ge = upgraded["global_expert"]
+    ge["files"] = {"onnx": ge.pop("file")}
+    ge["output_order"] = ["logits", *ge["outputs"]["features"]]
+    for part in PARTS:
+        upgraded[part]["training"] = {"onnx": upgraded[part].pop("artifacts")}
+    needed = [ge["files"]["onnx"], *(f for part in PARTS for f in upgraded[part]["training"]["onnx"].values())]
+    upgraded["formats"] = {"onnx": {"runtime": FORMATS["onnx"].runtime,
+                                    "files": {f: upgraded["files"][f] for f in needed if f in upgraded["files"]}}}
+    upgraded["schema_version"] = SCHEMA_VERSION
+    return upgraded
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    """``cls`` from the keys it knows; the schema has already checked them,
+    and keys a later minor version adds are ignored."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _without_none(data: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if v is not None or k in keep}
+
+
+@dataclass
+class FormatEntry:
+    runtime: str
+    files: dict[str, str] = field(default_factory=dict)     # path in the bundle -> sha256
+
+
+@dataclass
+class GlobalExpertSpec:
+    files: dict[str, str]                  # format -> GE's file
+    arch: str
+    input_name: str
+    outputs: dict[str, Any]                # {"logits": name, "features": {tap: width}}
+    output_order: list[str]                # logits, then the taps: how positional outputs map to names
+    params: int
+    macs: int
+    generic_accuracy: float | None = None
+    compression: dict[str, Any] | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _without_none(dataclasses.asdict(self), keep=("compression",))
+
+
+@dataclass
+class TrainablePartSpec:
+    """LE or GN: its inputs, its training programs per format, its size."""
+
+    kind: str
+    feature_tap: str
+    feature_dim: int
+    inputs: list[str]
+    output: str
+    training: dict[str, dict[str, str]]    # format -> role -> file
+    params: int
+    macs: int
+    parameters: dict[str, list[int]] | None = None     # name -> shape; absent in version 1
+    max_batch: int | None = None
+    rank: int | None = None                # LE only
+    threshold: float | None = None         # GN only: LE answers above it
+
+    def to_dict(self) -> dict[str, Any]:
+        return _without_none(dataclasses.asdict(self))
+
+
+@dataclass
+class ReplaySpec:
+    file: str
+    count: int
+
+
+@dataclass
+class Manifest:
+    VERSION: ClassVar[int] = SCHEMA_VERSION
+
+    input: InputSpec
+    labels: list[str]
+    formats: dict[str, FormatEntry]
+    global_expert: GlobalExpertSpec
+    local_expert: TrainablePartSpec
+    gating_network: TrainablePartSpec
+    replay: ReplaySpec
+    personalize: dict[str, Any]            # the PersonalizeConfig the bundle ships as the device's defaults
+    files: dict[str, str] = field(default_factory=dict)    # every file but the manifest -> sha256
+    toolkit_version: str = __version__
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    schema_version: int = SCHEMA_VERSION
+
+    def part(self, key: str) -> TrainablePartSpec:
+        """``local_expert`` or ``gating_network``."""
+        if key not in PARTS:
+            raise KeyError(f"no trainable part {key!r}; parts: {', '.join(PARTS)}")
+        return getattr(self, key)
+
+    def format_files(self, name: str) -> list[str]:
+        """The files a format needs: its GE and, for training formats, LE's and GN's programs."""
+        files = [self.global_expert.files[name]]
+        for part in PARTS:
+            files += list(self.part(part).training.get(name, {}).values())
+        return files
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version, "toolkit_version": self.toolkit_version,
+            "created": self.created, "input": self.input.to_dict(), "labels": list(self.labels),
+            "formats": {name: dataclasses.asdict(entry) for name, entry in self.formats.items()},
+            "global_expert": self.global_expert.to_dict(),
+            "local_expert": self.local_expert.to_dict(), "gating_network": self.gating_network.to_dict(),
+            "replay": dataclasses.asdict(self.replay), "personalize": dict(self.personalize),
+            "files": dict(self.files),
+        }
+
+    def to_json(self) -> str:
+        """Validated, then written: a manifest that fails the schema is never published."""
+        data = self.to_dict()
+        validate_manifest(data)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "manifest") -> "Manifest":
+        if not isinstance(data, dict):
+            raise BundleError(f"{where} is not a JSON object")
+        validate_manifest(data, where)
+        if data["schema_version"] == 1:
+            data = upgrade_v1(data)
+        return cls(
+            input=InputSpec.from_dict(data["input"]), labels=list(data["labels"]),
+            formats={name: _build(FormatEntry, entry) for name, entry in data["formats"].items()},
+            global_expert=_build(GlobalExpertSpec, data["global_expert"]),
+            local_expert=_build(TrainablePartSpec, data["local_expert"]),
+            gating_network=_build(TrainablePartSpec, data["gating_network"]),
+            replay=_build(ReplaySpec, data["replay"]), personalize=dict(data["personalize"]),
+            files=dict(data["files"]), toolkit_version=data["toolkit_version"], created=data["created"],
+            schema_version=data["schema_version"])
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "manifest") -> "Manifest":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{where} is not valid JSON: {exc}", hint="the bundle is damaged; re-export it") from None
+        return cls.from_dict(data, where)
