@@ -1,4 +1,7 @@
-"""Export: turn trained models into signed-off device bundles (``export_bundle``):
-GE as ONNX for inference, LE and GN as ONNX Runtime on-device training
-artifacts, a manifest with every file's sha256. Needs torch and onnx.
+"""Export: turn a GE checkpoint into a device bundle (``bundle.export_bundle``):
+GE in every chosen format (``formats``: one exporter per format in the
+registry), LE and GN as training programs for each runtime that trains
+(``trainable``), and a manifest listing every file with its sha256. Every
+program is checked against its torch source before anything is written.
+Sits above the server side (it reads checkpoints and models); needs torch.
 """

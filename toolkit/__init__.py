@@ -1,9 +1,10 @@
-"""edgetailor's shared core: what the server, the exporter and the device all
-need — labelled image data and its loaders, the user simulator, the model
-definitions, the device-bundle format, typed configuration and the CLI.
+"""edgetailor's shared ground, the bottom layer: what the server, export and
+the device all need, on numpy alone. Labelled image data and its loaders, the
+user simulator, the format registry, the device bundle and its typed
+manifest, the input normalisation, typed recipes, tables and the errors.
 
-Modules that need torch (``server_side.models``) are imported only by the server
-and export sides; everything the device imports runs on numpy alone.
+Nothing here imports torch or any other layer (tests/test_architecture.py
+checks it), so the device installs and runs with numpy and one runtime.
 """
 
 __version__ = "0.1.0"

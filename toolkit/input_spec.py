@@ -37,7 +37,10 @@ class InputSpec:
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W) -> float32 (N, 1, H, W), as GE was trained."""
-        x = np.asarray(images).astype(np.float32) * np.float32(self.scale)
+        # Divided by 1/scale (255), not multiplied by scale: that is how ``fit``
+        # scaled GE's training images, and x / 255 and x * (1/255) differ in the
+        # last bit for half the pixel values, enough to change a retrained GE.
+        x = np.asarray(images).astype(np.float32) / np.float32(1.0 / self.scale)
         x = (x - np.float32(self.mean)) / np.float32(self.std)
         # reshape, not x[:, None]: a broadcast axis has stride 0, which ExecuTorch's exporter refuses
         return x.reshape(len(x), 1, *x.shape[1:])
