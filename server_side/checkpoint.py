@@ -25,7 +25,7 @@ import torch
 from edgetailor.toolkit import __version__, atomic
 from edgetailor.toolkit.config import ExpertConfig, PersonalizeConfig, PretrainConfig
 from edgetailor.toolkit.data import LabeledImages
-from edgetailor.toolkit.errors import CheckpointError, ConfigError
+from edgetailor.toolkit.errors import CheckpointError, ConfigError, SampleError
 from edgetailor.toolkit.input_spec import InputSpec
 from edgetailor.server_side.models import build_model
 
@@ -97,14 +97,15 @@ class CheckpointMeta:
             raise CheckpointError(f"{where} is not a GE checkpoint's metadata (format {found!r})",
                                   hint="create a checkpoint with `edgetailor server pretrain --out DIR`")
         version = data.get("format_version", 1)
-        if version > cls.VERSION:
-            raise CheckpointError(f"{where} is checkpoint format {version}; this edgetailor reads up to {cls.VERSION}",
+        if not isinstance(version, int) or version > cls.VERSION:
+            raise CheckpointError(f"{where} is checkpoint format {version!r}; this edgetailor reads up to "
+                                  f"{cls.VERSION}",
                                   hint="upgrade edgetailor, or re-create the checkpoint with this version")
         known = {f.name for f in dataclasses.fields(cls)}
         try:
             return cls(**{**{k: v for k, v in data.items() if k in known}, "format_version": cls.VERSION,
                           "input": InputSpec.from_dict(data["input"])})
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{where} lacks a required entry: {exc}",
                                   hint="re-run `edgetailor server pretrain`") from None
 
@@ -150,8 +151,9 @@ class GECheckpoint:
             model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
             with np.load(model_dir / "replay.npz") as archive:
                 replay = LabeledImages(archive["x"], archive["y"], list(meta.labels), "replay")
-        except (KeyError, FileNotFoundError, RuntimeError, ValueError, OSError, ConfigError) as exc:
-            raise CheckpointError(f"cannot load the GE checkpoint in {model_dir}: {exc}",
+        except (KeyError, FileNotFoundError, RuntimeError, ValueError, OSError, ConfigError, SampleError) as exc:
+            why = exc.message if isinstance(exc, (ConfigError, SampleError)) else exc
+            raise CheckpointError(f"cannot load the GE checkpoint in {model_dir}: {why}",
                                   hint="re-run `edgetailor server pretrain`") from None
         model.eval()
         return cls(model, meta, replay)

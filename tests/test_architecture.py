@@ -235,3 +235,14 @@ def test_the_wheel_installs_one_namespace(tmp_path):
         assert data in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "edgetailor = edgetailor.app.cli:main" in entry_points
+    # installed from the wheel (not the checkout), the namespace imports and finds its package data
+    site = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
+                           str(site), str(wheel)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    script = ("import edgetailor.device, edgetailor.toolkit.manifest as m, edgetailor.toolkit.config as c; "
+              "print(edgetailor.device.__file__); m.manifest_schema(); c.load_recipe('default')")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith(str(site / "edgetailor" / "device"))

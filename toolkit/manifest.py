@@ -194,6 +194,10 @@ class Manifest:
         validate_manifest(data, where)
         if data["schema_version"] == 1:
             data = upgrade_v1(data)
+        missing = [name for name in data["formats"] if name not in data["global_expert"]["files"]]
+        if missing:
+            raise BundleError(f"{where} lists format(s) {', '.join(missing)} without a GE file",
+                              hint="the bundle is damaged or was not written by edgetailor; re-export it")
         return cls(
             input=InputSpec.from_dict(data["input"]), labels=list(data["labels"]),
             formats={name: _build(FormatEntry, entry) for name, entry in data["formats"].items()},

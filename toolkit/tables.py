@@ -16,7 +16,8 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]
         cells.append([("" if row.get(k) is None else format(row[k], f)) for k, _, f in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     left = [f.startswith("<") for _, _, f in columns]
-    lines = ["  ".join(c.ljust(w) if lj else c.rjust(w) for c, w, lj in zip(r, widths, left)).rstrip()
-             for r in cells]
+    lines = ["  ".join(c.ljust(w) if lj else c.rjust(w) for c, w, lj in zip(r, widths, left)) for r in cells]
+    if any(left):
+        lines = [line.rstrip() for line in lines]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from edgetailor.toolkit.errors import ConfigError
+from edgetailor.toolkit.errors import ConfigError, EdgetailorError
 from edgetailor.export.formats import get_exporter
 from edgetailor.server_side.checkpoint import GECheckpoint
 from edgetailor.server_side.cost import count_macs, count_params
@@ -81,6 +81,8 @@ def expand_for_device(learngene_dir: str | Path, out: str | Path, depth: int | N
     options go to ``expand_learngene`` (schedule, data, progress, overwrite, epochs)."""
     if depth is None and profile is None:
         raise ConfigError("give a depth or a device profile", hint="--depth N or --device-profile PROFILE")
+    if Path(out).exists() and not expand_options.get("overwrite"):
+        raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
     estimate = None
     if profile is not None:
         profile.validate()

@@ -48,7 +48,7 @@ def preflight(recipe: CompressRecipe, ckpt: GECheckpoint) -> None:
             try:
                 plan = pruning.check_structured(model, stage.ratio)
             except ConfigError as exc:
-                raise ConfigError(f"stage[{i}] (prune_structured): {exc}", hint=exc.hint) from None
+                raise ConfigError(f"stage[{i}] (prune_structured): {exc.message}", hint=exc.hint) from None
             # later structured stages see the widths this one leaves
             widths = [keep for (_, keep) in plan.values()]
             model = type(model)(num_classes=model.num_classes, widths=widths) if hasattr(model, "widths") else model

@@ -226,6 +226,7 @@ def load(learngene_dir: str | Path) -> tuple[Learngene, LearngeneMeta]:
         cfg.validate()
         learngene = Learngene(cfg, len(meta.labels))
         learngene.load_state_dict(torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True))
-    except (KeyError, TypeError, RuntimeError, ValueError, ConfigError) as exc:
-        raise CheckpointError(f"cannot load the learngene in {learngene_dir}: {exc}", hint=train_hint) from None
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError, ConfigError) as exc:
+        why = exc.message if isinstance(exc, ConfigError) else exc
+        raise CheckpointError(f"cannot load the learngene in {learngene_dir}: {why}", hint=train_hint) from None
     return learngene.eval(), meta

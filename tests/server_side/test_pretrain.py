@@ -59,3 +59,7 @@ def test_checkpoint_metadata_is_typed_and_reads_older_files(ge_dir, tmp_path):
     with pytest.raises(CheckpointError, match="format 99") as info:
         GECheckpoint.load(old)
     assert "hint:" in str(info.value)
+    for bad in ({"format_version": "one"}, {"input": "28x28"}):
+        (old / "model.json").write_text(json.dumps({**data, "format_version": 1, **bad}))
+        with pytest.raises(CheckpointError):
+            GECheckpoint.load(old)

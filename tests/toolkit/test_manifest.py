@@ -39,3 +39,10 @@ def test_a_manifest_that_fails_the_schema_is_never_written(bundle_dir):
     manifest.labels = ["only one"]
     with pytest.raises(BundleError, match="labels"):
         manifest.to_json()
+
+
+def test_a_format_without_its_ge_file_is_refused(bundle_dir):
+    data = json.loads((bundle_dir / "manifest.json").read_text())
+    del data["global_expert"]["files"]["tflite"]
+    with pytest.raises(BundleError, match="tflite without a GE file"):
+        Manifest.from_dict(data)
