@@ -58,7 +58,8 @@ def validate_images(images: Any, shape: Sequence[int]) -> np.ndarray:
         array = array[:, 0]
     if array.ndim != 3 or array.shape[1:] != (height, width):
         raise SampleError(f"images must have shape (N, {height}, {width}), got {array.shape}",
-                          hint="load files with toolkit.loaders.load_samples, which normalises any size MNIST-style")
+                          hint="load files with edgetailor.toolkit.loaders.load_samples, which normalises "
+                               "any size MNIST-style")
     if len(array) == 0:
         raise SampleError("no images given (an empty sample set)", hint="give at least one labelled image")
     if array.dtype == np.uint8:

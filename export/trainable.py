@@ -107,7 +107,7 @@ class OrtTrainingExporter:
             trainable = [init.name for init in graph.graph.initializer]
             if sorted(trainable) != sorted(part.parameters()):
                 raise ExportError(f"{part.key}: the ONNX export renamed parameters ({trainable} vs "
-                                      f"{list(part.parameters())}); trained weights would not map back")
+                                  f"{list(part.parameters())}); trained weights would not map back")
             # generate_artifacts' C++ graph passes log every transformer to fd 2,
             # ignoring the logger severity: shown only if the export fails
             with quiet_native_output(replay_on_error=True):

@@ -121,7 +121,7 @@ def get_backend(name: str) -> Backend:
         return getattr(import_module(info.module), info.cls)()
     except ImportError as exc:
         raise BackendError(f"backend {name!r} could not load its runtime ({exc})",
-                              hint=f"reinstall it: pip install --force-reinstall '{info.requirement}'") from None
+                           hint=f"reinstall it: pip install --force-reinstall '{info.requirement}'") from None
 
 
 def usable_backends(bundle: Bundle) -> list[str]:
@@ -161,6 +161,6 @@ def choose_backends(bundle: Bundle, requested: str | None = None) -> tuple[Backe
     trainers = [n for n in usable if BACKENDS[n].trains]
     if not trainers:
         raise BackendError(f"backend {requested!r} runs GE only, and no installed backend can train LE and GN "
-                              f"from {bundle.source} (it carries {', '.join(bundle.formats)})",
-                              hint="pip install 'edgetailor[device]' (onnxruntime-training)")
+                           f"from {bundle.source} (it carries {', '.join(bundle.formats)})",
+                           hint="pip install 'edgetailor[device]' (onnxruntime-training)")
     return ge_backend, get_backend(trainers[0])

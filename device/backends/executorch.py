@@ -92,7 +92,7 @@ class TrainingProgram:
         self.names = [n.removeprefix("part.") for n in self.program.run_method("__et_training_fqn_forward", ())]
         if sorted(self.names) != sorted(spec.parameters):
             raise BackendError(f"the ExecuTorch program of {part} trains {self.names}, the manifest lists "
-                                  f"{list(spec.parameters)}", hint="re-export the bundle")
+                               f"{list(spec.parameters)}", hint="re-export the bundle")
         dims = [spec.feature_dim, *([len(bundle.labels)] if len(spec.inputs) == 2 else [])]
         outputs = self._run([np.zeros((1, d), np.float32) for d in dims], np.zeros(1, np.int64))
         # numpy views of the program's weights; writing to them changes the program
@@ -101,8 +101,8 @@ class TrainingProgram:
     def _run(self, inputs: list[np.ndarray], target: np.ndarray):
         if len(target) > self.max_batch:
             raise BackendError(f"a batch of {len(target)} rows is more than this bundle's ExecuTorch "
-                                  f"{self.part.replace('_', ' ')} program takes ({self.max_batch})",
-                                  hint="lower personalize.batch_size, or use --backend ort")
+                               f"{self.part.replace('_', ' ')} program takes ({self.max_batch})",
+                               hint="lower personalize.batch_size, or use --backend ort")
         args = [torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in inputs]
         args.append(torch.from_numpy(np.ascontiguousarray(target, dtype=np.int64)))
         return self.program.run_method("forward", args, clone_outputs=False)
