@@ -184,14 +184,14 @@ def test_format_registry_is_what_every_side_reads():
     from edgetailor.export.formats import EXPORTERS
     from edgetailor.export.trainable import TRAINING_EXPORTERS
     from edgetailor.server_side.compress.recipe import ExportConfig
-    from edgetailor.toolkit.formats import DEPLOYABLE_FORMATS, FORMATS, TRAINING_FORMATS
+    from edgetailor.toolkit.formats import DEFAULT_FORMATS, FORMATS, TRAINING_FORMATS
     from edgetailor.toolkit.manifest import manifest_schema
 
     assert list(EXPORTERS) == list(FORMATS)
     assert sorted(TRAINING_EXPORTERS) == sorted(TRAINING_FORMATS)
     assert {info.format for info in BACKENDS.values()} == set(FORMATS)
     assert all(info.trains == FORMATS[info.format].trains for info in BACKENDS.values())
-    assert set(ExportConfig().formats) <= set(DEPLOYABLE_FORMATS)
+    assert set(ExportConfig().formats) <= set(DEFAULT_FORMATS)
     schema = manifest_schema()
     assert schema["$defs"]["format_name"]["enum"] == list(FORMATS)
     training = schema["$defs"]["trainable"]["properties"]["training"]["properties"]

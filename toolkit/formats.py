@@ -48,10 +48,9 @@ FORMATS: dict[str, BundleFormat] = {f.name: f for f in (
                  no_quantization="the torch reference format carries fp32 GEs only", reference=True),
 )}
 
-# What `export bundle` writes unless --formats says otherwise: the runtimes apps embed.
+# The runtimes apps embed: what `export bundle` writes unless --formats says
+# otherwise, and what a compression recipe may export the compressed GE to.
 DEFAULT_FORMATS = tuple(name for name, f in FORMATS.items() if not f.reference)
-# What a compression recipe may export the compressed GE to.
-DEPLOYABLE_FORMATS = DEFAULT_FORMATS
 TRAINING_FORMATS = tuple(name for name, f in FORMATS.items() if f.trains)
 
 

@@ -24,7 +24,6 @@ from edgetailor.server_side.learngene.recipe import DeviceProfile
 from edgetailor.server_side.models import ViT
 
 
-
 def footprint(learngene: gene.Learngene, depth: int) -> dict[str, Any]:
     """What a ViT of ``depth`` costs on a device: parameters, MACs, the GE file
     (exported, measured), and RAM (fp32 weights + peak activations at batch 1)."""

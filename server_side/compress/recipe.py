@@ -28,7 +28,7 @@ from typing import Any
 
 from edgetailor.toolkit.config import from_dict, read_recipe_file
 from edgetailor.toolkit.errors import ConfigError
-from edgetailor.toolkit.formats import DEPLOYABLE_FORMATS
+from edgetailor.toolkit.formats import DEFAULT_FORMATS
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 
@@ -195,9 +195,9 @@ class ExportConfig:
 
     def validate(self) -> None:
         if not self.formats:
-            raise ConfigError("export.formats is empty", hint=f"name one or more of: {', '.join(DEPLOYABLE_FORMATS)}")
+            raise ConfigError("export.formats is empty", hint=f"name one or more of: {', '.join(DEFAULT_FORMATS)}")
         for name in self.formats:
-            _choice(name, DEPLOYABLE_FORMATS, "export.formats")
+            _choice(name, DEFAULT_FORMATS, "export.formats")
         if "onnx" not in self.formats:
             raise ConfigError("export.formats must include \"onnx\": the device bundle carries GE as ONNX")
 
