@@ -6,7 +6,7 @@ Design (measured alternatives are in docs/DESIGN.md):
   they cost ~2 % of GE in parameters and well under 1 % in multiply-adds.
 - LE is a low-rank residual head, ``GE_logits + U V f + b`` with U, b zero at
   start: it begins as GE and training adds corrections. It trains on the user's samples (plus a few
-  jittered copies of each, since GE's features shift with a pixel of offset)
+  jittered copies of each while the set is small, since GE's features shift with a pixel of offset)
   mixed with replayed generic glyphs labelled by GE itself, so that on generic
   input it keeps agreeing with GE.
 - GN is a logistic regression on a GE feature, trained on the user's
@@ -14,6 +14,10 @@ Design (measured alternatives are in docs/DESIGN.md):
   batches. Its threshold is then calibrated on the third it never saw: raised
   from the bundle's value until at most ``gate_generic_share`` of those
   generic glyphs would go to LE. LE answers above the threshold, else GE.
+
+Cost grows linearly with the samples: the jitter is one vectorised warp, GE
+runs in batches, and the time budget (``max_seconds``) is shared so that GN
+always gets its steps, however long LE's epochs take.
 """
 
 from __future__ import annotations
@@ -28,25 +32,36 @@ from edgetailor.device.backends.base import Backend, GlobalExpertRunner, Trained
 from edgetailor.toolkit.bundle import Bundle
 from edgetailor.toolkit.config import PersonalizeConfig
 from edgetailor.toolkit.errors import PersonalizationError
-from edgetailor.toolkit.imaging import affine
+from edgetailor.toolkit.imaging import affine_batch
 from edgetailor.toolkit.input_spec import InputSpec
 
 ProgressFn = Callable[[str, int, int], None]
 GE, LE = "GE", "LE"
 
 
+JITTER_CHUNK = 4096  # images warped at once: bounds the warp's temporary arrays (~60 MB)
+
+
 def jitter(images: np.ndarray, copies: int, rng: np.random.Generator) -> np.ndarray:
     """The originals plus ``copies`` slightly rotated, scaled and shifted versions
     of each (uint8 in, uint8 out)."""
-    out = [images]
-    for _ in range(copies):
-        batch = np.empty_like(images)
-        for i, img in enumerate(images):
-            warped = affine(img.astype(np.float32) / 255.0, rotation_deg=rng.uniform(-6, 6),
-                            scale=rng.uniform(0.95, 1.05), translate=tuple(rng.uniform(-1.0, 1.0, 2)))
-            batch[i] = np.clip(np.rint(warped * 255.0), 0, 255).astype(np.uint8)
-        out.append(batch)
-    return np.concatenate(out)
+    total = len(images) * copies
+    rotation = rng.uniform(-6, 6, total)
+    scale = rng.uniform(0.95, 1.05, total)
+    translate = rng.uniform(-1.0, 1.0, (total, 2))
+    out = np.empty((len(images) * (copies + 1), *images.shape[1:]), np.uint8)
+    out[:len(images)] = images
+    for start in range(0, total, JITTER_CHUNK):
+        index = np.arange(start, min(total, start + JITTER_CHUNK))
+        source = images[index % len(images)].astype(np.float32) / 255.0
+        warped = affine_batch(source, rotation[index], scale[index], translate[index])
+        out[len(images) + index] = np.clip(np.rint(warped * 255.0), 0, 255).astype(np.uint8)
+    return out
+
+
+def augmented_copies(cfg: PersonalizeConfig, n_samples: int) -> int:
+    """Jittered copies per sample: ``augment_copies``, fewer once the set nears ``augment_until``."""
+    return int(min(cfg.augment_copies, max(0, cfg.augment_until // max(1, n_samples) - 1)))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -59,19 +74,28 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def run_ge(ge: GlobalExpertRunner, images: np.ndarray, spec: InputSpec, batch: int = 64):
-    """GE logits and features for uint8 images, in batches to bound memory.
+def run_ge(ge: GlobalExpertRunner, images: np.ndarray, spec: InputSpec, batch: int = 64,
+           taps: list[str] | None = None, progress: Callable[[int, int], None] | None = None):
+    """GE logits and features (those in ``taps``, default all) for uint8
+    images, in batches to bound memory, written into arrays allocated once.
 
     64: a transformer GE's attention scores grow with the batch (heads x 50 x
     50 floats per image), and ONNX Runtime's arena keeps its peak; at 512 a
     depth-4 ViT took the device process to 190 MB. LeNet-5 loses nothing."""
-    logits, features = [], {}
-    for start in range(0, len(images), batch):
+    logits, features = None, {}
+    n = len(images)
+    for start in range(0, n, batch):
         lg, feats = ge.run(spec.normalize(images[start:start + batch]))
-        logits.append(lg)
-        for k, v in feats.items():
-            features.setdefault(k, []).append(v)
-    return np.concatenate(logits), {k: np.concatenate(v) for k, v in features.items()}
+        if logits is None:
+            logits = np.empty((n, *lg.shape[1:]), np.float32)
+            features = {k: np.empty((n, *v.shape[1:]), np.float32) for k, v in feats.items()
+                        if taps is None or k in taps}
+        logits[start:start + len(lg)] = lg
+        for k in features:
+            features[k][start:start + len(lg)] = feats[k]
+        if progress is not None and (start // batch) % 16 == 15:
+            progress(min(n, start + batch), n)
+    return logits, features
 
 
 @dataclass
@@ -92,26 +116,31 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
                   labels: np.ndarray, cfg: PersonalizeConfig, progress: ProgressFn | None = None) -> TrainedMixture:
     """Train LE and GN on the user's samples with ``backend``; returns their weights.
 
-    ``ge`` may run on another backend (a GE-only runtime such as LiteRT)."""
+    ``ge`` may run on another backend (an old bundle's GE-only runtime)."""
     started = time.perf_counter()
     deadline = started + cfg.max_seconds
     say = progress or (lambda stage, done, total: None)
     manifest = bundle.manifest
     le_tap = manifest.local_expert.feature_tap
     gn_tap = manifest.gating_network.feature_tap
+    taps = [le_tap, gn_tap]
     rng = np.random.default_rng(cfg.seed)
 
-    say("features", 0, 1)
-    user_images = jitter(images, cfg.augment_copies, rng)
-    user_labels = np.tile(labels, cfg.augment_copies + 1)
+    copies = augmented_copies(cfg, len(labels))
+    user_images = jitter(images, copies, rng)
+    user_labels = np.tile(labels, copies + 1)
     with np.load(bundle.path(manifest.replay.file)) as archive:
         replay_images = archive["x"]
-    user_logits, user_feats = run_ge(ge, user_images, manifest.input)
-    replay_logits, replay_feats = run_ge(ge, replay_images, manifest.input)
+    total = len(user_images) + len(replay_images)
+    say("features", 0, total)
+    user_logits, user_feats = run_ge(ge, user_images, manifest.input, taps=taps,
+                                     progress=lambda done, _: say("features", done, total))
+    del user_images
+    replay_logits, replay_feats = run_ge(ge, replay_images, manifest.input, taps=taps)
+    say("features", total, total)
     user_f, replay_f = user_feats[le_tap], replay_feats[le_tap]
     user_g, replay_g = user_feats[gn_tap], replay_feats[gn_tap]
     replay_labels = replay_logits.argmax(axis=1).astype(np.int64)  # GE's own answers
-    say("features", 1, 1)
 
     # Local Expert: user batches with replay mixed in at cfg.replay_weight.
     le = backend.trainer(bundle, "local_expert")
@@ -120,6 +149,7 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
     per_batch = min(cfg.batch_size, n_user)
     replay_per_batch = int(round(per_batch * cfg.replay_weight))
     le_steps, le_loss, stopped_early = 0, float("nan"), False
+    le_started = time.perf_counter()
     for epoch in range(cfg.le_epochs):
         order = rng.permutation(n_user)
         for start in range(0, n_user, per_batch):
@@ -130,7 +160,9 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
                               np.concatenate([user_labels[idx], replay_labels[ridx]]))
             le_steps += 1
         say("local expert", epoch + 1, cfg.le_epochs)
-        if time.perf_counter() > deadline:
+        # Stop LE while GN's steps still fit: a GN step costs at most an LE step.
+        now = time.perf_counter()
+        if now + cfg.gn_steps * (now - le_started) / le_steps > deadline and epoch + 1 < cfg.le_epochs:
             stopped_early = True
             break
     if not np.isfinite(le_loss):
@@ -156,9 +188,6 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
         gn_steps += 1
         if (step + 1) % report_every == 0 or step + 1 == cfg.gn_steps:
             say("gating network", step + 1, cfg.gn_steps)
-            if time.perf_counter() > deadline:
-                stopped_early = True
-                break
     if not np.isfinite(gn_loss):
         raise PersonalizationError(f"gating-network training diverged (loss {gn_loss})",
                                    hint="lower personalize.gn_learning_rate; the previous personalization stays in use")
@@ -169,10 +198,10 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
         threshold = float(min(0.99, max(threshold, np.quantile(generic_scores, 1.0 - cfg.gate_generic_share))))
 
     report = {
-        "n_samples": int(len(labels)), "n_training_inputs": int(n_user), "replay": int(len(replay_f)),
-        "le_steps": le_steps, "le_loss": float(le_loss), "gn_steps": gn_steps, "gn_loss": float(gn_loss),
-        "gate_threshold": threshold, "stopped_early": stopped_early, "backend": backend.name,
-        "seconds": round(time.perf_counter() - started, 3),
+        "n_samples": int(len(labels)), "n_training_inputs": int(n_user), "augment_copies": copies,
+        "replay": int(len(replay_f)), "le_steps": le_steps, "le_loss": float(le_loss), "gn_steps": gn_steps,
+        "gn_loss": float(gn_loss), "gate_threshold": threshold, "stopped_early": stopped_early,
+        "backend": backend.name, "seconds": round(time.perf_counter() - started, 3),
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     }
     return TrainedMixture(pack_weights(le.weights()), gn_model, threshold, report)

@@ -5,6 +5,7 @@
     rt.personalize()                    # trains LE and GN; atomic
     rt.predict(images)                  # label, probabilities, which expert answered
     rt.evaluate(images, labels)
+    rt.export_personalized("model.onnx")  # one program for an app that only predicts
     rt.reset()
 
 Until a personalization exists for this bundle, predict and evaluate answer
@@ -23,12 +24,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgetailor.device.backends import choose_backends
+from edgetailor.device.backends.base import unpack_weights
 from edgetailor.device.mixture import GE, LE, ProgressFn, Routed, route, run_ge, softmax, train_mixture
 from edgetailor.device.store import StateStore
 from edgetailor.toolkit.bundle import Bundle
 from edgetailor.toolkit.config import PersonalizeConfig, from_dict
 from edgetailor.toolkit.data import LabeledImages
-from edgetailor.toolkit.errors import SampleError, StateError
+from edgetailor.toolkit import atomic
+from edgetailor.toolkit.errors import BackendError, BundleError, PersonalizationError, SampleError, StateError
+from edgetailor.toolkit.patching import PatchTable, apply_patches
 
 
 @dataclass
@@ -106,9 +110,11 @@ class DeviceRuntime:
     def __init__(self, bundle: Bundle, store: StateStore, backend_name: str | None = None):
         self.bundle = bundle
         self.store = store
-        # GE runs on `backend`; LE and GN train and run on `trainer` (the same
-        # backend unless it runs GE only, as LiteRT does).
-        self.backend, self.trainer = choose_backends(bundle, backend_name)
+        # GE runs on `backend`; LE and GN train and run on `trainer`: the same
+        # backend unless the bundle lacks its training programs (an old bundle),
+        # and None when no installed backend can train from this bundle.
+        choice = choose_backends(bundle, backend_name)
+        self.backend, self.trainer, self.why_not_trainable = choice.ge, choice.trainer, choice.why_not_trainable
         self.manifest = bundle.manifest
         self.labels = bundle.labels
         self.input_shape = self.manifest.input.shape
@@ -141,6 +147,9 @@ class DeviceRuntime:
             # A personalization trained on another GE's features is meaningless here.
             self.personalization_problem = (f"it was trained with another bundle (id {saved.bundle_id}, this one is "
                                             f"{self.bundle.bundle_id}); personalize again to use this bundle")
+            return
+        if self.trainer is None:
+            self.personalization_problem = self.why_not_trainable
             return
         try:
             le = self.trainer.load_trained(self.bundle, "local_expert", saved.le_model)
@@ -180,6 +189,8 @@ class DeviceRuntime:
         """Train LE and GN on every stored sample, then make them active in one commit.
 
         ``overrides`` changes the bundle's PersonalizeConfig (e.g. ``max_seconds``)."""
+        if self.trainer is None:
+            raise BackendError(f"cannot personalize: {self.why_not_trainable}")
         images, labels = self.store.load_samples()
         if len(labels) == 0:
             raise SampleError("no samples stored to personalize on",
@@ -234,6 +245,37 @@ class DeviceRuntime:
     def evaluate_dataset(self, data: LabeledImages) -> dict[str, Any]:
         return self.evaluate(data.images, np.array([data.label_names[i] for i in data.labels], dtype=object))
 
+    # one program, for apps that only predict -----------------------------
+    def export_personalized(self, path: str | Path, fmt: str = "onnx") -> Path:
+        """Write GE + LE + GN + routing with the active personalization's
+        weights folded in, as one inference program in format ``fmt``: image
+        in; logits, probabilities, gate and expert (1 = LE) out, as
+        ``predict`` answers. Needs no converter: the bundle's template for
+        ``fmt`` gets the trained values written over its placeholders."""
+        if not self.personalized:
+            raise PersonalizationError("nothing to export: this state has no personalization in use"
+                                       + (f" ({self.personalization_problem})" if self.personalization_problem else ""),
+                                       hint="personalize first (edgetailor device personalize ...)")
+        template = self.manifest.personalized_model.get(fmt)
+        if template is None:
+            have = ", ".join(self.manifest.personalized_model) or "none"
+            raise BundleError(f"{self.bundle.source} has no {fmt} personalized-model template (it has: {have})",
+                              hint=f"choose one of those, or re-export the bundle with --formats including {fmt} "
+                                   "(a quantized GE has one in onnx only)")
+        self.bundle.require_format(fmt)
+        saved = self.store.active_personalization()
+        weights = {part: unpack_weights(blob, self.bundle, part, self.trainer.name)
+                   for part, blob in (("local_expert", saved.le_model), ("gating_network", saved.gn_model))}
+        table = PatchTable.from_json(self.bundle.path(template["patches"]).read_text(), template["patches"])
+        program = apply_patches(self.bundle.path(template["program"]).read_bytes(), table, weights,
+                                self.threshold, where=template["program"])
+        path = Path(path)
+        try:
+            atomic.write_bytes(path, program)
+        except OSError as exc:
+            raise StateError(f"could not write {path}: {exc}", hint="check the folder exists and has space") from None
+        return path
+
     # housekeeping --------------------------------------------------------
     def reset(self, keep_samples: bool = False) -> None:
         """Forget the personalization (and, unless ``keep_samples``, the samples): back to GE alone."""
@@ -245,7 +287,8 @@ class DeviceRuntime:
     def status(self) -> dict[str, Any]:
         saved = self.store.active_personalization()
         return {"bundle": str(self.bundle.source), "bundle_id": self.bundle.bundle_id,
-                "backend": self.backend.name, "trainer": self.trainer.name, "samples": self.sample_count(),
+                "backend": self.backend.name, "trainer": self.trainer.name if self.trainer else None,
+                "samples": self.sample_count(),
                 "personalized": self.personalized,
                 "personalization": saved.report if saved and self.personalized else None,
                 "personalization_problem": self.personalization_problem}

@@ -2,8 +2,10 @@
 
 The bundle holds GE, returning its logits and the intermediate features LE
 and GN read, in each chosen format (ONNX, ExecuTorch ``.pte`` lowered to
-XNNPACK, TFLite, and optionally a torch.export reference), and LE and GN as
-training programs for each training runtime (``export.trainable``). The
+XNNPACK, TFLite, and optionally a torch.export reference), and LE's and GN's
+training programs in each format (``export.trainable``: step programs by
+default, the runtimes' own training packages on request), starting from
+initial weights shared by every format. The
 manifest lists every format with its files and their sha256. Every exported
 model is run against its torch source before the bundle is published; a
 failed export leaves nothing behind.
@@ -12,7 +14,6 @@ failed export leaves nothing behind.
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,7 @@ from edgetailor.toolkit import atomic
 from edgetailor.toolkit.bundle import Bundle, write_manifest, zip_bundle
 from edgetailor.toolkit.config import ExpertConfig, PersonalizeConfig
 from edgetailor.toolkit.errors import CheckpointError, ExportError
-from edgetailor.toolkit.formats import DEFAULT_FORMATS, FORMATS, check_formats
+from edgetailor.toolkit.formats import DEFAULT_FORMATS, FORMATS, STEPS, check_extra_training, check_formats
 from edgetailor.toolkit.manifest import (FormatEntry, GlobalExpertSpec, Manifest, ReplaySpec,
                                          TrainablePartSpec)
 from edgetailor.server_side.checkpoint import GECheckpoint
@@ -32,7 +33,9 @@ from edgetailor.server_side.cost import count_macs, count_params
 from edgetailor.server_side.experts import LogisticGate, ResidualHead
 from edgetailor.server_side.models import WithFeatures
 from edgetailor.export.formats import get_exporter
-from edgetailor.export.trainable import MIN_PROGRAM_BATCH, TRAINING_EXPORTERS, TrainablePart
+from edgetailor.export.parts import TrainablePart
+from edgetailor.export.personalized import export_personalized_template
+from edgetailor.export.trainable import TRAINING_EXPORTERS
 
 PARITY_TOLERANCE = 1e-4
 
@@ -99,12 +102,15 @@ def _compression_summary(compression: dict[str, Any] | None) -> dict[str, Any] |
 def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig | None = None,
                   personalize: PersonalizeConfig | None = None, make_zip: bool = True,
                   overwrite: bool = False, progress: ProgressFn | None = None,
-                  formats: list[str] | tuple[str, ...] | None = None) -> Path:
+                  formats: list[str] | tuple[str, ...] | None = None,
+                  extra_training: list[str] | tuple[str, ...] = ()) -> Path:
     """Write the bundle directory ``out`` (and ``out.zip``); returns the directory.
 
     ``experts``/``personalize`` default to the recipe the GE was trained with.
     ``formats`` chooses the runtimes the bundle carries (``toolkit.formats.FORMATS``);
     by default ``DEFAULT_FORMATS``, less those a quantized GE has no model for.
+    ``extra_training`` adds training kinds besides each format's step programs
+    (``toolkit.formats.EXTRA_TRAINING``: ort-training, executorch-training).
     """
     say = progress or (lambda _msg: None)
     model_dir = Path(model_dir)
@@ -115,6 +121,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
         if len(formats) < len(DEFAULT_FORMATS):
             say(f"quantized GE: carrying {', '.join(formats)} (the formats `server compress` wrote)")
     formats = check_formats(formats, meta.quantized)
+    extra_training = check_extra_training(extra_training, formats)
     experts = experts or meta.expert_config
     personalize = personalize or meta.personalize_config
     experts.validate()
@@ -125,11 +132,13 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
     num_classes = len(ckpt.labels)
     le_dim, gn_dim = taps[experts.le_feature_tap], taps[experts.gn_feature_tap]
     torch.manual_seed(meta.seed)
-    max_batch = max(MIN_PROGRAM_BATCH, int(math.ceil(personalize.batch_size * (1 + personalize.replay_weight))))
+    # Rows per step: LE's batches mix user rows with replay, GN's are half and half.
+    le_batch = personalize.batch_size + int(round(personalize.batch_size * personalize.replay_weight))
     le_part = TrainablePart("local_expert", "le", ResidualHead(le_dim, num_classes, experts.le_rank),
-                            [le_dim, num_classes], ["features", "base_logits"], "logits", num_classes, max_batch)
+                            [le_dim, num_classes], ["features", "base_logits"], "logits", num_classes, le_batch,
+                            personalize.le_learning_rate)
     gn_part = TrainablePart("gating_network", "gn", LogisticGate(gn_dim), [gn_dim], ["features"], "gate_logits", 2,
-                            max_batch)
+                            2 * max(1, personalize.batch_size // 2), personalize.gn_learning_rate)
     with atomic.staged_dir(out, overwrite=overwrite) as staging:
         ge_files, training = {}, {part.key: {} for part in (le_part, gn_part)}
         for name in formats:
@@ -137,10 +146,31 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
             ge_files[name] = f"ge{fmt.suffix}"
             say(f"exporting GE to {name} ({fmt.runtime})" + (", quantized" if meta.quantized else ""))
             export_ge(ckpt, model_dir, name, staging / ge_files[name])
-            if fmt.trains:
-                say(f"building LE and GN training programs for {fmt.runtime}")
+            kinds = [k for k in fmt.training_kinds if k == fmt.default_training or k in extra_training]
+            for kind in kinds:
+                what = "step programs" if kind == STEPS else f"{kind} programs"
+                say(f"building LE and GN {what} for {fmt.runtime}, checked against torch")
                 for part in (le_part, gn_part):
-                    training[part.key][name] = TRAINING_EXPORTERS[name].export(part, staging / part.directory)
+                    files = TRAINING_EXPORTERS[(name, kind)].export(part, staging / part.directory)
+                    training[part.key].setdefault(name, {}).update(files)
+        personalized = {}
+        examples = ckpt.normalize(ckpt.replay.images[:48]).numpy()
+        for name in formats:
+            if FORMATS[name].reference:
+                continue
+            say(f"building the {name} personalized-model template (GE + LE + GN + routing)")
+            files = export_personalized_template(
+                name, ckpt.model, staging / ge_files[name], {p.key: p for p in (le_part, gn_part)},
+                experts.le_feature_tap, experts.gn_feature_tap, list(taps), taps, examples,
+                staging / "personalized", meta.quantized)
+            if files is None:
+                say(f"  skipped: a quantized GE's {name} program cannot be converted again")
+            else:
+                personalized[name] = files
+        for part in (le_part, gn_part):
+            buffer = io.BytesIO()
+            np.save(buffer, part.flat_parameters().numpy().astype(np.float32))
+            atomic.write_bytes(staging / part.directory / "initial.npy", buffer.getvalue())
         replay = io.BytesIO()
         np.savez_compressed(replay, x=ckpt.replay.images, y=ckpt.replay.labels)
         atomic.write_bytes(staging / "replay.npz", replay.getvalue())
@@ -159,15 +189,17 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
             local_expert=TrainablePartSpec(
                 kind="residual_lowrank", rank=experts.le_rank, feature_tap=experts.le_feature_tap,
                 feature_dim=le_dim, inputs=le_part.input_names, output="logits",
-                training=training["local_expert"], parameters=le_part.parameters(), max_batch=max_batch,
+                training=training["local_expert"], parameters=le_part.parameters(), max_batch=le_part.max_batch,
+                initial_parameters="le/initial.npy", optimizer=le_part.optimizer.to_dict(),
                 params=count_params(le), macs=count_macs(le, (torch.zeros(1, le_dim), torch.zeros(1, num_classes)))),
             gating_network=TrainablePartSpec(
                 kind="logistic", feature_tap=experts.gn_feature_tap, feature_dim=gn_dim,
                 inputs=gn_part.input_names, output="gate_logits", training=training["gating_network"],
-                parameters=gn_part.parameters(), max_batch=max_batch, params=count_params(gn),
+                parameters=gn_part.parameters(), max_batch=gn_part.max_batch, params=count_params(gn),
+                initial_parameters="gn/initial.npy", optimizer=gn_part.optimizer.to_dict(),
                 macs=count_macs(gn, (torch.zeros(1, gn_dim),)), threshold=experts.gate_threshold),
             replay=ReplaySpec(file="replay.npz", count=len(ckpt.replay)),
-            personalize=asdict(personalize),
+            personalize=asdict(personalize), personalized_model=personalized,
         )
         write_manifest(staging, manifest)
         Bundle.open(staging).close()  # the bundle we publish must pass the device's own checks

@@ -1,8 +1,9 @@
 """Writing ONNX files that every ONNX Runtime the bundles meet can read: one
 exporter call for GE, LE and GN, and the IR-version cap.
 
-onnxruntime-training 1.19 reads ONNX IR version 10 at most, and current onnx
-writes newer versions, so every ONNX file a bundle carries is capped.
+ONNX Runtime 1.19 (the last onnxruntime-training, and older mobile builds)
+reads ONNX IR version 10 at most, and current onnx writes newer versions, so
+every ONNX file a bundle carries is capped.
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ OPSET = 17
 
 
 def onnx_export(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
-                output_names: list[str], training: bool) -> None:
-    """``module`` as ONNX with a dynamic batch; ``training`` keeps it
-    trainable (no constant folding, parameters as named initializers)."""
-    dynamic = {name: {0: "batch"} for name in [*input_names, *output_names]}
+                output_names: list[str], training: bool, dynamic: list[str] | None = None) -> None:
+    """``module`` as ONNX with a dynamic batch (on the ``dynamic`` inputs and
+    outputs; by default all); ``training`` keeps it trainable (no constant
+    folding, parameters as named initializers)."""
+    batched = [*input_names, *output_names] if dynamic is None else dynamic
+    dynamic_axes = {name: {0: "batch"} for name in batched}
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated but needs no onnxscript and
         # keeps parameters as named initializers, which training artifacts need.
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, str(path), dynamo=False, input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic, opset_version=OPSET,
+                          output_names=output_names, dynamic_axes=dynamic_axes, opset_version=OPSET,
                           do_constant_folding=not training,
                           training=torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL)
 

@@ -34,11 +34,14 @@ def ge_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bundle_dir(ge_dir, tmp_path_factory):
-    """Every format, the torch reference's included (~20 s): the backends' parity tests run on it."""
+    """Every format, the torch reference's included, and ExecuTorch's training-extension programs (~40 s):
+    the backends' parity tests run on it. (ort-training's artifacts need onnxruntime-training, which cannot
+    share this venv with onnxruntime.)"""
     from edgetailor.export.bundle import export_bundle
     from edgetailor.toolkit.formats import FORMATS
 
-    return export_bundle(ge_dir, tmp_path_factory.mktemp("bundle") / "bundle", formats=list(FORMATS))
+    return export_bundle(ge_dir, tmp_path_factory.mktemp("bundle") / "bundle", formats=list(FORMATS),
+                         extra_training=["executorch-training"])
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,10 @@ def _umask() -> int:
 
 
 def fsync_dir(path: Path) -> None:
+    """Make a rename durable. Windows cannot open a directory (NTFS journals
+    renames itself), so there it is a no-op."""
+    if os.name == "nt":
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -42,7 +46,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; published files get the usual mode
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; published files get the usual mode (POSIX only)
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

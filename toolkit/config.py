@@ -9,7 +9,10 @@ and bundle manifests so that every artifact says how it was made.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # CPython 3.10
+    import tomli as tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -100,6 +103,10 @@ class PersonalizeConfig:
     # Jittered copies of each user sample (small rotation, scale, shift):
     # 100 samples are few, and GE's features move with a pixel of shift.
     augment_copies: int = 4
+    # ...but only while the training set stays under this many inputs: a
+    # large sample set needs no jitter, and the features of every copy are
+    # held in memory (20,000 inputs of GE's 400 conv features: 32 MB).
+    augment_until: int = 20000
     gn_steps: int = 200
     gn_learning_rate: float = 1e-2
     # The gate's threshold is raised until at most this share of generic
@@ -112,8 +119,8 @@ class PersonalizeConfig:
         _positive(self, "le_epochs", "le_learning_rate", "batch_size", "gn_steps", "gn_learning_rate", "max_seconds")
         if not 0.0 <= self.gate_generic_share < 1.0:
             raise ConfigError(f"personalize.gate_generic_share must be in [0, 1), got {self.gate_generic_share}")
-        if self.augment_copies < 0 or self.replay_weight < 0:
-            raise ConfigError("personalize.augment_copies and personalize.replay_weight must be >= 0")
+        if self.augment_copies < 0 or self.replay_weight < 0 or self.augment_until < 0:
+            raise ConfigError("personalize.augment_copies, augment_until and replay_weight must be >= 0")
 
 
 @dataclass

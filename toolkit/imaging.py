@@ -109,6 +109,48 @@ def affine(image: np.ndarray, rotation_deg: float = 0.0, shear: float = 0.0,
     return bilinear_sample(image.astype(np.float32), src_y, src_x)
 
 
+def affine_batch(images: np.ndarray, rotation_deg: np.ndarray, scale: np.ndarray,
+                 translate: np.ndarray) -> np.ndarray:
+    """``affine`` (no shear) of a batch (N, H, W) at once, with per-image
+    parameters: one vectorised warp instead of a Python loop, which cost
+    175 µs per image and dominated personalizing on thousands of samples."""
+    n, h, w = images.shape
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    theta = np.deg2rad(np.asarray(rotation_deg, np.float64))
+    # The inverse of rotation @ scale is rotation^T / scale.
+    cos = (np.cos(theta) / scale).astype(np.float32)[:, None, None]
+    sin = (np.sin(theta) / scale).astype(np.float32)[:, None, None]
+    yy, xx = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    dx = xx[None] - np.float32(cx) - translate[:, 1, None, None].astype(np.float32)
+    dy = yy[None] - np.float32(cy) - translate[:, 0, None, None].astype(np.float32)
+    return bilinear_sample_batch(images, -sin * dx + cos * dy + np.float32(cy), cos * dx + sin * dy + np.float32(cx))
+
+
+def bilinear_sample_batch(images: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``bilinear_sample`` of each image (N, H, W) at its own coordinates (N, h, w).
+
+    The images get a one-pixel black border and the coordinates are clipped
+    onto it, so every neighbour is a valid index and outside reads black,
+    with no masks: four gathers and two lerps for the whole batch."""
+    n, h, w = images.shape
+    padded = np.zeros((n, h + 2, w + 2), np.float32)
+    padded[:, 1:-1, 1:-1] = images
+    flat = padded.reshape(-1)
+    rows = np.clip(rows, -1.0, h)
+    cols = np.clip(cols, -1.0, w)
+    r0 = np.floor(rows)
+    c0 = np.floor(cols)
+    fr = (rows - r0).astype(np.float32)
+    fc = (cols - c0).astype(np.float32)
+    stride = w + 2
+    top_left = ((np.arange(n) * ((h + 2) * stride))[:, None, None] + (r0.astype(np.int64) + 1) * stride
+                + c0.astype(np.int64) + 1)
+    top = flat[top_left] + (flat[np.minimum(top_left + 1, flat.size - 1)] - flat[top_left]) * fc
+    below = np.minimum(top_left + stride, flat.size - 1)
+    bottom = flat[below] + (flat[np.minimum(below + 1, flat.size - 1)] - flat[below]) * fc
+    return (top + (bottom - top) * fr).astype(np.float32)
+
+
 def thicken(image: np.ndarray, amount: float) -> np.ndarray:
     """Grey-level dilation (amount > 0) or erosion (amount < 0) by a 3x3 cross,
     blended by |amount| so that stroke width varies continuously."""

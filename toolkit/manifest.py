@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from edgetailor.toolkit import __version__
 from edgetailor.toolkit.errors import BundleError
-from edgetailor.toolkit.formats import FORMATS, TRAINING_FORMATS
+from edgetailor.toolkit.formats import FORMATS, STEPS, TRAINING_FORMATS
 from edgetailor.toolkit.input_spec import InputSpec
 
 SCHEMA_VERSION = 2
@@ -43,7 +43,8 @@ def manifest_schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
     schema["$defs"]["format_name"]["enum"] = list(FORMATS)
     schema["$defs"]["training_format_name"]["enum"] = list(TRAINING_FORMATS)
     training = schema["$defs"]["trainable"]["properties"]["training"]
-    training["properties"] = {name: {"type": "object", "required": list(FORMATS[name].training_files),
+    training["properties"] = {name: {"type": "object", "minProperties": 1,
+                                     "propertyNames": {"enum": list(FORMATS[name].training_roles)},
                                      "additionalProperties": {"type": "string"}} for name in TRAINING_FORMATS}
     return schema
 
@@ -126,12 +127,30 @@ class TrainablePartSpec:
     params: int
     macs: int
     parameters: dict[str, list[int]] | None = None     # name -> shape; absent in version 1
-    max_batch: int | None = None
+    max_batch: int | None = None           # rows per training step (step programs: exactly this many)
+    initial_parameters: str | None = None  # flat float32 .npy in sorted parameter order; step programs start here
+    optimizer: dict[str, Any] | None = None    # the AdamW settings the step programs apply
     rank: int | None = None                # LE only
     threshold: float | None = None         # GN only: LE answers above it
 
     def to_dict(self) -> dict[str, Any]:
         return _without_none(dataclasses.asdict(self))
+
+    def training_files(self, fmt: str, kind: str) -> dict[str, str] | None:
+        """{role: file} of one training kind in one format, or None when the part does not carry it whole."""
+        files = self.training.get(fmt, {})
+        roles = FORMATS[fmt].training_kinds.get(kind, ())
+        if not roles or any(r not in files for r in roles):
+            return None
+        return {r: files[r] for r in roles}
+
+    def training_kinds(self, fmt: str) -> list[str]:
+        return [k for k in FORMATS[fmt].training_kinds if self.training_files(fmt, k) is not None]
+
+    @property
+    def parameter_order(self) -> list[str]:
+        """The order of the parameters in a flat vector (what step programs take): sorted by name."""
+        return sorted(self.parameters or {})
 
 
 @dataclass
@@ -153,6 +172,8 @@ class Manifest:
     replay: ReplaySpec
     personalize: dict[str, Any]            # the PersonalizeConfig the bundle ships as the device's defaults
     files: dict[str, str] = field(default_factory=dict)    # every file but the manifest -> sha256
+    # format -> {"program", "patches"}: GE + LE + GN + routing as one program to fill with trained weights
+    personalized_model: dict[str, dict[str, str]] = field(default_factory=dict)
     toolkit_version: str = __version__
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
@@ -164,11 +185,11 @@ class Manifest:
         return getattr(self, key)
 
     def format_files(self, name: str) -> list[str]:
-        """The files a format needs: its GE and, for training formats, LE's and GN's programs."""
+        """The files a format needs: its GE, LE's and GN's programs, its personalized-model template."""
         files = [self.global_expert.files[name]]
         for part in PARTS:
             files += list(self.part(part).training.get(name, {}).values())
-        return files
+        return files + list(self.personalized_model.get(name, {}).values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -179,6 +200,7 @@ class Manifest:
             "local_expert": self.local_expert.to_dict(), "gating_network": self.gating_network.to_dict(),
             "replay": dataclasses.asdict(self.replay), "personalize": dict(self.personalize),
             "files": dict(self.files),
+            **({"personalized_model": self.personalized_model} if self.personalized_model else {}),
         }
 
     def to_json(self) -> str:
@@ -198,7 +220,7 @@ class Manifest:
         if missing:
             raise BundleError(f"{where} lists format(s) {', '.join(missing)} without a GE file",
                               hint="the bundle is damaged or was not written by edgetailor; re-export it")
-        return cls(
+        manifest = cls(
             input=InputSpec.from_dict(data["input"]), labels=list(data["labels"]),
             formats={name: _build(FormatEntry, entry) for name, entry in data["formats"].items()},
             global_expert=_build(GlobalExpertSpec, data["global_expert"]),
@@ -206,7 +228,21 @@ class Manifest:
             gating_network=_build(TrainablePartSpec, data["gating_network"]),
             replay=_build(ReplaySpec, data["replay"]), personalize=dict(data["personalize"]),
             files=dict(data["files"]), toolkit_version=data["toolkit_version"], created=data["created"],
-            schema_version=data["schema_version"])
+            schema_version=data["schema_version"], personalized_model=dict(data.get("personalized_model", {})))
+        for key in PARTS:
+            part = manifest.part(key)
+            for fmt in part.training:
+                if not part.training_kinds(fmt):
+                    kinds = "; ".join(f"{k}: {', '.join(r)}" for k, r in FORMATS[fmt].training_kinds.items())
+                    raise BundleError(f"{where}: {key}'s {fmt} training files ({', '.join(part.training[fmt])}) "
+                                      f"make up no whole training kind ({kinds})",
+                                      hint="the bundle is damaged or was not written by edgetailor; re-export it")
+            if STEPS in {k for fmt in part.training for k in part.training_kinds(fmt)}:
+                if not (part.parameters and part.max_batch and part.initial_parameters and part.optimizer):
+                    raise BundleError(f"{where}: {key} has step programs but no parameters, max_batch, "
+                                      "initial_parameters or optimizer",
+                                      hint="the bundle is damaged or was not written by edgetailor; re-export it")
+        return manifest
 
     @classmethod
     def from_json(cls, text: str, where: str = "manifest") -> "Manifest":

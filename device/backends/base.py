@@ -78,9 +78,9 @@ def is_weights_blob(blob: bytes) -> bool:
 def unpack_weights(blob: bytes, bundle: Bundle, part: str, backend: str) -> dict[str, np.ndarray]:
     """Stored weights, checked against the part's parameters in the manifest."""
     if not is_weights_blob(blob):
-        raise StateError(f"the stored {part.replace('_', ' ')} is an ONNX model from an older edgetailor, which "
-                         f"only the ort backend runs (this runtime trains with {backend})",
-                         hint="open with --backend ort, or personalize again")
+        raise StateError(f"the stored {part.replace('_', ' ')} is an ONNX model from edgetailor 0.1, which "
+                         f"only the ort-training backend runs (this runtime trains with {backend})",
+                         hint="personalize again (the samples are kept), or open with --backend ort-training")
     expected = bundle.manifest.part(part).parameters  # absent in version-1 manifests
     try:
         with np.load(io.BytesIO(blob)) as archive:

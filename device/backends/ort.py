@@ -1,32 +1,31 @@
-"""ONNX Runtime backend: GE inference with an InferenceSession, LE and GN
-training with onnxruntime-training's on-device training API."""
+"""ONNX Runtime backend: GE with an InferenceSession, LE and GN trained by
+their step programs, which are ordinary ONNX inference graphs. So it needs
+only the maintained ``onnxruntime`` package, the one with wheels for every
+platform and Python (onnxruntime-training, deprecated, also works: it
+provides the same ``onnxruntime`` module)."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-import tempfile
-import types
-from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from edgetailor.device.backends.base import is_weights_blob, unpack_weights
+from edgetailor.device.backends.steps import StepProgramBackend
 from edgetailor.toolkit.bundle import Bundle
+from edgetailor.toolkit.errors import BackendError
+from edgetailor.toolkit.manifest import TrainablePartSpec
 
 
-def _import_onnxruntime():
-    """Import onnxruntime and its training API without pulling in torch.
+def import_onnxruntime():
+    """``import onnxruntime`` without pulling in torch.
 
-    ``import onnxruntime`` probes ``onnxruntime.training.ortmodule`` (which
-    imports torch when it is installed), and ``onnxruntime.training``'s
-    ``__init__`` imports torch-based optimisers. Neither is needed on the
-    device, and torch alone would cost ~200 MB of RSS. So torch is hidden while
-    onnxruntime validates itself (it treats the ImportError as "no ORTModule"),
-    and the ``api`` sub-package, which needs only numpy and the C extension,
-    is loaded without running its parent's ``__init__``.
-    """
+    onnxruntime-training's ``import onnxruntime`` probes
+    ``onnxruntime.training.ortmodule``, which imports torch when it is
+    installed: ~200 MB of RSS the device never uses. So torch is hidden
+    while onnxruntime validates itself (it takes the ImportError as "no
+    ORTModule"). The maintained package does not probe; hiding costs nothing."""
     hide_torch = "torch" not in sys.modules
     if hide_torch:
         sys.modules["torch"] = None  # makes `import torch` raise ImportError
@@ -35,38 +34,38 @@ def _import_onnxruntime():
     finally:
         if hide_torch:
             del sys.modules["torch"]
-    if "onnxruntime.training.api" in sys.modules:
-        return onnxruntime, sys.modules["onnxruntime.training.api"]
-    placeholder = "onnxruntime.training" not in sys.modules
-    if placeholder:
-        package = types.ModuleType("onnxruntime.training")
-        package.__path__ = [os.path.join(os.path.dirname(onnxruntime.__file__), "training")]
-        sys.modules["onnxruntime.training"] = package
-    try:
-        api = importlib.import_module("onnxruntime.training.api")
-    finally:
-        if placeholder:
-            del sys.modules["onnxruntime.training"]
-    return onnxruntime, api
+    onnxruntime.set_default_logger_severity(3)
+    return onnxruntime
 
 
-ort, ort_api = _import_onnxruntime()
-ort.set_default_logger_severity(3)
+ort = import_onnxruntime()
 
 
-def _session_options():
+def session_options(threads: int = 2):
+    """GE: two threads, all a phone core cluster gives an app. Step and
+    forward programs: one, since their ops are too small to share."""
     options = ort.SessionOptions()
-    # Batches here are small: two threads is all a phone core cluster gives an app.
-    options.intra_op_num_threads = min(2, os.cpu_count() or 1)
+    options.intra_op_num_threads = min(threads, os.cpu_count() or 1)
     options.inter_op_num_threads = 1
     return options
+
+
+def open_session(source: str | bytes, what: str, threads: int = 2):
+    try:
+        return ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own classes, e.g. for an opset it does not know
+        message = str(exc)
+        hint = "re-export or re-download the bundle"
+        if "opset" in message.lower() or "ir_version" in message.lower() or "ir version" in message.lower():
+            hint = (f"onnxruntime {ort.__version__} is too old for this bundle: pip install -U 'onnxruntime>=1.17', "
+                    "or re-export the bundle with an older opset")
+        raise BackendError(f"onnxruntime could not load {what}: {message.splitlines()[0][:300]}", hint=hint) from None
 
 
 class OrtGlobalExpert:
     def __init__(self, bundle: Bundle):
         spec = bundle.manifest.global_expert
-        self.session = ort.InferenceSession(str(bundle.path(spec.files["onnx"])), _session_options(),
-                                            providers=["CPUExecutionProvider"])
+        self.session = open_session(str(bundle.path(spec.files["onnx"])), spec.files["onnx"])
         self.input_name = spec.input_name
         self.logits_name = spec.outputs["logits"]
         self.feature_names = spec.output_order[1:]
@@ -76,62 +75,24 @@ class OrtGlobalExpert:
         return outputs[0], dict(zip(self.feature_names, outputs[1:]))
 
 
-class OrtTrainer:
-    """A Module + Optimizer over a part's training artifacts (AdamW in the optimizer graph)."""
+class OrtProgram:
+    def __init__(self, path: str, what: str):
+        self.session = open_session(path, what, threads=1)
+        inputs = self.session.get_inputs()
+        self.names = [i.name for i in inputs]
+        rows = inputs[0].shape[0]
+        self.batch = rows if isinstance(rows, int) else None
 
-    def __init__(self, bundle: Bundle, part: str, weights: dict[str, np.ndarray] | None = None):
-        files = {k: str(bundle.path(v)) for k, v in bundle.manifest.part(part).training["onnx"].items()}
-        self.state = ort_api.CheckpointState.load_checkpoint(files["checkpoint"])
-        self.module = ort_api.Module(files["training_model"], self.state, files["eval_model"])
-        for name, value in (weights or {}).items():  # only once a Module holds the state can it take values
-            self.state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
-        self.optimizer = ort_api.Optimizer(files["optimizer_model"], self.module)
-        self.output_name = bundle.manifest.part(part).output
-        # Version-1 manifests do not list the parameters; the checkpoint has them.
-        self.parameter_names = list(bundle.manifest.part(part).parameters or (n for n, _ in self.state.parameters))
-        self.module.train()
-
-    def set_learning_rate(self, lr: float) -> None:
-        self.optimizer.set_learning_rate(lr)
-
-    def step(self, *inputs: np.ndarray) -> float:
-        loss = self.module(*inputs)
-        self.optimizer.step()
-        self.module.lazy_reset_grad()
-        return float(loss)
-
-    def weights(self) -> dict[str, np.ndarray]:
-        return {name: np.array(self.state.parameters[name].data) for name in self.parameter_names}
-
-    def inference_model(self) -> bytes:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "trained.onnx"
-            self.module.export_model_for_inferencing(str(path), [self.output_name])
-            return path.read_bytes()
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, dict(zip(self.names, inputs)))
 
 
-class OrtTrainedPart:
-    def __init__(self, model: bytes, input_names: list[str]):
-        self.session = ort.InferenceSession(model, _session_options(), providers=["CPUExecutionProvider"])
-        self.input_names = input_names
-
-    def __call__(self, *inputs: np.ndarray) -> np.ndarray:
-        return self.session.run(None, dict(zip(self.input_names, inputs)))[0]
-
-
-class OrtBackend:
+class OrtBackend(StepProgramBackend):
     name = "ort"
+    format = "onnx"
 
     def load_global_expert(self, bundle: Bundle) -> OrtGlobalExpert:
         return OrtGlobalExpert(bundle)
 
-    def trainer(self, bundle: Bundle, part: str) -> OrtTrainer:
-        return OrtTrainer(bundle, part)
-
-    def load_trained(self, bundle: Bundle, part: str, blob: bytes) -> OrtTrainedPart:
-        inputs = bundle.manifest.part(part).inputs
-        if not is_weights_blob(blob):  # stored by edgetailor 0.1: the ONNX inference model itself
-            return OrtTrainedPart(blob, inputs)
-        weights = unpack_weights(blob, bundle, part, self.name)
-        # The part's inference graph with these weights, as training exported it.
-        return OrtTrainedPart(OrtTrainer(bundle, part, weights).inference_model(), inputs)
+    def load_program(self, bundle: Bundle, file: str, spec: TrainablePartSpec) -> OrtProgram:
+        return OrtProgram(str(bundle.path(file)), file)

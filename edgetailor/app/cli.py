@@ -17,7 +17,7 @@ import click
 
 from edgetailor.toolkit import __version__
 from edgetailor.toolkit.errors import EdgetailorError
-from edgetailor.toolkit.formats import DEFAULT_FORMATS, FORMATS
+from edgetailor.toolkit.formats import DEFAULT_FORMATS, EXTRA_TRAINING, FORMATS, STEPS
 from edgetailor.server_side.learngene.rules import RULES as LEARNGENE_METHODS
 
 
@@ -342,27 +342,36 @@ def export() -> None:
               help="Bundle directory to write; BUNDLE.zip is written beside it.")
 @click.option("--formats", default=None,
               help="Comma-separated formats the bundle carries, one per runtime: "
-                   + ", ".join(f"{f.name} ({f.runtime}: GE{' + LE/GN training programs' if f.trains else ''}"
+                   + ", ".join(f"{f.name} ({f.runtime}: GE + LE/GN {f.default_training} programs"
                                f"{'; a reference for parity checks' if f.reference else ''})" for f in FORMATS.values())
                    + f". Default: {','.join(DEFAULT_FORMATS)}, less those a quantized GE has no model for.")
+@click.option("--extra-training", default="",
+              help="Comma-separated training kinds to add for parity checks and devices that still run them: "
+                   + ", ".join(f"{kind} ({fmt})" for kind, fmt in EXTRA_TRAINING.items())
+                   + ". ort-training needs onnxruntime-training installed (in a venv without onnxruntime).")
 @click.option("--no-zip", is_flag=True, help="Write only the directory.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export_bundle_cmd(model: Path, out: Path, formats: str | None, no_zip: bool, overwrite: bool) -> None:
-    """Write a device bundle: GE in each format, LE and GN as training programs
-    for each training runtime, replay glyphs, and a manifest listing every
-    format's files with their sha256. Every model is checked against torch
-    before the bundle is written."""
+def export_bundle_cmd(model: Path, out: Path, formats: str | None, extra_training: str, no_zip: bool,
+                      overwrite: bool) -> None:
+    """Write a device bundle: GE in each format, LE's and GN's training step
+    as plain inference programs in each format (so any runtime's inference
+    build trains them), replay glyphs, and a manifest listing every format's
+    files with their sha256. Every program is checked against torch (the step
+    programs against torch.optim.AdamW over 100 steps) before the bundle is
+    written."""
     from edgetailor.export.bundle import export_bundle
-    from edgetailor.toolkit.formats import check_formats
+    from edgetailor.toolkit.formats import check_extra_training, check_formats
     from edgetailor.toolkit.manifest import Manifest
     from edgetailor.toolkit.tables import format_table
 
     chosen = check_formats([f.strip() for f in formats.split(",") if f.strip()]) if formats else None
+    extra = check_extra_training([k.strip() for k in extra_training.split(",") if k.strip()],
+                                 chosen or list(DEFAULT_FORMATS))
     if out.suffix == ".zip":
         out = out.with_suffix("")
     if out.exists() and not overwrite:
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
-    path = export_bundle(model, out, make_zip=not no_zip, overwrite=overwrite, formats=chosen,
+    path = export_bundle(model, out, make_zip=not no_zip, overwrite=overwrite, formats=chosen, extra_training=extra,
                          progress=lambda msg: click.echo(f"  {msg}", err=True))
     manifest = Manifest.from_json((path / "manifest.json").read_text())
     rows = [{"format": name, "runtime": entry.runtime, "files": len(entry.files),
@@ -383,8 +392,9 @@ def device() -> None:
     """On-device runtime: personalise and evaluate (needs no torch)."""
 
 
-BACKEND_HELP = ("Runtime: ort, executorch, litert (GE; LE/GN train on another backend) or torch (reference). "
-                "Default: the best installed one the bundle carries (see `edgetailor device info`).")
+BACKEND_HELP = ("Runtime: ort (onnxruntime), litert or executorch, each training with the bundle's step programs; "
+                "ort-training or executorch-training (the runtimes' own training packages, for parity); torch "
+                "(reference). Default: the best installed one the bundle carries (see `edgetailor device info`).")
 
 
 def _bundle_state_options(fn):
@@ -480,7 +490,7 @@ def device_predict(bundle: Path, state: Path, samples: Path, backend: str) -> No
 def device_info(bundle: Path | None, state: Path | None, as_json: bool) -> None:
     """List the device backends: installed or not (and how to install),
     what each runs, and which one `--backend auto` picks."""
-    from edgetailor.device.backends import BACKENDS, PREFERENCE, runtime_version, usable_backends
+    from edgetailor.device.backends import BACKENDS, PREFERENCE, can_train, runtime_version, usable_backends
     from edgetailor.device.runtime import DeviceRuntime
     from edgetailor.toolkit.bundle import Bundle
     from edgetailor.toolkit.tables import format_table
@@ -494,15 +504,20 @@ def device_info(bundle: Path | None, state: Path | None, as_json: bool) -> None:
         rows = []
         for name in PREFERENCE:
             info = BACKENDS[name]
-            row = {"backend": name, "installed": runtime_version(name), "format": info.format, "trains": info.trains,
-                   "description": info.description, "install": f"pip install '{info.requirement}'"}
+            row = {"backend": name, "installed": runtime_version(name), "format": info.format,
+                   "training": info.training, "description": info.description,
+                   "install": f"pip install '{info.requirement}'"}
             if opened:
-                row["bundle"] = ("usable" if name in usable else
-                                 "damaged: " + opened.damaged[info.format] if info.format in opened.damaged else
+                row["bundle"] = ("damaged: " + opened.damaged[info.format] if info.format in opened.damaged else
                                  "no " + info.format + " files" if info.format not in opened.formats else
-                                 "not installed" if not row["installed"] else "no training backend")
+                                 "not installed" if not row["installed"] else
+                                 "runs GE and trains" if can_train(opened, name) else
+                                 f"runs GE (no {'step' if info.training == STEPS else info.training} programs)")
             rows.append(row)
-        auto = (usable[0] if usable else None) if opened else next((r["backend"] for r in rows if r["installed"]), None)
+        if opened:
+            auto = next((n for n in usable if can_train(opened, n)), usable[0] if usable else None)
+        else:
+            auto = next((r["backend"] for r in rows if r["installed"]), None)
         status = None
         if opened and state is not None:
             with DeviceRuntime.open(opened, state) as runtime:  # closes the bundle too
@@ -524,6 +539,29 @@ def device_info(bundle: Path | None, state: Path | None, as_json: bool) -> None:
         if status["personalization_problem"]:
             click.secho(f"  the stored personalization is not in use: {status['personalization_problem']}",
                         fg="yellow")
+
+
+@device.command("export-personalized")
+@click.option("--bundle", required=True, type=click.Path(exists=True, path_type=Path), help="Bundle directory or .zip.")
+@click.option("--state", required=True, type=click.Path(exists=True, path_type=Path),
+              help="State directory holding the personalization.")
+@click.option("--format", "fmt", default="onnx", show_default=True,
+              help="Program format: one the bundle has a personalized-model template for (onnx, tflite, executorch).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="File to write, e.g. model.onnx.")
+@click.option("--backend", default=None, help=BACKEND_HELP)
+def device_export_personalized(bundle: Path, state: Path, fmt: str, out: Path, backend: str | None) -> None:
+    """Write the personalized model (GE + LE + GN + routing, trained weights
+    folded in) as one inference program: an app that only predicts runs it
+    with one call on its own runtime. Input `image` (N, 1, H, W), normalised
+    as the bundle's input spec says; outputs `logits`, `probabilities`,
+    `gate` and `expert` (1 where LE answered), as `device predict` answers."""
+    from edgetailor.device.runtime import DeviceRuntime
+
+    with DeviceRuntime.open(bundle, state, backend) as runtime:
+        path = runtime.export_personalized(out, fmt)
+        spec = runtime.manifest.input
+    click.echo(f"wrote {path} ({path.stat().st_size / 1024:,.0f} KiB): input 'image' {list(spec.shape)}, "
+               f"(pixel/255 - {spec.mean}) / {spec.std}; outputs logits, probabilities, gate, expert")
 
 
 @device.command("reset")

@@ -1,6 +1,7 @@
 """The same bundle and the same user samples through every backend: GE
-answers alike, personalization ends alike, and a backend that cannot run
-says which ones can."""
+answers alike, personalization ends alike (the runtimes an app embeds
+training with step programs, the parity backends with their runtimes' own
+training packages), and a backend that cannot run says which ones can."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ from tests.conftest import ROOT, run_cli
 from edgetailor.toolkit.bundle import Bundle
 from edgetailor.toolkit.errors import BundleError, EdgetailorError
 
-BACKENDS = list(PREFERENCE)
+# onnxruntime-training cannot share a venv with onnxruntime: its parity runs
+# in a venv of its own (tests/device/test_ort_training.py, benchmarks/backends.py).
+BACKENDS = [b for b in PREFERENCE if b != "ort-training"]
 
 
 def test_every_backend_is_installed_here():
-    # The dev install has every runtime; a missing one would silently skip parity below.
+    # The dev install has every other runtime; a missing one would silently skip parity below.
     assert installed_backends() == BACKENDS
 
 
@@ -60,22 +63,21 @@ def test_personalization_agrees_across_backends(personalized):
     for name, r in personalized.items():
         assert np.isfinite(r["report"]["le_loss"]) and np.isfinite(r["report"]["gn_loss"]), name
         assert abs(r["report"]["le_loss"] - personalized["torch"]["report"]["le_loss"]) < 0.01, name
-    # LiteRT runs GE only: LE and GN train on the best installed training backend.
-    assert personalized["litert"]["trainer"] == "ort"
-    assert personalized["executorch"]["report"]["backend"] == "executorch"
+    # Every backend trains itself: the app needs no second runtime.
+    assert all(r["trainer"] == name == r["report"]["backend"] for name, r in personalized.items())
 
 
 def test_a_personalization_runs_on_any_training_backend(bundle_dir, user, personalized):
-    """Stored weights are backend-neutral: ExecuTorch's personalization answers the same under ORT."""
-    state = personalized["executorch"]["state"]
+    """Stored weights are backend-neutral: LiteRT's personalization answers the same under every backend."""
+    state = personalized["litert"]["state"]
     answers = {}
-    for name in ("executorch", "ort", "torch"):
+    for name in BACKENDS:
         with DeviceRuntime.open(bundle_dir, state, name) as rt:
             assert rt.personalized
             answers[name] = rt.predict(user.test.images)
-    for name in ("ort", "torch"):
-        assert answers[name].labels == answers["executorch"].labels
-        assert np.abs(answers[name].gate - answers["executorch"].gate).max() < 1e-4
+    for name in BACKENDS:
+        assert answers[name].labels == answers["litert"].labels, name
+        assert np.abs(answers[name].gate - answers["litert"].gate).max() < 1e-4, name
 
 
 def test_bundle_without_the_backends_format(ge_dir, tmp_path):
@@ -86,12 +88,15 @@ def test_bundle_without_the_backends_format(ge_dir, tmp_path):
         DeviceRuntime.open(bundle, tmp_path / "s", "litert")
     assert "backends that would work with it: ort" in str(info.value)
     assert "--formats onnx,tflite" in str(info.value)
+    with pytest.raises(BundleError, match="has no executorch files"):
+        DeviceRuntime.open(bundle, tmp_path / "s", "executorch-training")
     with DeviceRuntime.open(bundle, tmp_path / "s") as rt:  # auto picks what the bundle carries
         assert rt.backend.name == "ort"
 
 
 @pytest.mark.parametrize("file, backend", [("ge.pte", "executorch"), ("ge.tflite", "litert"),
-                                           ("le/le.pte", "executorch")])
+                                           ("le/step.pte", "executorch"), ("gn/forward.tflite", "litert"),
+                                           ("le/training.pte", "executorch-training")])
 def test_tampered_program_names_the_backends_that_work(bundle_dir, tmp_path, file, backend):
     copy = tmp_path / "b"
     shutil.copytree(bundle_dir, copy)
@@ -101,7 +106,8 @@ def test_tampered_program_names_the_backends_that_work(bundle_dir, tmp_path, fil
     with pytest.raises(BundleError, match=f"{file} does not match its sha256") as info:
         DeviceRuntime.open(copy, tmp_path / "s", backend)
     message = str(info.value)
-    assert "backends that would work with it: ort" in message and backend not in message.split("work with it:")[1]
+    working = message.split("work with it:")[1].split(";")[0]
+    assert "ort" in working and backend not in working
     with DeviceRuntime.open(copy, tmp_path / "s2") as rt:  # auto skips the damaged format
         assert rt.backend.name == "ort"
 
@@ -127,15 +133,17 @@ def test_backend_not_installed(bundle_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert "backend 'litert' is not installed" in proc.stdout, proc.stdout + proc.stderr
-    assert "pip install 'ai-edge-litert'" in proc.stdout and "installed backends: ort, executorch, torch" in proc.stdout
+    assert "pip install 'ai-edge-litert'" in proc.stdout
+    assert "installed backends: ort, executorch, executorch-training, torch" in proc.stdout
 
 
 def test_device_info_cli(bundle_dir):
     result = json.loads(run_cli("device", "info", "--bundle", str(bundle_dir), "--json").stdout)
     assert result["auto"] == "ort"
     rows = {r["backend"]: r for r in result["backends"]}
-    assert set(rows) == set(BACKENDS) and all(r["bundle"] == "usable" for r in rows.values())
-    assert rows["litert"]["trains"] is False
+    assert set(rows) == set(PREFERENCE)
+    assert all(rows[b]["bundle"] == "runs GE and trains" for b in BACKENDS)
+    assert rows["ort-training"]["bundle"] == "not installed" and rows["litert"]["training"] == "steps"
     text = run_cli("device", "info").stdout
     assert "auto picks: ort" in text
 

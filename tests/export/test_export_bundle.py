@@ -20,16 +20,26 @@ def test_manifest_and_overhead(bundle_dir):
     assert (le["macs"] + gn["macs"]) / ge["macs"] <= 0.025
     assert set(manifest["formats"]) == {"onnx", "executorch", "tflite", "torch"}
     assert ge["files"] == {"onnx": "ge.onnx", "executorch": "ge.pte", "tflite": "ge.tflite", "torch": "ge.pt2"}
-    assert set(le["training"]) == set(gn["training"]) == {"onnx", "executorch", "torch"}
+    assert set(le["training"]) == set(gn["training"]) == {"onnx", "executorch", "tflite", "torch"}
+    assert le["training"]["onnx"] == {"step": "le/step.onnx", "forward": "le/forward.onnx"}
+    assert set(le["training"]["executorch"]) == {"step", "forward", "program"}  # + executorch-training's
     onnx_files = manifest["formats"]["onnx"]["files"]
-    assert set(onnx_files) == {"ge.onnx", *le["training"]["onnx"].values(), *gn["training"]["onnx"].values()}
-    assert manifest["formats"]["tflite"]["files"] == {"ge.tflite": manifest["files"]["ge.tflite"]}
+    assert set(onnx_files) == {"ge.onnx", *le["training"]["onnx"].values(), *gn["training"]["onnx"].values(),
+                               "personalized/model.onnx", "personalized/model.onnx.patches.json"}
+    assert set(manifest["formats"]["tflite"]["files"]) == {
+        "ge.tflite", *le["training"]["tflite"].values(), *gn["training"]["tflite"].values(),
+        *manifest["personalized_model"]["tflite"].values()}
+    assert set(manifest["personalized_model"]) == {"onnx", "executorch", "tflite"}
+    # Step programs: a static batch, AdamW's settings, and the initial weights every format starts from.
+    assert le["max_batch"] == 128 + round(128 * 0.3) and gn["max_batch"] == 128
+    assert le["optimizer"] == {"name": "adamw", "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0}
+    assert np.load(bundle_dir / le["initial_parameters"]).shape == (3 * 400 + 10 * 3 + 10,)
     assert all(manifest["files"][f] == h for entry in manifest["formats"].values() for f, h in entry["files"].items())
     assert le["parameters"] == {"down.weight": [3, 400], "up.weight": [10, 3], "up.bias": [10]}
     assert manifest["input"]["std"] > 0 and manifest["labels"] == [str(d) for d in range(10)]
 
 
-def test_every_onnx_file_is_readable_by_ort_training(bundle_dir):
+def test_every_onnx_file_is_readable_by_onnxruntime_1_19(bundle_dir):
     for path in bundle_dir.rglob("*.onnx"):
         assert onnx.load(str(path)).ir_version <= MAX_IR_VERSION, path
 
@@ -59,8 +69,10 @@ def test_refuses_to_overwrite(ge_dir, bundle_dir):
 def test_formats_are_checked_before_any_work(ge_dir, tmp_path):
     with pytest.raises(ConfigError, match="unknown bundle format.*'coreml'"):
         export_bundle(ge_dir, tmp_path / "b", formats=["onnx", "coreml"])
-    with pytest.raises(ConfigError, match="can run GE but not train"):
-        export_bundle(ge_dir, tmp_path / "b", formats=["tflite"])
+    with pytest.raises(ConfigError, match="unknown training kind.*'tensorflow-training'"):
+        export_bundle(ge_dir, tmp_path / "b", extra_training=["tensorflow-training"])
+    with pytest.raises(ConfigError, match="executorch-training needs format.*executorch"):
+        export_bundle(ge_dir, tmp_path / "b", formats=["onnx"], extra_training=["executorch-training"])
     assert list(tmp_path.iterdir()) == []
 
 

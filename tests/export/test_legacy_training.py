@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgetailor.device.backends.executorch import AdamW
-from edgetailor.export.trainable import executorch_training_program
+from edgetailor.device.backends.executorch_training import AdamW
+from edgetailor.export.legacy_training import executorch_training_program
 from edgetailor.server_side.models import LeNet5
 from edgetailor.toolkit.native_output import quiet_native_output
 

@@ -1,0 +1,69 @@
+"""Training with step programs on the device: short batches are padded with
+rows of weight 0 and train exactly as torch on the real rows; a batch larger
+than the program takes is refused; cost grows linearly with the samples."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgetailor.device.backends import get_backend
+from edgetailor.device.mixture import augmented_copies, jitter
+from edgetailor.toolkit.bundle import Bundle
+from edgetailor.toolkit.config import PersonalizeConfig
+from edgetailor.toolkit.errors import PersonalizationError
+from edgetailor.toolkit.imaging import affine
+from tests.export.test_step_programs import bundle_part
+
+
+@pytest.mark.parametrize("backend", ["ort", "litert", "executorch"])
+def test_a_short_batch_trains_as_torch_on_its_rows(bundle_dir, backend):
+    with Bundle.open(bundle_dir) as bundle:
+        part = bundle_part(bundle, "local_expert")
+        trainer = get_backend(backend).trainer(bundle, "local_expert")
+    trainer.set_learning_rate(part.learning_rate)
+    reference = copy.deepcopy(part.module)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=part.learning_rate, eps=1e-6, weight_decay=0.0)
+    for step in range(5):
+        (features, base), labels = part.example(7 + step, seed=step)  # fewer rows than the program's batch
+        loss = trainer.step(features.numpy(), base.numpy(), labels.numpy())
+        want = F.cross_entropy(reference(features, base), labels)
+        optimizer.zero_grad()
+        want.backward()
+        optimizer.step()
+        assert abs(loss - want.item()) < 1e-5
+    got = trainer.weights()
+    for name, parameter in reference.named_parameters():
+        assert np.abs(got[name] - parameter.detach().numpy()).max() < 1e-5, name
+
+
+def test_a_batch_larger_than_the_program_is_refused(bundle_dir):
+    with Bundle.open(bundle_dir) as bundle:
+        part = bundle_part(bundle, "gating_network")
+        trainer = get_backend("ort").trainer(bundle, "gating_network")
+    (features,), labels = part.example(part.max_batch + 1)
+    with pytest.raises(PersonalizationError, match="more than this bundle's gating network step program takes"):
+        trainer.step(features.numpy(), labels.numpy())
+
+
+def test_jitter_is_the_per_image_warp_vectorised():
+    rng = np.random.default_rng(3)
+    images = (rng.random((6, 28, 28)) * 255).astype(np.uint8)
+    out = jitter(images, 2, np.random.default_rng(0))
+    assert out.shape == (18, 28, 28) and np.array_equal(out[:6], images)
+    draws = np.random.default_rng(0)
+    rotation, scale, translate = draws.uniform(-6, 6, 12), draws.uniform(0.95, 1.05, 12), draws.uniform(-1, 1, (12, 2))
+    for k in range(12):
+        want = affine(images[k % 6].astype(np.float32) / 255.0, rotation_deg=rotation[k], scale=scale[k],
+                      translate=tuple(translate[k]))
+        assert np.abs(out[6 + k].astype(int) - np.rint(want * 255)).max() <= 1, k
+
+
+def test_augmentation_stops_as_the_sample_set_grows():
+    cfg = PersonalizeConfig()
+    assert augmented_copies(cfg, 100) == cfg.augment_copies
+    assert augmented_copies(cfg, 10_000) == 1 and augmented_copies(cfg, 20_000) == 0
