@@ -1,18 +1,29 @@
-"""Benchmark of the device backends on one bundle, against the torch reference in the same run.
+"""Benchmark of the device backends on one bundle: step programs on each
+runtime's inference build against onnxruntime-training, the path they
+replace, on the same bundle and the same users, in one run.
 
-    python benchmarks/backends.py [--users 3] [--model GE_DIR] [--out benchmarks/results/backends]
+    python benchmarks/backends.py [--users 5] [--model GE_DIR] [--legacy-python PYTHON]
+                                  [--out benchmarks/results/backends]
 
 Pretrains the default GE (LeNet-5 on the built-in digits) unless --model is
-given, exports one bundle with every format, then, for each backend in its
-own process (so that peak RSS is that backend's alone): GE latency at batch 1
-(median of 300 single-image calls), personalization of the same simulated
-users (wall time, median over users), accuracy on each user's test set and on
-the generic test set, peak RSS, whether torch was imported. Also the bundle
-size per format, and a small conv net (LeNet-5, batch 32) trained in
-ExecuTorch against torch: ms per step, and the gradient error with and
-without the max-pool workaround (docs/upstream/executorch-training.md).
+given. The bundle is exported once, with every format's step programs plus
+the runtimes' own training programs (ort-training, executorch-training), by
+the onnxruntime-training venv (``--legacy-python``, default
+``.venv-ort-training/bin/python``; made by benchmarks/make_ort_training_venv.sh),
+since only onnxruntime-training writes its artifacts. Without that venv the
+ort-training column is left out and the targets against it are not judged.
 
-Prints one table and the targets; writes OUT/backends.json.
+Then, for each backend in its own process (peak RSS is that backend's alone;
+ort-training in the legacy venv, the rest in this one): GE latency at batch
+1, personalization of the same simulated users (time in LE's and GN's
+training steps, and in all), accuracy on each user's test set and on the
+generic test set, which expert answered each test input, whether torch was
+imported. Then the whole device process as a user runs it
+(`edgetailor device personalize --json` in a fresh interpreter, from start to
+the stored personalization), ort against ort-training. And every step
+program in the bundle re-checked against torch.optim.AdamW over 100 steps.
+
+Prints the tables and the targets; writes OUT/backends.json.
 """
 
 from __future__ import annotations
@@ -30,13 +41,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BACKENDS = ("ort", "executorch", "litert", "torch")
+MAINTAINED = ("ort", "litert", "executorch")
+PARITY = ("ort-training", "executorch-training", "torch")
+# The path each backend personalized with before step programs: LiteRT ran GE
+# only and paired with onnxruntime-training.
+TODAY = {"ort": "ort-training", "litert": "ort-training", "executorch": "executorch-training"}
+CLI_REPEATS = 3
 
 
 def child(bundle: str, backend: str, samples: Path, users: int) -> dict:
-    """One backend, in a fresh process that loads only what a device would
-    (the runtime and the users' sample files): latency, personalization,
-    accuracy, peak memory."""
+    """One backend, in a fresh process that loads only what a device would."""
     import numpy as np
 
     from edgetailor.device import DeviceRuntime
@@ -44,11 +58,11 @@ def child(bundle: str, backend: str, samples: Path, users: int) -> dict:
     from edgetailor.toolkit.memory import peak_rss_mb
 
     generic = load_samples(samples / "generic_test.npz")
-    rows = []
+    rows, latency_ms = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for user_id in range(users):
             with DeviceRuntime.open(bundle, Path(tmp) / str(user_id), backend) as rt:
-                if not rows:  # GE latency once per backend
+                if latency_ms is None:
                     x = rt.manifest.input.normalize(generic.images[:300])
                     for i in range(20):
                         rt.ge.run(x[i:i + 1])
@@ -58,92 +72,66 @@ def child(bundle: str, backend: str, samples: Path, users: int) -> dict:
                         rt.ge.run(x[i:i + 1])
                         times.append(time.perf_counter() - started)
                     latency_ms = 1000 * statistics.median(times)
-                    logits, _ = rt.ge.run(x[:64])
-                    trainer = rt.trainer.name
                 rt.add_dataset(load_samples(samples / f"user{user_id}_train.npz"))
                 report = rt.personalize()
-                rows.append({"seconds": report["seconds"], "le_loss": report["le_loss"],
-                             "user": rt.evaluate_dataset(load_samples(samples / f"user{user_id}_test.npz"))["accuracy"],
-                             "generic": rt.evaluate_dataset(generic)["accuracy"]})
-    return {"backend": backend, "trainer": trainer, "ge_latency_ms": latency_ms,
+                test = load_samples(samples / f"user{user_id}_test.npz")
+                experts = rt.predict(test.images).experts
+                rows.append({"seconds": report["seconds"], "train_seconds": report["train_seconds"],
+                             "le_loss": report["le_loss"], "trainer": report["backend"],
+                             "user": rt.evaluate_dataset(test)["accuracy"],
+                             "generic": rt.evaluate_dataset(generic)["accuracy"],
+                             "experts": "".join("L" if e == "LE" else "G" for e in experts)})
+    return {"backend": backend, "trainer": rows[0]["trainer"], "ge_latency_ms": latency_ms,
             "personalize_s": statistics.median(r["seconds"] for r in rows),
+            "train_s": statistics.median(r["train_seconds"] for r in rows),
             "user_accuracy": float(np.mean([r["user"] for r in rows])),
             "generic_accuracy": float(np.mean([r["generic"] for r in rows])),
-            "per_user": rows, "logits": logits.tolist(),
-            "peak_rss_mb": peak_rss_mb(),  # VmHWM: ru_maxrss would carry this parent's peak over
-            "torch_imported": "torch" in sys.modules}
+            "per_user": rows, "peak_rss_mb": peak_rss_mb(), "torch_imported": "torch" in sys.modules}
 
 
-def conv_net_trial(steps: int = 20, batch: int = 32) -> dict:
-    """LeNet-5 trained in ExecuTorch and in torch, the first trial's setting."""
-    import copy
+def device_process(python: str, bundle: Path, samples: Path, backend: str) -> dict:
+    """`edgetailor device personalize` in a fresh interpreter, as a user runs it: median wall time."""
+    walls, result = [], {}
+    for _ in range(CLI_REPEATS):
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            proc = subprocess.run([python, "-m", "edgetailor.app.cli", "device", "personalize", "--bundle", str(bundle),
+                                   "--state", tmp, "--samples", str(samples / "user0_train.npz"),
+                                   "--backend", backend, "--json"], capture_output=True, text=True, cwd=ROOT)
+            walls.append(time.perf_counter() - started)
+        if proc.returncode != 0:
+            raise SystemExit(f"device personalize with {backend} failed:\n{proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"process_s": statistics.median(walls), "peak_rss_mb": result["peak_rss_mb"],
+            "train_s": result["train_seconds"], "torch_imported": result["torch_imported"]}
 
-    import torch
-    import torch.nn.functional as F
 
-    from edgetailor.export.trainable import executorch_training_program
-    from edgetailor.toolkit.data import load_generic_digits
-    from edgetailor.server_side.models import LeNet5
-    from edgetailor.toolkit.native_output import quiet_native_output
+def step_program_errors(bundle: Path) -> dict[str, float]:
+    """Each step program re-run against torch autograd + torch.optim.AdamW over 100 steps."""
+    from edgetailor.export.bundle import bundle_parts
+    from edgetailor.export.step_programs import STEP_EXPORTERS, check_step_program
+    from edgetailor.toolkit.bundle import Bundle
 
-    with quiet_native_output():
-        from executorch.exir import to_edge
-        from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
-        from torch.export.experimental import _export_forward_backward
+    errors = {}
+    with Bundle.open(bundle) as opened:
+        for key, part in bundle_parts(opened).items():
+            for fmt, exporter in STEP_EXPORTERS.items():
+                step = opened.path(opened.manifest.part(key).training_files(fmt, "steps")["step"])
+                errors[f"{fmt} {key}"] = check_step_program(exporter.writer.load(step), part, fmt)
+    return errors
 
-    torch.manual_seed(0)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    data = load_generic_digits()
-    x = torch.as_tensor(data.images[:batch * steps, None] / 255.0, dtype=torch.float32)
-    y = torch.as_tensor(data.labels[:batch * steps])
-    net = LeNet5()
 
-    def gradient_error(buffer: bytes) -> float:
-        program = _load_for_executorch_from_buffer(buffer)
-        at = program.run_method("__et_training_gradients_index_forward", ())[0]
-        end = program.run_method("__et_training_parameters_index_forward", ())[0]
-        names = [n.removeprefix("part.") for n in program.run_method("__et_training_fqn_forward", ())]
-        grads = dict(zip(names, program.run_method("forward", (x[:batch], y[:batch]))[at:end]))
-        reference = copy.deepcopy(net)
-        F.cross_entropy(reference(x[:batch]), y[:batch]).backward()
-        return max(float((grads[n] - p.grad).abs().max()) for n, p in reference.named_parameters())
-
-    fixed = executorch_training_program(net, [x[:batch]], y[:batch], max_batch=batch)
-
-    class WithLoss(torch.nn.Module):
-        def __init__(self, part):
-            super().__init__()
-            self.part = part
-
-        def forward(self, inputs, target):
-            logits = self.part(inputs)
-            return F.cross_entropy(logits, target), logits.detach()
-
-    with quiet_native_output():
-        upstream = to_edge(_export_forward_backward(torch.export.export(
-            WithLoss(copy.deepcopy(net)), (x[:batch], y[:batch]), strict=True))).to_executorch().buffer
-    program = _load_for_executorch_from_buffer(fixed)
-    started = time.perf_counter()
-    for step in range(steps):
-        program.run_method("forward", (x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch]),
-                           clone_outputs=False)
-    et_ms = 1000 * (time.perf_counter() - started) / steps
-    reference = copy.deepcopy(net)
-    started = time.perf_counter()
-    for step in range(steps):
-        reference.zero_grad()
-        F.cross_entropy(reference(x[step * batch:(step + 1) * batch]), y[step * batch:(step + 1) * batch]).backward()
-    torch_ms = 1000 * (time.perf_counter() - started) / steps
-    return {"executorch_ms_per_step": et_ms, "torch_ms_per_step": torch_ms, "slowdown": et_ms / torch_ms,
-            "gradient_error_upstream_export": gradient_error(upstream),
-            "gradient_error_with_workaround": gradient_error(fixed)}
+def agreement(a: str, b: str) -> float:
+    return sum(x == y for x, y in zip(a, b)) / max(1, len(a))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=3)
+    parser.add_argument("--users", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", type=Path, help="GE checkpoint (default: pretrain the default recipe)")
+    parser.add_argument("--legacy-python", default=str(ROOT / ".venv-ort-training/bin/python"),
+                        help="python of a venv with onnxruntime-training (benchmarks/make_ort_training_venv.sh)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "backends")
     parser.add_argument("--child", nargs=3, metavar=("BUNDLE", "BACKEND", "SAMPLES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,18 +141,20 @@ def main() -> int:
 
     import numpy as np
 
-    from edgetailor.device.backends import BACKENDS as BACKEND_INFO
-    from edgetailor.export.bundle import export_bundle
-    from edgetailor.toolkit.formats import FORMATS
-    from edgetailor.toolkit.manifest import Manifest
     from edgetailor.server_side.pretrain import pretrain
     from edgetailor.toolkit import atomic
     from edgetailor.toolkit.config import load_recipe
     from edgetailor.toolkit.data import load_generic_digits, split_generic
-    from edgetailor.toolkit.tables import format_table
+    from edgetailor.toolkit.formats import FORMATS
     from edgetailor.toolkit.loaders import save_npz
+    from edgetailor.toolkit.manifest import Manifest
+    from edgetailor.toolkit.tables import format_table
     from edgetailor.toolkit.users import simulate_users
 
+    legacy = args.legacy_python if Path(args.legacy_python).exists() else None
+    if legacy is None:
+        print(f"no onnxruntime-training venv at {args.legacy_python}: the ort-training baseline is left out "
+              "(make one with benchmarks/make_ort_training_venv.sh)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model
     if model is None:
@@ -172,13 +162,17 @@ def main() -> int:
         if not (model / "meta.json").exists():
             print("pretraining the default GE ...", flush=True)
             pretrain(model, load_recipe("default"), overwrite=True)
-    print("exporting one bundle with every format ...", flush=True)
+    bundle = args.out / "bundle"
+    extra = "ort-training,executorch-training" if legacy else "executorch-training"
+    print(f"exporting one bundle: every format's step programs + {extra} ...", flush=True)
     started = time.perf_counter()
-    bundle = export_bundle(model, args.out / "bundle", formats=list(FORMATS), make_zip=False, overwrite=True)
+    proc = subprocess.run([legacy or sys.executable, "-m", "edgetailor.app.cli", "export", "bundle", "--model",
+                           str(model), "--out", str(bundle), "--formats", ",".join(FORMATS), "--extra-training",
+                           extra, "--no-zip", "--overwrite"], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"export failed:\n{proc.stderr[-3000:]}")
     export_s = time.perf_counter() - started
     manifest = Manifest.from_json((bundle / "manifest.json").read_text())
-    sizes = {name: sum((bundle / f).stat().st_size for f in entry.files) / 1024
-             for name, entry in manifest.formats.items()}
 
     split = split_generic(load_generic_digits(), seed=args.seed)
     samples = args.out / "users"
@@ -189,69 +183,87 @@ def main() -> int:
         save_npz(person.test, samples / f"user{person.user_id}_test.npz")
 
     results = {}
-    for backend in BACKENDS:
+    for backend in (*MAINTAINED, *PARITY):
+        python = legacy if backend == "ort-training" else sys.executable
+        if python is None:
+            continue
         print(f"{backend}: GE latency, personalizing {args.users} users ...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", str(bundle), backend, str(samples),
+        proc = subprocess.run([python, __file__, "--child", str(bundle), backend, str(samples),
                                "--users", str(args.users)], capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise SystemExit(f"{backend} failed:\n{proc.stderr[-3000:]}")
         results[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
-    print("ExecuTorch training of a small conv net ...", flush=True)
-    trial = conv_net_trial()
+    print("whole device process (edgetailor device personalize, fresh interpreter) ...", flush=True)
+    processes = {"ort": device_process(sys.executable, bundle, samples, "ort")}
+    if legacy:
+        processes["ort-training"] = device_process(legacy, bundle, samples, "ort-training")
+    print("step programs against torch.optim.AdamW, 100 steps ...", flush=True)
+    step_errors = step_program_errors(bundle)
 
-    ref = results["torch"]
+    baseline = results.get("ort-training")
+    experts = {b: "".join(u["experts"] for u in r["per_user"]) for b, r in results.items()}
     rows = []
     for backend, r in results.items():
-        logit_diff = float(np.abs(np.array(r["logits"]) - np.array(ref["logits"])).max())
-        rows.append({"backend": backend, "GE format": manifest.global_expert.files[BACKEND_INFO[backend].format],
-            "trains with": r["trainer"], "GE ms b1": r["ge_latency_ms"],
-            "x torch": r["ge_latency_ms"] / ref["ge_latency_ms"],
-            "personalize s": r["personalize_s"], "x torch ": r["personalize_s"] / ref["personalize_s"],
-            "peak RSS MB": r["peak_rss_mb"], "x torch  ": r["peak_rss_mb"] / ref["peak_rss_mb"],
-            "user acc": r["user_accuracy"], "generic acc": r["generic_accuracy"], "|logits-torch|": logit_diff,
-            "torch imported": "yes" if r["torch_imported"] else "no"})
-    columns = [("backend", "backend", ""), ("GE format", "GE file", ""), ("trains with", "trains with", ""),
-               ("GE ms b1", "GE ms b1", ".3f"), ("x torch", "x torch", ".2f"),
-               ("personalize s", "personalize s", ".3f"),
-               ("x torch ", "x torch", ".2f"), ("peak RSS MB", "peak RSS MB", ".0f"), ("x torch  ", "x torch", ".2f"),
-               ("user acc", "user acc", ".4f"), ("generic acc", "generic acc", ".4f"),
-               ("|logits-torch|", "|logits-torch|", ".1e"), ("torch imported", "torch?", "")]
+        rows.append({"backend": backend, "trains with": r["trainer"], "GE ms b1": r["ge_latency_ms"],
+                     "train s": r["train_s"], "personalize s": r["personalize_s"], "peak RSS MB": r["peak_rss_mb"],
+                     "user acc": r["user_accuracy"], "generic acc": r["generic_accuracy"],
+                     "pts vs ort-training": (100 * (r["user_accuracy"] - baseline["user_accuracy"])
+                                             if baseline else None),
+                     "routes = ort-training": (agreement(experts[backend], experts["ort-training"])
+                                               if baseline else None),
+                     "torch?": "yes" if r["torch_imported"] else "no"})
     print()
-    print(format_table(rows, columns))
+    print(format_table(rows, [("backend", "backend", "<"), ("trains with", "trains with", "<"),
+                              ("GE ms b1", "GE ms b1", ".3f"), ("train s", "train s", ".3f"),
+                              ("personalize s", "personalize s", ".3f"), ("peak RSS MB", "peak RSS MB", ".0f"),
+                              ("user acc", "user acc", ".4f"), ("generic acc", "generic acc", ".4f"),
+                              ("pts vs ort-training", "pts vs ort-training", "+.2f"),
+                              ("routes = ort-training", "routes = ort-training", ".4f"), ("torch?", "torch?", "")]))
     print()
-    print(format_table([{"format": n, "runtime": FORMATS[n].runtime, "files": len(manifest.formats[n].files),
-                         "KiB": s} for n, s in sizes.items()],
-                       [("format", "format", ""), ("runtime", "runtime", ""), ("files", "files", "d"),
-                        ("KiB", "KiB", ".0f")]))
-    print(f"\nExecuTorch conv-net training (LeNet-5, batch 32): {trial['executorch_ms_per_step']:.1f} ms/step vs torch "
-          f"{trial['torch_ms_per_step']:.1f} ({trial['slowdown']:.0f}x); max gradient error vs torch "
-          f"{trial['gradient_error_upstream_export']:.3g} with the upstream export, "
-          f"{trial['gradient_error_with_workaround']:.1e} with the max-pool workaround")
+    print(format_table([{"backend": b, **p} for b, p in processes.items()],
+                       [("backend", "device process", "<"), ("process_s", "start to stored, s", ".3f"),
+                        ("train_s", "train s", ".3f"), ("peak_rss_mb", "peak RSS MB", ".0f")]))
+    print()
+    print(format_table([{"program": k, "error": v} for k, v in step_errors.items()],
+                       [("program", "step program", "<"),
+                        ("error", "max |param - torch AdamW| after 100 steps", ".2e")]))
 
-    candidates = {b: r for b, r in results.items() if b != "torch"}
-    fastest = min(candidates, key=lambda b: candidates[b]["personalize_s"])
-    accuracies = [r["user_accuracy"] for r in results.values()]
-    max_logit = max(r["|logits-torch|"] for r in rows)
+    pairs = [(a, b) for i, a in enumerate(experts) for b in list(experts)[i + 1:]]
+    worst_pair = min(pairs, key=lambda p: agreement(experts[p[0]], experts[p[1]]))
+    ort = results["ort"]
     targets = [
-        {"target": f"fastest backend ({fastest}) personalizes at least as fast as torch", "goal": "<= 1.00x",
-         "measured": candidates[fastest]["personalize_s"] / ref["personalize_s"],
-         "met": candidates[fastest]["personalize_s"] <= ref["personalize_s"]},
-        {"target": "its peak RSS vs torch's", "goal": "<= 0.33x",
-         "measured": candidates[fastest]["peak_rss_mb"] / ref["peak_rss_mb"],
-         "met": candidates[fastest]["peak_rss_mb"] <= ref["peak_rss_mb"] / 3},
-        {"target": "fp32 GE logits, max |difference| to torch", "goal": "<= 1e-4", "measured": max_logit,
-         "met": max_logit <= 1e-4},
-        {"target": "user accuracy spread across backends, points", "goal": "<= 1.0",
-         "measured": 100 * (max(accuracies) - min(accuracies)), "met": max(accuracies) - min(accuracies) <= 0.01},
+        ("step programs vs torch.optim.AdamW, 100 steps (worst)", "<= 1e-5", max(step_errors.values()),
+         max(step_errors.values()) <= 1e-5),
+        (f"routing agreement between backends (worst pair: {'/'.join(worst_pair)})", ">= 0.99",
+         agreement(experts[worst_pair[0]], experts[worst_pair[1]]),
+         agreement(experts[worst_pair[0]], experts[worst_pair[1]]) >= 0.99),
+        ("ort: training compute, s (median user)", "<= 0.1", ort["train_s"], ort["train_s"] <= 0.1),
+        ("ort: whole device process, start to stored, s", "<= 0.6", processes["ort"]["process_s"],
+         processes["ort"]["process_s"] <= 0.6),
+        ("ort: device process peak RSS, MB", "<= 100", processes["ort"]["peak_rss_mb"],
+         processes["ort"]["peak_rss_mb"] <= 100),
     ]
-    for t in targets:
-        t["met"] = "yes" if t["met"] else "NO"
+    if baseline:
+        spread = max(abs(r["user_accuracy"] - baseline["user_accuracy"]) for r in results.values())
+        targets.insert(0, ("user accuracy, worst backend vs ort-training, points", "<= 0.5", 100 * spread,
+                           spread <= 0.005))
+        for backend, before in TODAY.items():
+            if before in results:
+                targets.append((f"{backend} personalizes no slower than today ({before}), s", "<= "
+                                f"{results[before]['personalize_s']:.3f}", results[backend]["personalize_s"],
+                                results[backend]["personalize_s"] <= results[before]["personalize_s"]))
+    target_rows = [{"target": t, "goal": g, "measured": float(m), "met": "yes" if ok else "NO"}
+                   for t, g, m, ok in targets]
     print()
-    print(format_table(targets, [("target", "target", ""), ("goal", "goal", ""), ("measured", "measured", ".3g"),
-                                 ("met", "met", "")]))
+    print(format_table(target_rows, [("target", "target", "<"), ("goal", "goal", "<"), ("measured", "measured", ".4g"),
+                                     ("met", "met", "")]))
     result = {"benchmark": "backends", "cpu_count": os.cpu_count(), "users": args.users, "seed": args.seed,
-              "export_seconds": export_s, "bundle_kib": sizes, "backends": rows, "targets": targets,
-              "conv_net_trial": trial, "per_user": {b: r["per_user"] for b, r in results.items()}}
+              "legacy_python": legacy, "export_seconds": export_s, "backends": rows, "device_process": processes,
+              "step_program_errors": step_errors, "targets": target_rows,
+              "per_user": {b: r["per_user"] for b, r in results.items()},
+              "bundle_kib": {name: sum((bundle / f).stat().st_size for f in entry.files) / 1024
+                             for name, entry in manifest.formats.items()},
+              "mean_user_accuracy": float(np.mean([r["user_accuracy"] for r in results.values()]))}
     atomic.write_text(args.out / "backends.json", json.dumps(result, indent=2) + "\n")
     print(f"\nwritten: {args.out / 'backends.json'}")
     return 0

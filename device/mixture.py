@@ -191,6 +191,7 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
     if not np.isfinite(gn_loss):
         raise PersonalizationError(f"gating-network training diverged (loss {gn_loss})",
                                    hint="lower personalize.gn_learning_rate; the previous personalization stays in use")
+    train_seconds = time.perf_counter() - le_started
     gn_model = pack_weights(gn.weights())
     threshold = float(manifest.gating_network.threshold)
     if len(held_out):
@@ -202,6 +203,7 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
         "replay": int(len(replay_f)), "le_steps": le_steps, "le_loss": float(le_loss), "gn_steps": gn_steps,
         "gn_loss": float(gn_loss), "gate_threshold": threshold, "stopped_early": stopped_early,
         "backend": backend.name, "seconds": round(time.perf_counter() - started, 3),
+        "train_seconds": round(train_seconds, 4),  # LE's and GN's steps, batches included; no GE, no calibration
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     }
     return TrainedMixture(pack_weights(le.weights()), gn_model, threshold, report)

@@ -23,7 +23,7 @@ import torch
 
 from edgetailor.toolkit import atomic
 from edgetailor.toolkit.bundle import Bundle, write_manifest, zip_bundle
-from edgetailor.toolkit.config import ExpertConfig, PersonalizeConfig
+from edgetailor.toolkit.config import ExpertConfig, PersonalizeConfig, from_dict
 from edgetailor.toolkit.errors import CheckpointError, ExportError
 from edgetailor.toolkit.formats import DEFAULT_FORMATS, FORMATS, STEPS, check_extra_training, check_formats
 from edgetailor.toolkit.manifest import (FormatEntry, GlobalExpertSpec, Manifest, ReplaySpec,
@@ -91,6 +91,37 @@ def export_ge(ckpt: GECheckpoint, model_dir: Path, format_name: str, path: Path)
 QUANTIZED_AGREEMENT = 0.95
 
 
+def trainable_parts(le_dim: int, gn_dim: int, num_classes: int, le_rank: int,
+                    personalize: PersonalizeConfig) -> tuple[TrainablePart, TrainablePart]:
+    """LE and GN as the device trains them (fresh weights from torch's current seed)."""
+    # Rows per step: LE's batches mix user rows with replay, GN's are half and half.
+    le_batch = personalize.batch_size + int(round(personalize.batch_size * personalize.replay_weight))
+    le = TrainablePart("local_expert", "le", ResidualHead(le_dim, num_classes, le_rank), [le_dim, num_classes],
+                       ["features", "base_logits"], "logits", num_classes, le_batch, personalize.le_learning_rate)
+    gn = TrainablePart("gating_network", "gn", LogisticGate(gn_dim), [gn_dim], ["features"], "gate_logits", 2,
+                       2 * max(1, personalize.batch_size // 2), personalize.gn_learning_rate)
+    return le, gn
+
+
+def bundle_parts(bundle: Bundle) -> dict[str, TrainablePart]:
+    """LE and GN of a written bundle, holding its initial weights: to check its programs again."""
+    manifest = bundle.manifest
+    personalize = from_dict(PersonalizeConfig, manifest.personalize, "personalize")
+    le_spec, gn_spec = manifest.local_expert, manifest.gating_network
+    parts = trainable_parts(le_spec.feature_dim, gn_spec.feature_dim, len(manifest.labels), le_spec.rank or 0,
+                            personalize)
+    for part in parts:
+        spec = manifest.part(part.key)
+        flat = torch.from_numpy(np.load(bundle.path(spec.initial_parameters)))
+        named = dict(part.module.named_parameters())
+        sizes = [named[n].numel() for n in part.parameter_order]
+        with torch.no_grad():
+            for name, values in zip(part.parameter_order, torch.split(flat, sizes)):
+                named[name].copy_(values.reshape(named[name].shape))
+        part.max_batch = int(spec.max_batch)
+    return {part.key: part for part in parts}
+
+
 def _compression_summary(compression: dict[str, Any] | None) -> dict[str, Any] | None:
     """What the bundle says about how its GE was compressed."""
     if not compression:
@@ -132,13 +163,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
     num_classes = len(ckpt.labels)
     le_dim, gn_dim = taps[experts.le_feature_tap], taps[experts.gn_feature_tap]
     torch.manual_seed(meta.seed)
-    # Rows per step: LE's batches mix user rows with replay, GN's are half and half.
-    le_batch = personalize.batch_size + int(round(personalize.batch_size * personalize.replay_weight))
-    le_part = TrainablePart("local_expert", "le", ResidualHead(le_dim, num_classes, experts.le_rank),
-                            [le_dim, num_classes], ["features", "base_logits"], "logits", num_classes, le_batch,
-                            personalize.le_learning_rate)
-    gn_part = TrainablePart("gating_network", "gn", LogisticGate(gn_dim), [gn_dim], ["features"], "gate_logits", 2,
-                            2 * max(1, personalize.batch_size // 2), personalize.gn_learning_rate)
+    le_part, gn_part = trainable_parts(le_dim, gn_dim, num_classes, experts.le_rank, personalize)
     with atomic.staged_dir(out, overwrite=overwrite) as staging:
         ge_files, training = {}, {part.key: {} for part in (le_part, gn_part)}
         for name in formats:

@@ -135,8 +135,8 @@ def _write_onnx(ge_file: Path, head: RoutingHead, le_tap: str, gn_tap: str, num_
     ge_model = compose.add_prefix(ge_model, "ge/", rename_inputs=False)
     head_model = compose.add_prefix(head_model, "head/", rename_inputs=False, rename_outputs=False)
     logits = ge_model.graph.output[0].name
-    merged = compose.merge_models(ge_model, head_model, outputs=list(OUTPUTS),
-                                  io_map=[(logits, inputs[0]), (f"ge/{le_tap}", inputs[1]), (f"ge/{gn_tap}", inputs[2])])
+    io_map = [(logits, inputs[0]), (f"ge/{le_tap}", inputs[1]), (f"ge/{gn_tap}", inputs[2])]
+    merged = compose.merge_models(ge_model, head_model, outputs=list(OUTPUTS), io_map=io_map)
     onnx.checker.check_model(merged)
     return merged.SerializeToString()
 

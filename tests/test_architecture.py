@@ -188,15 +188,16 @@ def test_format_registry_is_what_every_side_reads():
     from edgetailor.toolkit.manifest import manifest_schema
 
     assert list(EXPORTERS) == list(FORMATS)
-    assert sorted(TRAINING_EXPORTERS) == sorted(TRAINING_FORMATS)
-    assert {info.format for info in BACKENDS.values()} == set(FORMATS)
-    assert all(info.trains == FORMATS[info.format].trains for info in BACKENDS.values())
+    # every training kind of every format has its exporter and a backend that runs it
+    kinds = {(name, kind) for name in TRAINING_FORMATS for kind in FORMATS[name].training_kinds}
+    assert set(TRAINING_EXPORTERS) == kinds
+    assert {(info.format, info.training) for info in BACKENDS.values()} == kinds
     assert set(ExportConfig().formats) <= set(DEFAULT_FORMATS)
     schema = manifest_schema()
     assert schema["$defs"]["format_name"]["enum"] == list(FORMATS)
     training = schema["$defs"]["trainable"]["properties"]["training"]["properties"]
-    assert {name: spec["required"] for name, spec in training.items()} == \
-        {name: list(FORMATS[name].training_files) for name in TRAINING_FORMATS}
+    assert {name: spec["propertyNames"]["enum"] for name, spec in training.items()} == \
+        {name: list(FORMATS[name].training_roles) for name in TRAINING_FORMATS}
 
 
 def test_every_compression_stage_config_has_its_runner():

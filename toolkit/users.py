@@ -104,6 +104,16 @@ def simulate_user(pool: LabeledImages, user_id: int, seed: int = 0, train_per_cl
     return SimulatedUser(user_id, style, train, test)
 
 
+def render_in_style(pool: LabeledImages, style: UserStyle, per_class: int, seed: int = 0) -> LabeledImages:
+    """``per_class`` samples of every class in ``style``, base glyphs drawn
+    with replacement (each rendering differs): as many samples as a test of
+    scale needs, more than the pool holds."""
+    rng = np.random.default_rng(seed)
+    index = np.concatenate([rng.choice(np.flatnonzero(pool.labels == label), per_class)
+                            for label in range(len(pool.label_names))])
+    return _render(pool, index, style, rng, f"{per_class} per class in one style")
+
+
 def simulate_users(pool: LabeledImages, n_users: int, seed: int = 0, train_per_class: int = 10,
                    test_per_class: int = 20) -> list[SimulatedUser]:
     return [simulate_user(pool, u, seed, train_per_class, test_per_class) for u in range(n_users)]

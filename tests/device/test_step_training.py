@@ -17,13 +17,13 @@ from edgetailor.toolkit.bundle import Bundle
 from edgetailor.toolkit.config import PersonalizeConfig
 from edgetailor.toolkit.errors import PersonalizationError
 from edgetailor.toolkit.imaging import affine
-from tests.export.test_step_programs import bundle_part
+from edgetailor.export.bundle import bundle_parts
 
 
 @pytest.mark.parametrize("backend", ["ort", "litert", "executorch"])
 def test_a_short_batch_trains_as_torch_on_its_rows(bundle_dir, backend):
     with Bundle.open(bundle_dir) as bundle:
-        part = bundle_part(bundle, "local_expert")
+        part = bundle_parts(bundle)["local_expert"]
         trainer = get_backend(backend).trainer(bundle, "local_expert")
     trainer.set_learning_rate(part.learning_rate)
     reference = copy.deepcopy(part.module)
@@ -43,7 +43,7 @@ def test_a_short_batch_trains_as_torch_on_its_rows(bundle_dir, backend):
 
 def test_a_batch_larger_than_the_program_is_refused(bundle_dir):
     with Bundle.open(bundle_dir) as bundle:
-        part = bundle_part(bundle, "gating_network")
+        part = bundle_parts(bundle)["gating_network"]
         trainer = get_backend("ort").trainer(bundle, "gating_network")
     (features,), labels = part.example(part.max_batch + 1)
     with pytest.raises(PersonalizationError, match="more than this bundle's gating network step program takes"):
@@ -67,3 +67,26 @@ def test_augmentation_stops_as_the_sample_set_grows():
     cfg = PersonalizeConfig()
     assert augmented_copies(cfg, 100) == cfg.augment_copies
     assert augmented_copies(cfg, 10_000) == 1 and augmented_copies(cfg, 20_000) == 0
+
+
+def test_a_runtime_too_old_for_the_programs_says_so(bundle_dir, user, tmp_path):
+    """A bundle from a newer exporter: its step program's ONNX IR version is beyond this onnxruntime."""
+    import shutil
+
+    import onnx
+
+    from edgetailor.device import DeviceRuntime
+    from edgetailor.toolkit.bundle import write_manifest
+    from edgetailor.toolkit.errors import BackendError
+
+    copy = shutil.copytree(bundle_dir, tmp_path / "b")
+    model = onnx.load(str(copy / "le/step.onnx"))
+    model.ir_version = 99
+    (copy / "le/step.onnx").write_bytes(model.SerializeToString())
+    with Bundle.open(copy) as opened:
+        write_manifest(copy, opened.manifest)
+    with DeviceRuntime.open(copy, tmp_path / "s", "ort") as rt:
+        rt.add_dataset(user.train)
+        with pytest.raises(BackendError, match="onnxruntime could not load le/step.onnx") as info:
+            rt.personalize()
+    assert "too old for this bundle" in str(info.value) and "pip install -U" in str(info.value)

@@ -4,46 +4,25 @@ torch.optim.AdamW, with standard operators only."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 import torch
 from torch import nn
 
+from edgetailor.export.bundle import bundle_parts
 from edgetailor.export.parts import TrainablePart
 from edgetailor.export.step_programs import STEP_EXPORTERS, STEP_TOLERANCE, check_step_program
-from edgetailor.server_side.experts import LogisticGate, ResidualHead
 from edgetailor.toolkit.bundle import Bundle
 from edgetailor.toolkit.errors import ExportError
 
 FORMATS = ["onnx", "executorch", "tflite"]
 
 
-def bundle_part(bundle: Bundle, key: str) -> TrainablePart:
-    """The part as export built it: its module holding the bundle's initial weights."""
-    spec = bundle.manifest.part(key)
-    classes = len(bundle.labels)
-    if key == "local_expert":
-        module, dims, n_out = ResidualHead(spec.feature_dim, classes, spec.rank), [spec.feature_dim, classes], classes
-    else:
-        module, dims, n_out = LogisticGate(spec.feature_dim), [spec.feature_dim], 2
-    flat = torch.from_numpy(np.load(bundle.path(spec.initial_parameters)))
-    named = dict(module.named_parameters())
-    at = 0
-    with torch.no_grad():
-        for name in spec.parameter_order:
-            size = named[name].numel()
-            named[name].copy_(flat[at:at + size].reshape(named[name].shape))
-            at += size
-    lr = bundle.manifest.personalize["le_learning_rate" if key == "local_expert" else "gn_learning_rate"]
-    return TrainablePart(key, key[:2], module, dims, spec.inputs, spec.output, n_out, spec.max_batch, lr)
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("key", ["local_expert", "gating_network"])
 def test_bundle_step_program_matches_torch_adamw_over_100_steps(bundle_dir, fmt, key):
     with Bundle.open(bundle_dir) as bundle:
-        part = bundle_part(bundle, key)
+        part = bundle_parts(bundle)[key]
         files = bundle.manifest.part(key).training_files(fmt, "steps")
         error = check_step_program(STEP_EXPORTERS[fmt].writer.load(bundle.path(files["step"])), part, fmt)
     assert error <= STEP_TOLERANCE

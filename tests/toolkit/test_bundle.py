@@ -5,6 +5,9 @@ import pytest
 
 from edgetailor.toolkit.bundle import Bundle
 from edgetailor.toolkit.errors import BundleError
+from tests.conftest import ROOT
+
+OLD_BUNDLE = ROOT / "tests/fixtures/bundle-0.1-ort-training.zip"
 
 
 @pytest.fixture
@@ -32,19 +35,20 @@ def _flip_a_byte(path):
 
 
 def test_tampered_format_file_disables_only_that_format(bundle_copy):
-    _flip_a_byte(bundle_copy / "le" / "checkpoint")
+    _flip_a_byte(bundle_copy / "le" / "step.onnx")
     with Bundle.open(bundle_copy) as b:
-        assert set(b.damaged) == {"onnx"} and "le/checkpoint does not match its sha256" in b.damaged["onnx"]
+        assert set(b.damaged) == {"onnx"} and "le/step.onnx does not match its sha256" in b.damaged["onnx"]
         assert b.usable_formats == ["executorch", "tflite", "torch"]
-        with pytest.raises(BundleError, match="le/checkpoint does not match its sha256") as info:
+        with pytest.raises(BundleError, match="le/step.onnx does not match its sha256") as info:
             b.require_format("onnx")
         assert "usable formats: executorch, tflite, torch" in str(info.value)
         b.require_format("executorch")
 
 
-def test_tampered_shared_file_refuses_the_bundle(bundle_copy):
-    _flip_a_byte(bundle_copy / "replay.npz")
-    with pytest.raises(BundleError, match="replay.npz does not match its sha256"):
+@pytest.mark.parametrize("shared", ["replay.npz", "le/initial.npy"])
+def test_tampered_shared_file_refuses_the_bundle(bundle_copy, shared):
+    _flip_a_byte(bundle_copy / shared)
+    with pytest.raises(BundleError, match=f"{shared} does not match its sha256"):
         Bundle.open(bundle_copy)
 
 
@@ -58,8 +62,10 @@ def test_missing_file_is_named(bundle_copy):
         Bundle.open(bundle_copy)
 
 
-def test_version_1_manifest_is_read(bundle_copy):
-    """A bundle written by edgetailor 0.1 (ONNX only, schema 1) still opens."""
+def test_version_1_manifest_is_read(tmp_path):
+    """A bundle written by the first edgetailor 0.1 (ONNX only, schema 1) still opens."""
+    with Bundle.open(OLD_BUNDLE) as old:
+        bundle_copy = shutil.copytree(old.root, tmp_path / "v1")
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     v1 = {k: v for k, v in manifest.items() if k != "formats"}
     v1["schema_version"] = 1

@@ -29,8 +29,17 @@ def test_unknown_format_is_refused_by_the_schema(bundle_dir):
 
 def test_training_files_of_a_format_are_required(bundle_dir):
     data = json.loads((bundle_dir / "manifest.json").read_text())
-    del data["local_expert"]["training"]["onnx"]["optimizer_model"]
-    with pytest.raises(BundleError, match="optimizer_model"):
+    del data["local_expert"]["training"]["onnx"]["forward"]
+    with pytest.raises(BundleError, match="local_expert's onnx training files \\(step\\) make up no whole training "
+                                          "kind \\(steps: step, forward; ort-training"):
+        Manifest.from_dict(data)
+    data = json.loads((bundle_dir / "manifest.json").read_text())
+    data["local_expert"]["training"]["onnx"]["gradient_model"] = "le/gradient.onnx"
+    with pytest.raises(BundleError, match="gradient_model"):
+        Manifest.from_dict(data)
+    data = json.loads((bundle_dir / "manifest.json").read_text())
+    del data["gating_network"]["initial_parameters"]
+    with pytest.raises(BundleError, match="gating_network has step programs but no .*initial_parameters"):
         Manifest.from_dict(data)
 
 
