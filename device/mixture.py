@@ -39,7 +39,7 @@ ProgressFn = Callable[[str, int, int], None]
 GE, LE = "GE", "LE"
 
 
-JITTER_CHUNK = 4096  # images warped at once: bounds the warp's temporary arrays (~60 MB)
+JITTER_CHUNK = 256  # images warped at once: bounds the warp's temporary arrays (~5 MB)
 
 
 def jitter(images: np.ndarray, copies: int, rng: np.random.Generator) -> np.ndarray:
@@ -127,37 +127,36 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
     rng = np.random.default_rng(cfg.seed)
 
     copies = augmented_copies(cfg, len(labels))
-    user_images = jitter(images, copies, rng)
-    user_labels = np.tile(labels, copies + 1)
     with np.load(bundle.path(manifest.replay.file)) as archive:
         replay_images = archive["x"]
-    total = len(user_images) + len(replay_images)
-    say("features", 0, total)
-    user_logits, user_feats = run_ge(ge, user_images, manifest.input, taps=taps,
-                                     progress=lambda done, _: say("features", done, total))
-    del user_images
-    replay_logits, replay_feats = run_ge(ge, replay_images, manifest.input, taps=taps)
-    say("features", total, total)
-    user_f, replay_f = user_feats[le_tap], replay_feats[le_tap]
-    user_g, replay_g = user_feats[gn_tap], replay_feats[gn_tap]
-    replay_labels = replay_logits.argmax(axis=1).astype(np.int64)  # GE's own answers
+    # One table of GE's outputs: the user's inputs (jittered copies after the
+    # originals), then the replay glyphs. Batches are rows of it.
+    images_all = np.concatenate([jitter(images, copies, rng), replay_images])
+    n_user, n_replay = len(labels) * (copies + 1), len(replay_images)
+    say("features", 0, len(images_all))
+    logits_all, features = run_ge(ge, images_all, manifest.input, taps=taps,
+                                  progress=lambda done, total: say("features", done, total))
+    say("features", len(images_all), len(images_all))
+    del images_all
+    le_table, gn_table = features[le_tap], features[gn_tap]
+    # The user's labels, then GE's own answers for the replay glyphs.
+    labels_all = np.concatenate([np.tile(labels, copies + 1), logits_all[n_user:].argmax(axis=1)]).astype(np.int64)
 
     # Local Expert: user batches with replay mixed in at cfg.replay_weight.
     le = backend.trainer(bundle, "local_expert")
     le.set_learning_rate(cfg.le_learning_rate)
-    n_user = len(user_labels)
     per_batch = min(cfg.batch_size, n_user)
     replay_per_batch = int(round(per_batch * cfg.replay_weight))
     le_steps, le_loss, stopped_early = 0, float("nan"), False
     le_started = time.perf_counter()
+    steps_per_epoch = -(-n_user // per_batch)
     for epoch in range(cfg.le_epochs):
+        # Random numbers drawn per epoch, not per step: one draw costs as much as a tenth of a step.
         order = rng.permutation(n_user)
-        for start in range(0, n_user, per_batch):
-            idx = order[start:start + per_batch]
-            ridx = rng.integers(0, len(replay_f), replay_per_batch)
-            le_loss = le.step(np.concatenate([user_f[idx], replay_f[ridx]]),
-                              np.concatenate([user_logits[idx], replay_logits[ridx]]),
-                              np.concatenate([user_labels[idx], replay_labels[ridx]]))
+        replay_rows = n_user + rng.integers(0, n_replay, (steps_per_epoch, replay_per_batch))
+        for k in range(steps_per_epoch):
+            rows = np.concatenate([order[k * per_batch:(k + 1) * per_batch], replay_rows[k]])
+            le_loss = le.step(le_table.take(rows, axis=0), logits_all.take(rows, axis=0), labels_all.take(rows))
             le_steps += 1
         say("local expert", epoch + 1, cfg.le_epochs)
         # Stop LE while GN's steps still fit: a GN step costs at most an LE step.
@@ -172,19 +171,20 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
 
     # Gating Network: balanced batches of user (1) and replay (0) features,
     # a third of the replay held out to calibrate the threshold.
-    order = rng.permutation(len(replay_g))
-    held_out, replay_g = replay_g[order[: len(order) // 3]], replay_g[order[len(order) // 3:]]
+    order = rng.permutation(n_replay)
+    held_out, kept = n_user + order[: n_replay // 3], n_user + order[n_replay // 3:]
     gn = backend.trainer(bundle, "gating_network")
     gn.set_learning_rate(cfg.gn_learning_rate)
-    half = max(1, min(cfg.batch_size // 2, n_user, len(replay_g)))
+    half = max(1, min(cfg.batch_size // 2, n_user, len(kept)))
     target = np.concatenate([np.ones(half, np.int64), np.zeros(half, np.int64)])  # 1 = LE should answer
     gn_loss = float("nan")
     report_every = max(1, cfg.gn_steps // 20)
     gn_steps = 0
+    gn_rows = np.concatenate([rng.integers(0, n_user, (cfg.gn_steps, half)),
+                              kept[rng.integers(0, len(kept), (cfg.gn_steps, half))]], axis=1)
     for step in range(cfg.gn_steps):
-        uidx = rng.integers(0, n_user, half)
-        ridx = rng.integers(0, len(replay_g), half)
-        gn_loss = gn.step(np.concatenate([user_g[uidx], replay_g[ridx]]), target)
+        rows = gn_rows[step]
+        gn_loss = gn.step(gn_table.take(rows, axis=0), target)
         gn_steps += 1
         if (step + 1) % report_every == 0 or step + 1 == cfg.gn_steps:
             say("gating network", step + 1, cfg.gn_steps)
@@ -195,12 +195,13 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
     gn_model = pack_weights(gn.weights())
     threshold = float(manifest.gating_network.threshold)
     if len(held_out):
-        generic_scores = gate_probability(backend.load_trained(bundle, "gating_network", gn_model), held_out)
+        generic_scores = gate_probability(backend.load_trained(bundle, "gating_network", gn_model),
+                                          gn_table[held_out])
         threshold = float(min(0.99, max(threshold, np.quantile(generic_scores, 1.0 - cfg.gate_generic_share))))
 
     report = {
         "n_samples": int(len(labels)), "n_training_inputs": int(n_user), "augment_copies": copies,
-        "replay": int(len(replay_f)), "le_steps": le_steps, "le_loss": float(le_loss), "gn_steps": gn_steps,
+        "replay": int(n_replay), "le_steps": le_steps, "le_loss": float(le_loss), "gn_steps": gn_steps,
         "gn_loss": float(gn_loss), "gate_threshold": threshold, "stopped_early": stopped_early,
         "backend": backend.name, "seconds": round(time.perf_counter() - started, 3),
         "train_seconds": round(train_seconds, 4),  # LE's and GN's steps, batches included; no GE, no calibration

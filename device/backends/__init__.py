@@ -23,10 +23,11 @@ package imports with numpy alone.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import import_module
 
 from edgetailor.device.backends.base import Backend
@@ -48,7 +49,9 @@ class BackendInfo:
     requirement: str             # what to pip install
     description: str
     needs: tuple[str, ...] = ()  # modules its Python bindings also load
-    exact_distribution: bool = False  # only ``distributions`` will do (another package provides the same module)
+    # a path inside the first module's package that only this runtime's
+    # distribution has (onnxruntime-training and onnxruntime install the same module)
+    marker: str = ""
 
     @property
     def trains(self) -> bool:
@@ -69,7 +72,7 @@ BACKENDS: dict[str, BackendInfo] = {b.name: b for b in (
                 "ort-training", ("onnxruntime",), ("onnxruntime-training",),
                 "onnxruntime-training>=1.19,<1.20",
                 "onnxruntime-training's training API (deprecated; parity, old bundles; a venv without onnxruntime)",
-                exact_distribution=True),
+                marker="training/api"),
     BackendInfo("executorch-training", "edgetailor.device.backends.executorch_training", "ExecuTorchTrainingBackend",
                 "executorch", "executorch-training", ("executorch",), ("executorch",), "executorch",
                 "ExecuTorch's training extension (experimental; parity)", needs=("torch",)),
@@ -93,23 +96,36 @@ def _importable(module: str) -> bool:
         return False
 
 
-def runtime_version(name: str) -> str | None:
-    """The installed runtime's version, or None when it is not installed (found without importing it)."""
+@lru_cache(maxsize=None)
+def is_installed(name: str) -> bool:
+    """Whether backend ``name``'s runtime is installed, found without importing
+    it or reading package metadata (both would cost a device command tens of ms)."""
     info = BACKENDS[name]
-    if not all(_importable(m) for m in info.needs):
+    if not all(_importable(m) for m in info.needs) or not any(_importable(m) for m in info.modules):
+        return False
+    if info.marker:
+        spec = importlib.util.find_spec(info.modules[0])
+        roots = list(spec.submodule_search_locations or []) if spec else []
+        return any(os.path.exists(os.path.join(root, info.marker)) for root in roots)
+    return True
+
+
+def runtime_version(name: str) -> str | None:
+    """The installed runtime's version (from its package metadata), or None when it is not installed."""
+    import importlib.metadata  # only here: it costs a device command's start ~30 ms
+
+    if not is_installed(name):
         return None
-    if not any(_importable(m) for m in info.modules):
-        return None
-    for distribution in info.distributions:
+    for distribution in BACKENDS[name].distributions:
         try:
             return importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:
             continue
-    return None if info.exact_distribution else "installed"
+    return "installed"
 
 
 def installed_backends() -> list[str]:
-    return [name for name in PREFERENCE if runtime_version(name) is not None]
+    return [name for name in PREFERENCE if is_installed(name)]
 
 
 def backends_by_format() -> dict[str, list[str]]:
@@ -129,11 +145,17 @@ def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise _unknown(name)
     info = BACKENDS[name]
-    if runtime_version(name) is None:
+    if not is_installed(name):
         others = [b for b in installed_backends() if b != name]
-        missing = " or ".join(info.modules) if not any(_importable(m) for m in info.modules) else " ".join(info.needs)
-        raise BackendError(f"backend {name!r} is not installed (no module {missing})",
-                           hint=f"pip install '{info.requirement}'; installed backends: "
+        if not any(_importable(m) for m in info.modules):
+            missing = f"no module {' or '.join(info.modules)}"
+        elif not all(_importable(m) for m in info.needs):
+            missing = f"no module {' '.join(info.needs)}"
+        else:
+            missing = f"the installed {info.modules[0]} is not {info.distributions[0]}"
+        where = " in a venv of its own, without onnxruntime" if info.marker else ""
+        raise BackendError(f"backend {name!r} is not installed ({missing})",
+                           hint=f"pip install '{info.requirement}'{where}; installed backends: "
                                 f"{', '.join(others) or 'none'}")
     try:
         return getattr(import_module(info.module), info.cls)()
@@ -190,22 +212,26 @@ def choose_backends(bundle: Bundle, requested: str | None = None) -> BackendChoi
     requested = requested or AUTO
     if requested != AUTO and requested not in BACKENDS:
         raise _unknown(requested)
-    usable = usable_backends(bundle)
     if requested == AUTO:
-        if not usable:
+        # The first installed backend, in order of preference, that runs GE and
+        # trains from this bundle; looked up lazily (each lookup reads package metadata).
+        carried = [n for n in PREFERENCE if BACKENDS[n].format in bundle.usable_formats]
+        requested = next((n for n in carried if can_train(bundle, n) and is_installed(n)), None) or \
+            next((n for n in carried if is_installed(n)), None)
+        if requested is None:
             raise BackendError(
                 f"no installed backend can run {bundle.source} (it carries {', '.join(bundle.formats)}; "
                 f"installed: {', '.join(installed_backends()) or 'none'})",
                 hint="pip install 'edgetailor[device]' (onnxruntime), or re-export the bundle with --formats onnx")
-        requested = next((n for n in usable if can_train(bundle, n)), usable[0])
     info = BACKENDS[requested]
-    if runtime_version(requested) is None:
+    if not is_installed(requested):
         get_backend(requested)  # raises the not-installed error
-    bundle.require_format(info.format, backends_by_format())
+    if info.format not in bundle.usable_formats:
+        bundle.require_format(info.format, backends_by_format())  # raises, naming the backends that would work
     ge_backend = get_backend(requested)
     if can_train(bundle, requested):
         return BackendChoice(ge_backend, ge_backend)
-    trainers = [n for n in usable if can_train(bundle, n)]
+    trainers = [n for n in usable_backends(bundle) if can_train(bundle, n)]
     if trainers:
         return BackendChoice(ge_backend, get_backend(trainers[0]))
     return BackendChoice(ge_backend, None, _why_not_trainable(bundle))

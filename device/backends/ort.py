@@ -47,6 +47,9 @@ def session_options(threads: int = 2):
     options = ort.SessionOptions()
     options.intra_op_num_threads = min(threads, os.cpu_count() or 1)
     options.inter_op_num_threads = 1
+    # No arena: it keeps its peak for the life of the session (a few MB per
+    # program here), and these tensors are small enough for plain malloc.
+    options.enable_cpu_mem_arena = False
     return options
 
 

@@ -55,3 +55,14 @@ def test_a_format_without_its_ge_file_is_refused(bundle_dir):
     del data["global_expert"]["files"]["tflite"]
     with pytest.raises(BundleError, match="tflite without a GE file"):
         Manifest.from_dict(data)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_manifest_schemas_are_valid_json_schemas(version):
+    """The device validates manifests without re-checking the schema (it costs a tenth of a second per command)."""
+    import jsonschema
+
+    from edgetailor.toolkit.manifest import manifest_schema
+
+    schema = manifest_schema(version)
+    jsonschema.validators.validator_for(schema).check_schema(schema)
