@@ -150,6 +150,12 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
     le_steps, le_loss, stopped_early = 0, float("nan"), False
     le_started = time.perf_counter()
     steps_per_epoch = -(-n_user // per_batch)
+
+    def le_must_stop() -> bool:
+        """Stop LE while GN's steps still fit in the budget: a GN step costs at most an LE step."""
+        now = time.perf_counter()
+        return now + cfg.gn_steps * (now - le_started) / le_steps > deadline
+
     for epoch in range(cfg.le_epochs):
         # Random numbers drawn per epoch, not per step: one draw costs as much as a tenth of a step.
         order = rng.permutation(n_user)
@@ -158,10 +164,11 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
             rows = np.concatenate([order[k * per_batch:(k + 1) * per_batch], replay_rows[k]])
             le_loss = le.step(le_table.take(rows, axis=0), logits_all.take(rows, axis=0), labels_all.take(rows))
             le_steps += 1
+            if k % 64 == 63 and le_must_stop():  # an epoch of a large sample set can outlast the budget
+                stopped_early = True
+                break
         say("local expert", epoch + 1, cfg.le_epochs)
-        # Stop LE while GN's steps still fit: a GN step costs at most an LE step.
-        now = time.perf_counter()
-        if now + cfg.gn_steps * (now - le_started) / le_steps > deadline and epoch + 1 < cfg.le_epochs:
+        if stopped_early or (epoch + 1 < cfg.le_epochs and le_must_stop()):
             stopped_early = True
             break
     if not np.isfinite(le_loss):

@@ -90,3 +90,13 @@ def test_a_runtime_too_old_for_the_programs_says_so(bundle_dir, user, tmp_path):
         with pytest.raises(BackendError, match="onnxruntime could not load le/step.onnx") as info:
             rt.personalize()
     assert "too old for this bundle" in str(info.value) and "pip install -U" in str(info.value)
+
+
+def test_a_short_time_budget_cuts_le_but_never_gn(bundle_dir, user, tmp_path):
+    from edgetailor.device import DeviceRuntime
+
+    with DeviceRuntime.open(bundle_dir, tmp_path / "s", "ort") as rt:
+        rt.add_dataset(user.train)
+        report = rt.personalize({"max_seconds": 0.05, "le_epochs": 10_000})
+    assert report["stopped_early"] and 0 < report["le_steps"] < 10_000
+    assert report["gn_steps"] == report["config"]["gn_steps"]
