@@ -30,11 +30,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def find_python(version: str) -> str | None:
-    found = shutil.which(f"python{version}")
-    if found:
-        return found
+    """A working python{version}: on PATH, or one of pyenv's (whose shims fail for a version not selected)."""
     pyenv = sorted(Path(os.path.expanduser("~/.pyenv/versions")).glob(f"{version}.*/bin/python{version}"))
-    return str(pyenv[-1]) if pyenv else None
+    for candidate in [shutil.which(f"python{version}"), *map(str, pyenv)]:
+        if candidate and subprocess.run([candidate, "-c", "pass"], capture_output=True).returncode == 0:
+            return candidate
+    return None
 
 
 def venv_size_mb(path: Path) -> float:

@@ -50,6 +50,7 @@ def session_options(threads: int = 2):
     # No arena: it keeps its peak for the life of the session (a few MB per
     # program here), and these tensors are small enough for plain malloc.
     options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False  # a planned block per input shape, kept; GE sees two (the batch, the rest)
     return options
 
 
