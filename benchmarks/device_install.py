@@ -69,7 +69,7 @@ def main() -> int:
     model = args.model
     if model is None:
         model = args.out / "ge"
-        if not (model / "meta.json").exists():
+        if not (model / "model.json").exists():
             print("pretraining the default GE ...", flush=True)
             pretrain(model, load_recipe("default"), overwrite=True)
     bundle = export_bundle(model, args.out / "bundle", formats=["onnx"], overwrite=True)
