@@ -67,7 +67,7 @@ BACKENDS: dict[str, BackendInfo] = {b.name: b for b in (
                 "LiteRT: GE, and LE/GN trained by step programs (builtin ops)"),
     BackendInfo("executorch", "edgetailor.device.backends.executorch", "ExecuTorchBackend", "executorch", STEPS,
                 ("executorch",), ("executorch",), "executorch",
-                "ExecuTorch: GE on XNNPACK, LE/GN trained by step programs (XNNPACK)", needs=("torch",)),
+                "ExecuTorch: GE on XNNPACK, LE/GN trained by step programs (portable ops)", needs=("torch",)),
     BackendInfo("ort-training", "edgetailor.device.backends.ort_training", "OrtTrainingBackend", "onnx",
                 "ort-training", ("onnxruntime",), ("onnxruntime-training",),
                 "onnxruntime-training>=1.19,<1.20",

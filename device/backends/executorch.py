@@ -1,6 +1,6 @@
 """ExecuTorch backend: GE as the bundle's XNNPACK-lowered ``ge.pte`` (batch
 1, as an app calls it), LE and GN trained by their step programs, plain
-forward programs lowered to XNNPACK (no training extension).
+forward programs of portable ops (no training extension).
 
 Imports torch: ExecuTorch's Python bindings load libtorch and take torch
 tensors (an app's C++ runtime does not).
