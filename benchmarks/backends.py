@@ -2,7 +2,7 @@
 runtime's inference build against onnxruntime-training, the path they
 replace, on the same bundle and the same users, in one run.
 
-    python benchmarks/backends.py [--users 5] [--model GE_DIR] [--legacy-python PYTHON]
+    python benchmarks/backends.py [--users 5] [--rounds 2] [--model GE_DIR] [--legacy-python PYTHON]
                                   [--out benchmarks/results/backends]
 
 Pretrains the default GE (LeNet-5 on the built-in digits) unless --model is
@@ -18,10 +18,13 @@ ort-training in the legacy venv, the rest in this one): GE latency at batch
 1, personalization of the same simulated users (time in LE's and GN's
 training steps, and in all), accuracy on each user's test set and on the
 generic test set, which expert answered each test input, whether torch was
-imported. Then the whole device process as a user runs it
-(`edgetailor device personalize --json` in a fresh interpreter, from start to
-the stored personalization), ort against ort-training. And every step
-program in the bundle re-checked against torch.optim.AdamW over 100 steps.
+imported. Then the whole device process as a user runs it (`edgetailor
+device personalize --json` in a fresh interpreter, from start to the stored
+personalization), ort against ort-training. Every backend runs ``--rounds``
+times, the rounds interleaved, and timings are medians over rounds and
+users: this machine's speed drifts by tens of per cent within minutes.
+Last, every step program in the bundle is checked again against
+torch.optim.AdamW over 100 steps.
 
 Prints the tables and the targets; writes OUT/backends.json.
 """
@@ -89,6 +92,17 @@ def child(bundle: str, backend: str, samples: Path, users: int) -> dict:
             "per_user": rows, "peak_rss_mb": peak_rss_mb(), "torch_imported": "torch" in sys.modules}
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One backend's rounds: timings are medians over every round and user;
+    accuracy, routes and memory come from the first round (they repeat)."""
+    merged = dict(rounds[0])
+    for key, per_user_key in (("personalize_s", "seconds"), ("train_s", "train_seconds")):
+        merged[key] = statistics.median(u[per_user_key] for r in rounds for u in r["per_user"])
+    merged["ge_latency_ms"] = statistics.median(r["ge_latency_ms"] for r in rounds)
+    merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rounds)
+    return merged
+
+
 def device_process(python: str, bundle: Path, samples: Path, backend: str) -> dict:
     """`edgetailor device personalize` in a fresh interpreter, as a user runs it: median wall time."""
     walls, result = [], {}
@@ -128,6 +142,9 @@ def agreement(a: str, b: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="times every backend runs, interleaved (this machine's speed drifts by tens of %% "
+                             "within minutes; medians over rounds compare backends fairly)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", type=Path, help="GE checkpoint (default: pretrain the default recipe)")
     parser.add_argument("--legacy-python", default=str(ROOT / ".venv-ort-training/bin/python"),
@@ -182,21 +199,29 @@ def main() -> int:
         save_npz(person.train, samples / f"user{person.user_id}_train.npz")
         save_npz(person.test, samples / f"user{person.user_id}_test.npz")
 
-    results = {}
-    for backend in (*MAINTAINED, *PARITY):
-        python = legacy if backend == "ort-training" else sys.executable
-        if python is None:
-            continue
-        print(f"{backend}: GE latency, personalizing {args.users} users ...", flush=True)
-        proc = subprocess.run([python, __file__, "--child", str(bundle), backend, str(samples),
-                               "--users", str(args.users)], capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            raise SystemExit(f"{backend} failed:\n{proc.stderr[-3000:]}")
-        results[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
-    print("whole device process (edgetailor device personalize, fresh interpreter) ...", flush=True)
-    processes = {"ort": device_process(sys.executable, bundle, samples, "ort")}
-    if legacy:
-        processes["ort-training"] = device_process(legacy, bundle, samples, "ort-training")
+    runs: dict[str, list[dict]] = {}
+    processes_runs: dict[str, list[dict]] = {}
+    for round_ in range(args.rounds):
+        for backend in (*MAINTAINED, *PARITY):
+            python = legacy if backend == "ort-training" else sys.executable
+            if python is None:
+                continue
+            print(f"round {round_ + 1}/{args.rounds}, {backend}: GE latency, personalizing {args.users} users ...",
+                  flush=True)
+            proc = subprocess.run([python, __file__, "--child", str(bundle), backend, str(samples),
+                                   "--users", str(args.users)], capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                raise SystemExit(f"{backend} failed:\n{proc.stderr[-3000:]}")
+            runs.setdefault(backend, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"round {round_ + 1}/{args.rounds}: whole device process (edgetailor device personalize, fresh "
+              "interpreter) ...", flush=True)
+        processes_runs.setdefault("ort", []).append(device_process(sys.executable, bundle, samples, "ort"))
+        if legacy:
+            processes_runs.setdefault("ort-training", []).append(
+                device_process(legacy, bundle, samples, "ort-training"))
+    results = {b: merge_rounds(r) for b, r in runs.items()}
+    processes = {b: {k: statistics.median(p[k] for p in r) for k in ("process_s", "peak_rss_mb", "train_s")}
+                 for b, r in processes_runs.items()}
     print("step programs against torch.optim.AdamW, 100 steps ...", flush=True)
     step_errors = step_program_errors(bundle)
 
@@ -257,7 +282,8 @@ def main() -> int:
     print()
     print(format_table(target_rows, [("target", "target", "<"), ("goal", "goal", "<"), ("measured", "measured", ".4g"),
                                      ("met", "met", "")]))
-    result = {"benchmark": "backends", "cpu_count": os.cpu_count(), "users": args.users, "seed": args.seed,
+    result = {"benchmark": "backends", "cpu_count": os.cpu_count(), "users": args.users, "rounds": args.rounds,
+              "seed": args.seed,
               "legacy_python": legacy, "export_seconds": export_s, "backends": rows, "device_process": processes,
               "step_program_errors": step_errors, "targets": target_rows,
               "per_user": {b: r["per_user"] for b, r in results.items()},

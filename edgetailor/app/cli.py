@@ -342,7 +342,8 @@ def export() -> None:
               help="Bundle directory to write; BUNDLE.zip is written beside it.")
 @click.option("--formats", default=None,
               help="Comma-separated formats the bundle carries, one per runtime: "
-                   + ", ".join(f"{f.name} ({f.runtime}: GE + LE/GN {f.default_training} programs"
+                   + ", ".join(f"{f.name} ({f.runtime}: GE + LE/GN "
+                               f"{'step' if f.default_training == STEPS else f.default_training} programs"
                                f"{'; a reference for parity checks' if f.reference else ''})" for f in FORMATS.values())
                    + f". Default: {','.join(DEFAULT_FORMATS)}, less those a quantized GE has no model for.")
 @click.option("--extra-training", default="",
@@ -546,7 +547,8 @@ def device_info(bundle: Path | None, state: Path | None, as_json: bool) -> None:
 @click.option("--state", required=True, type=click.Path(exists=True, path_type=Path),
               help="State directory holding the personalization.")
 @click.option("--format", "fmt", default="onnx", show_default=True,
-              help="Program format: one the bundle has a personalized-model template for (onnx, tflite, executorch).")
+              help="Program format: one the bundle has a personalized-model template for (onnx, tflite, executorch; "
+                   "a quantized GE: onnx).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="File to write, e.g. model.onnx.")
 @click.option("--backend", default=None, help=BACKEND_HELP)
 def device_export_personalized(bundle: Path, state: Path, fmt: str, out: Path, backend: str | None) -> None:

@@ -83,3 +83,14 @@ def test_device_extra_resolves_to_wheels_everywhere(tmp_path):
     assert not failed, failed
     for job, (_, _, names) in results.items():
         assert "onnxruntime" in names and not {"torch", "onnxruntime-training"} & set(names), (job, names)
+
+
+def test_only_the_parity_extra_pulls_onnxruntime_training():
+    """onnxruntime-training and onnxruntime install the same module: no extra but its own may bring it."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra, requirements in extras.items():
+        names = {Requirement(r).name for r in requirements}
+        if extra == "ort-training":
+            assert names == {"onnxruntime-training"}
+        else:
+            assert "onnxruntime-training" not in names, extra
