@@ -154,7 +154,7 @@ class DeviceRuntime:
         try:
             le = self.trainer.load_trained(self.bundle, "local_expert", saved.le_model)
             gn = self.trainer.load_trained(self.bundle, "gating_network", saved.gn_model)
-        except StateError as exc:
+        except (StateError, BackendError) as exc:
             # Answer with GE alone, say why, and let the user personalize again.
             self.personalization_problem = str(exc)
             return
@@ -266,7 +266,11 @@ class DeviceRuntime:
         saved = self.store.active_personalization()
         weights = {part: unpack_weights(blob, self.bundle, part, self.trainer.name)
                    for part, blob in (("local_expert", saved.le_model), ("gating_network", saved.gn_model))}
-        table = PatchTable.from_json(self.bundle.path(template["patches"]).read_text(), template["patches"])
+        try:
+            text = self.bundle.path(template["patches"]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BundleError(f"cannot read {template['patches']}: {exc}", hint="re-export the bundle") from None
+        table = PatchTable.from_json(text, template["patches"])
         program = apply_patches(self.bundle.path(template["program"]).read_bytes(), table, weights,
                                 self.threshold, where=template["program"])
         path = Path(path)

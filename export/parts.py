@@ -20,7 +20,8 @@ from torch import nn
 class AdamWSettings:
     """The update every training program applies: ``torch.optim.AdamW``'s,
     at onnxruntime-training's settings (betas 0.9/0.999, eps 1e-6, no weight
-    decay), so that every backend personalizes to the same weights."""
+    decay); the parity backends place eps as onnxruntime-training does, a
+    difference invisible at these scales."""
 
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6

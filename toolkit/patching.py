@@ -33,6 +33,21 @@ class PatchTable:
     threshold: list[int]                                           # offsets of the gate threshold
     size: int                                                      # the template's size in bytes
 
+    def check(self) -> None:
+        """Every offset inside the file, no two values on the same bytes, one
+        element per offset: a table that fails would write a corrupt program."""
+        spans = [*self.threshold]
+        for params in self.values.values():
+            for name, (elements, offsets) in params.items():
+                if len(elements) != len(offsets) or any(e < 0 for e in elements):
+                    raise ValueError(f"{name}: {len(elements)} elements for {len(offsets)} offsets")
+                spans += offsets
+        if any(not 0 <= o <= self.size - 4 for o in spans):
+            raise ValueError("an offset lies outside the program")
+        spans.sort()
+        if any(b - a < 4 for a, b in zip(spans, spans[1:])):
+            raise ValueError("two values overlap")
+
     def to_json(self) -> str:
         return json.dumps({"version": PATCH_VERSION, "dtype": "float32", "byte_order": "little", "size": self.size,
                            "threshold": self.threshold,
@@ -47,7 +62,9 @@ class PatchTable:
                 raise ValueError(f"version {data.get('version')!r}, dtype {data.get('dtype')!r}")
             values = {part: {name: (list(map(int, entry["elements"])), list(map(int, entry["offsets"])))
                              for name, entry in params.items()} for part, params in data["values"].items()}
-            return cls(values, list(map(int, data["threshold"])), int(data["size"]))
+            table = cls(values, list(map(int, data["threshold"])), int(data["size"]))
+            table.check()
+            return table
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BundleError(f"{where} is not a patch table this toolkit reads: {exc}",
                               hint="the bundle is damaged or was written by a newer edgetailor; re-export it") from None
@@ -92,5 +109,7 @@ def apply_patches(template: bytes, table: PatchTable, weights: dict[str, dict[st
                                   hint="personalize again with this bundle")
             put(offsets, flat[np.asarray(elements, np.int64)])
     put(table.threshold, np.full(len(table.threshold), threshold, np.float32))
+    if len(out) != table.size:
+        raise BundleError(f"patching {where} changed its size", hint="the bundle is damaged; re-export it")
     return bytes(out)
 

@@ -214,7 +214,7 @@ def choose_backends(bundle: Bundle, requested: str | None = None) -> BackendChoi
         raise _unknown(requested)
     if requested == AUTO:
         # The first installed backend, in order of preference, that runs GE and
-        # trains from this bundle; looked up lazily (each lookup reads package metadata).
+        # trains from this bundle; looked up lazily, in that order.
         carried = [n for n in PREFERENCE if BACKENDS[n].format in bundle.usable_formats]
         requested = next((n for n in carried if can_train(bundle, n) and is_installed(n)), None) or \
             next((n for n in carried if is_installed(n)), None)

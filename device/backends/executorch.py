@@ -16,6 +16,7 @@ import numpy as np
 from edgetailor.device.backends.base import split_outputs
 from edgetailor.device.backends.steps import StepProgramBackend
 from edgetailor.toolkit.bundle import Bundle
+from edgetailor.toolkit.errors import BackendError
 from edgetailor.toolkit.manifest import TrainablePartSpec
 from edgetailor.toolkit.native_output import quiet_native_output
 
@@ -45,8 +46,12 @@ class ExecuTorchProgram:
     """Step and forward programs take the manifest's ``max_batch`` rows."""
 
     def __init__(self, path, batch: int):
-        with quiet_native_output():
-            self.method = Runtime.get().load_program(path).load_method("forward")
+        try:
+            with quiet_native_output():
+                self.method = Runtime.get().load_program(path).load_method("forward")
+        except (RuntimeError, ValueError) as exc:
+            raise BackendError(f"ExecuTorch could not load {path}: {str(exc)[:300]}",
+                               hint="upgrade executorch, or re-export or re-download the bundle") from None
         self.batch = batch
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:

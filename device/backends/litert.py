@@ -13,6 +13,7 @@ import numpy as np
 from edgetailor.device.backends.base import split_outputs
 from edgetailor.device.backends.steps import StepProgramBackend
 from edgetailor.toolkit.bundle import Bundle, tflite_output_position
+from edgetailor.toolkit.errors import BackendError
 from edgetailor.toolkit.manifest import TrainablePartSpec
 from edgetailor.toolkit.native_output import quiet_native_output
 
@@ -25,9 +26,13 @@ THREADS = min(2, os.cpu_count() or 1)
 
 
 def _interpreter(path: str, threads: int):
-    with quiet_native_output():  # "INFO: Created TensorFlow Lite XNNPACK delegate"
-        interpreter = Interpreter(model_path=path, num_threads=threads)
-        interpreter.allocate_tensors()
+    try:
+        with quiet_native_output():  # "INFO: Created TensorFlow Lite XNNPACK delegate"
+            interpreter = Interpreter(model_path=path, num_threads=threads)
+            interpreter.allocate_tensors()
+    except (RuntimeError, ValueError) as exc:
+        raise BackendError(f"LiteRT could not load {path}: {str(exc)[:300]}",
+                           hint="upgrade ai-edge-litert, or re-export or re-download the bundle") from None
     return interpreter
 
 

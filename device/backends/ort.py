@@ -63,7 +63,8 @@ def open_session(source: str | bytes, what: str, threads: int = 2):
         if "opset" in message.lower() or "ir_version" in message.lower() or "ir version" in message.lower():
             hint = (f"onnxruntime {ort.__version__} is too old for this bundle: pip install -U 'onnxruntime>=1.17', "
                     "or re-export the bundle with an older opset")
-        raise BackendError(f"onnxruntime could not load {what}: {message.splitlines()[0][:300]}", hint=hint) from None
+        first_line = (message.splitlines() or ["(no message)"])[0][:300]
+        raise BackendError(f"onnxruntime could not load {what}: {first_line}", hint=hint) from None
 
 
 class OrtGlobalExpert:

@@ -66,3 +66,16 @@ def test_the_manifest_schemas_are_valid_json_schemas(version):
 
     schema = manifest_schema(version)
     jsonschema.validators.validator_for(schema).check_schema(schema)
+
+
+def test_a_patch_table_that_would_corrupt_the_program_is_refused():
+    from edgetailor.toolkit.patching import PatchTable
+
+    good = PatchTable({"local_expert": {"w": ([0, 1], [8, 12])}}, [20], 32)
+    assert PatchTable.from_json(good.to_json(), "t").values == good.values
+    for bad in (PatchTable({"local_expert": {"w": ([0], [8, 12])}}, [20], 32),      # more offsets than elements
+                PatchTable({"local_expert": {"w": ([0, 1], [8, 10])}}, [20], 32),   # overlapping values
+                PatchTable({"local_expert": {"w": ([0, 1], [8, 12])}}, [30], 32),   # past the end
+                PatchTable({"local_expert": {"w": ([-1, 1], [8, 12])}}, [20], 32)):  # negative element
+        with pytest.raises(BundleError, match="not a patch table"):
+            PatchTable.from_json(bad.to_json(), "t")
