@@ -197,15 +197,24 @@ class OnnxSteps:
         return lambda args: session.run(None, dict(zip(names, args)))
 
 
-class ExecuTorchSteps:
-    format = "executorch"
-    suffix = ".pte"
+class StaticBatchSteps:
+    """Writers whose programs take a static batch of ``max_batch`` rows (the
+    forward too); subclasses convert a module with ``_write``."""
 
     def write_step(self, functions: StepFunctions, path: Path) -> None:
         self._write(functions.traced_step(), functions.step_example(), path)
 
     def write_forward(self, functions: StepFunctions, path: Path) -> None:
         self._write(functions.forward_module(), functions.forward_example(functions.part.max_batch), path)
+
+    @staticmethod
+    def _write(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
+        raise NotImplementedError
+
+
+class ExecuTorchSteps(StaticBatchSteps):
+    format = "executorch"
+    suffix = ".pte"
 
     @staticmethod
     def _write(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
@@ -234,15 +243,9 @@ class ExecuTorchSteps:
         return run
 
 
-class TFLiteSteps:
+class TFLiteSteps(StaticBatchSteps):
     format = "tflite"
     suffix = ".tflite"
-
-    def write_step(self, functions: StepFunctions, path: Path) -> None:
-        self._write(functions.traced_step(), functions.step_example(), path)
-
-    def write_forward(self, functions: StepFunctions, path: Path) -> None:
-        self._write(functions.forward_module(), functions.forward_example(functions.part.max_batch), path)
 
     @staticmethod
     def _write(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
