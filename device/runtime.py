@@ -19,7 +19,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit import atomic
 from edgetailor.toolkit.errors import BackendError, BundleError, PersonalizationError, SampleError, StateError
 from edgetailor.toolkit.patching import PatchTable, apply_patches
+from edgetailor.toolkit.preprocess import prepare_images
 
 
 @dataclass
@@ -45,42 +46,6 @@ class Prediction:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def validate_images(images: Any, shape: Sequence[int]) -> np.ndarray:
-    """Check user input against the bundle's input spec; returns uint8 (N, H, W).
-
-    Accepts uint8 (0-255) or float (0-1) arrays, one image (H, W) or a batch."""
-    height, width = shape[-2], shape[-1]
-    try:
-        array = np.asarray(images)
-    except (TypeError, ValueError) as exc:
-        raise SampleError(f"images are not an array: {exc}") from None
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim == 4 and array.shape[1] == 1:
-        array = array[:, 0]
-    if array.ndim != 3 or array.shape[1:] != (height, width):
-        raise SampleError(f"images must have shape (N, {height}, {width}), got {array.shape}",
-                          hint="load files with edgetailor.toolkit.loaders.load_samples, which normalises "
-                               "any size MNIST-style")
-    if len(array) == 0:
-        raise SampleError("no images given (an empty sample set)", hint="give at least one labelled image")
-    if array.dtype == np.uint8:
-        return np.ascontiguousarray(array)
-    if np.issubdtype(array.dtype, np.floating):
-        bad = ~np.isfinite(array)
-        if bad.any():
-            first = int(np.argwhere(bad.reshape(len(array), -1).any(axis=1))[0, 0])
-            raise SampleError(f"images contain NaN or infinite values ({int(bad.sum())} pixels, "
-                              f"first in image {first})",
-                              hint="drop or repair those images")
-        if array.min() < 0.0 or array.max() > 1.0:
-            raise SampleError(f"float images must lie in [0, 1], got [{array.min():.3g}, {array.max():.3g}]",
-                              hint="divide 0-255 images by 255, or pass them as uint8")
-        return np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
-    raise SampleError(f"images must be uint8 (0-255) or float (0-1), got dtype {array.dtype}",
-                      hint="convert with images.astype(np.uint8) if the values are 0-255")
 
 
 def validate_labels(labels: Any, names: list[str], n: int) -> np.ndarray:
@@ -118,6 +83,7 @@ class DeviceRuntime:
         self.manifest = bundle.manifest
         self.labels = bundle.labels
         self.input_shape = self.manifest.input.shape
+        self.preprocessing = self.manifest.input.preprocessing()
         self.le_tap = self.manifest.local_expert.feature_tap
         self.gn_tap = self.manifest.gating_network.feature_tap
         self.ge = self.backend.load_global_expert(bundle)
@@ -167,10 +133,24 @@ class DeviceRuntime:
         return self._le is not None
 
     # samples -------------------------------------------------------------
+    def prepare(self, images: Any) -> np.ndarray:
+        """Images of any size, polarity and container -> the samples GE reads,
+        by the bundle's preprocessing (``toolkit.preprocess``): a (N, H, W[, C])
+        array or a list of arrays; uint8, uint16 or float in [0, 1]."""
+        return prepare_images(images, self.preprocessing).images
+
+    def _samples(self, data: LabeledImages) -> np.ndarray:
+        """A loader's images, prepared unless the loader already did it with this bundle's preprocessing."""
+        if data.prepared_with == self.preprocessing.to_dict():
+            return data.images
+        return self.prepare(data.images)
+
     def add_samples(self, images: Any, labels: Any) -> int:
-        """Validate and store the user's labelled samples; returns how many were new."""
-        array = validate_images(images, self.input_shape)
-        indices = validate_labels(labels, self.labels, len(array))
+        """Prepare, validate and store the user's labelled samples; returns how many were new."""
+        array = self.prepare(images)
+        return self._store(array, validate_labels(labels, self.labels, len(array)))
+
+    def _store(self, array: np.ndarray, indices: np.ndarray) -> int:
         try:
             return self.store.add_samples(array, indices)
         except sqlite3.OperationalError as exc:
@@ -179,7 +159,7 @@ class DeviceRuntime:
 
     def add_dataset(self, data: LabeledImages) -> int:
         names = [data.label_names[i] for i in data.labels]
-        return self.add_samples(data.images, np.array(names, dtype=object))
+        return self._store(self._samples(data), validate_labels(np.array(names, dtype=object), self.labels, len(data)))
 
     def sample_count(self) -> int:
         return self.store.count_samples()
@@ -219,14 +199,23 @@ class DeviceRuntime:
                                 self.threshold)
 
     def predict(self, images: Any) -> Prediction:
-        _, routed = self._answer(validate_images(images, self.input_shape))
+        """The answer for each image (any size; prepared as ``prepare`` does)."""
+        return self._predict(self.prepare(images))
+
+    def predict_dataset(self, data: LabeledImages) -> Prediction:
+        return self._predict(self._samples(data))
+
+    def _predict(self, samples: np.ndarray) -> Prediction:
+        _, routed = self._answer(samples)
         indices = routed.logits.argmax(axis=1)
         return Prediction([self.labels[i] for i in indices], indices, softmax(routed.logits),
                           [LE if u else GE for u in routed.use_le], routed.gate)
 
     def evaluate(self, images: Any, labels: Any) -> dict[str, Any]:
-        array = validate_images(images, self.input_shape)
-        truth = validate_labels(labels, self.labels, len(array))
+        array = self.prepare(images)
+        return self._evaluate(array, validate_labels(labels, self.labels, len(array)))
+
+    def _evaluate(self, array: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
         ge_logits, routed = self._answer(array)
         correct = routed.logits.argmax(axis=1) == truth
         ge_correct = ge_logits.argmax(axis=1) == truth
@@ -243,7 +232,8 @@ class DeviceRuntime:
         }
 
     def evaluate_dataset(self, data: LabeledImages) -> dict[str, Any]:
-        return self.evaluate(data.images, np.array([data.label_names[i] for i in data.labels], dtype=object))
+        names = np.array([data.label_names[i] for i in data.labels], dtype=object)
+        return self._evaluate(self._samples(data), validate_labels(names, self.labels, len(data)))
 
     # one program, for apps that only predict -----------------------------
     def export_personalized(self, path: str | Path, fmt: str = "onnx") -> Path:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgetailor.toolkit.errors import SampleError
-from edgetailor.toolkit.imaging import mnist_style
 
 DIGIT_LABELS = [str(d) for d in range(10)]
 
@@ -29,6 +28,11 @@ class LabeledImages:
     labels: np.ndarray
     label_names: list[str] = field(default_factory=lambda: list(DIGIT_LABELS))
     source: str = ""
+    # The preprocessing (toolkit.preprocess, its to_dict()) that made these
+    # images samples; None for raw images that a consumer must still prepare.
+    prepared_with: dict | None = None
+    # Inputs a loader left out (skip_bad) or ignored, one line each, for the user to see.
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.images = np.asarray(self.images)
@@ -42,7 +46,8 @@ class LabeledImages:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> "LabeledImages":
-        return LabeledImages(self.images[index], self.labels[index], list(self.label_names), self.source)
+        return LabeledImages(self.images[index], self.labels[index], list(self.label_names), self.source,
+                             self.prepared_with)
 
     def fingerprint(self) -> str:
         """sha256 over images and labels: recorded in checkpoints so a model says what it saw."""
@@ -61,13 +66,16 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def load_generic_digits() -> LabeledImages:
-    """scikit-learn's digits, each 8x8 glyph (values 0..16) normalised MNIST-style to 28x28."""
+    """scikit-learn's digits, each 8x8 glyph (values 0..16) made a sample by
+    the same preprocessing as every user input (toolkit.preprocess)."""
     from sklearn.datasets import load_digits  # server-side dependency, bundled data
 
+    from edgetailor.toolkit.preprocess import DEFAULT, prepare_images
+
     digits = load_digits()
-    images = np.stack([mnist_style(img.astype(np.float32) / 16.0) for img in digits.images])
-    return LabeledImages(to_uint8(images), digits.target.astype(np.int64), list(DIGIT_LABELS),
-                         "sklearn.datasets.load_digits (MNIST-style 28x28)")
+    images = prepare_images(digits.images / 16.0, DEFAULT).images
+    return LabeledImages(images, digits.target.astype(np.int64), list(DIGIT_LABELS),
+                         f"sklearn.datasets.load_digits ({DEFAULT.name} 28x28)", DEFAULT.to_dict())
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-MNIST_STYLE = "mnist-style 20x20 box, centred by mass on 28x28"
+from edgetailor.toolkit.preprocess import DEFAULT, Preprocessing, from_spec
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,20 @@ class InputSpec:
     std: float
     dtype: str = "uint8"
     ink: str = "white-on-black"
-    preprocess: str | None = field(default=None)
+    # How any image becomes a sample (toolkit.preprocess): a dict with the
+    # preprocessing's name and parameters, so every client applies it
+    # identically; a string or None in bundles from before 0.2.
+    preprocess: dict[str, Any] | str | None = field(default=None)
 
     @classmethod
-    def fit(cls, images: np.ndarray, preprocess: str | None = MNIST_STYLE) -> "InputSpec":
-        """The spec of GE trained on ``images`` (uint8, (N, H, W))."""
+    def fit(cls, images: np.ndarray, preprocess: dict[str, Any] | None = None) -> "InputSpec":
+        """The spec of GE trained on ``images`` (uint8 samples, (N, H, W))."""
         scaled = images.astype(np.float32) / 255.0
         return cls(shape=[1, *images.shape[1:]], scale=1.0 / 255.0, mean=float(scaled.mean()),
-                   std=float(scaled.std()), preprocess=preprocess)
+                   std=float(scaled.std()), preprocess=preprocess or DEFAULT.to_dict())
+
+    def preprocessing(self) -> Preprocessing:
+        return from_spec(self.preprocess)
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W) -> float32 (N, 1, H, W), as GE was trained."""

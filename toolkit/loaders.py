@@ -8,29 +8,37 @@
   file beside it. EMNIST stores images transposed; files whose name says
   ``emnist`` are transposed back;
 - an image folder with one sub-folder per label holding PNG/JPEG files of
-  any size (needs Pillow to decode).
-Images that are not 28x28 are normalised MNIST-style (see ``toolkit.imaging``).
-Black-on-white images (scans, photos) are inverted to white ink on black.
+  any size, in nested folders too (needs Pillow to decode).
+Every image, whatever the container, goes through the same preprocessing
+(``toolkit.preprocess``; by default the bundle's), so the same image gives
+the same sample from each. Decoded files are taken as a person sees them:
+EXIF rotation applied, transparency composited onto white, 16-bit scaled.
+Blank and unreadable images are refused, all counted in one error, or left
+out with ``skip_bad``. An ``.npz`` written by ``save_npz`` from prepared
+samples records its preprocessing and is read back as it is.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from edgetailor.toolkit.data import DIGIT_LABELS, LabeledImages, to_uint8
+from edgetailor.toolkit.data import DIGIT_LABELS, LabeledImages
 from edgetailor.toolkit.errors import DataFormatError, SampleError
-from edgetailor.toolkit.imaging import CANVAS, mnist_style
+from edgetailor.toolkit.preprocess import DEFAULT, Preprocessing, prepare_images
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm"}
+IMAGE_SUFFIXES = {".tif", ".tiff", ".webp", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm"}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def load_samples(path: str | Path, label_names: list[str] | None = None) -> LabeledImages:
-    """Read labelled glyphs from ``path`` (see the module doc for formats).
+def load_samples(path: str | Path, label_names: list[str] | None = None,
+                 preprocessing: Preprocessing = DEFAULT, skip_bad: bool = False) -> LabeledImages:
+    """Read labelled glyphs from ``path`` (see the module doc for formats) as
+    samples made by ``preprocessing`` (a device passes its bundle's).
 
     ``label_names`` maps the file's labels onto a bundle's label order; for
     integer-labelled files the default is the digits 0-9.
@@ -39,11 +47,11 @@ def load_samples(path: str | Path, label_names: list[str] | None = None) -> Labe
     if not path.exists():
         raise DataFormatError(f"no such file or folder: {path}", hint="check the --samples path")
     if path.is_dir():
-        data = load_image_folder(path)
+        data = load_image_folder(path, preprocessing, skip_bad)
     elif path.suffix == ".npz":
-        data = load_npz(path)
+        data = load_npz(path, preprocessing, skip_bad)
     elif "idx3" in path.name:
-        data = load_idx_pair(path)
+        data = load_idx_pair(path, preprocessing=preprocessing, skip_bad=skip_bad)
     else:
         raise DataFormatError(
             f"cannot tell the format of {path}",
@@ -64,17 +72,21 @@ def relabel(data: LabeledImages, label_names: list[str]) -> LabeledImages:
             f"label(s) {', '.join(map(repr, unknown))} in {data.source or 'the samples'} are not known to the bundle",
             hint=f"the bundle knows: {', '.join(label_names)}")
     labels = np.array([index[data.label_names[label]] for label in data.labels], dtype=np.int64)
-    return LabeledImages(data.images, labels, list(label_names), data.source)
+    return LabeledImages(data.images, labels, list(label_names), data.source, data.prepared_with, data.notes)
 
 
-def to_canvas(images: np.ndarray) -> np.ndarray:
-    """Make (N, H, W) uint8 images 28x28 MNIST-style when they are another size."""
-    if images.shape[1:] == (CANVAS, CANVAS):
-        return images
-    return to_uint8(np.stack([mnist_style(img.astype(np.float32) / 255.0) for img in images]))
+def prepared(images, labels: np.ndarray, names: list[str], source: str, preprocessing: Preprocessing,
+             skip_bad: bool, where: list[str] | None = None, notes: list[str] | None = None) -> LabeledImages:
+    """Raw images -> LabeledImages of samples; the images left out are named in ``notes``."""
+    result = prepare_images(images, preprocessing, names=where, skip_bad=skip_bad)
+    notes = list(notes or [])
+    for i, why in result.refused:
+        notes.append(f"left out {where[i] if where else f'image {i}'}: {why}")
+    return LabeledImages(result.images, np.asarray(labels)[result.kept], names, source,
+                         preprocessing.to_dict(), notes)
 
 
-def load_npz(path: Path) -> LabeledImages:
+def load_npz(path: Path, preprocessing: Preprocessing = DEFAULT, skip_bad: bool = False) -> LabeledImages:
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive or "y" not in archive:
@@ -82,12 +94,13 @@ def load_npz(path: Path) -> LabeledImages:
                                       hint="save with np.savez(path, x=images, y=labels)")
             x, y = archive["x"], archive["y"]
             names = [str(n) for n in archive["label_names"]] if "label_names" in archive else None
+            made_by = json.loads(str(archive["preprocess"])) if "preprocess" in archive else None
     except (OSError, ValueError) as exc:
         raise DataFormatError(f"{path} is not a readable .npz file: {exc}") from None
-    if x.ndim != 3:
-        raise DataFormatError(f"{path}: x must have shape (N, H, W), got {x.shape}")
-    if x.dtype != np.uint8:
-        raise DataFormatError(f"{path}: x must be uint8 (0-255), got {x.dtype}",
+    if x.ndim not in (3, 4):
+        raise DataFormatError(f"{path}: x must have shape (N, H, W) or (N, H, W, 3|4), got {x.shape}")
+    if x.dtype not in (np.uint8, np.uint16) and not np.issubdtype(x.dtype, np.floating):
+        raise DataFormatError(f"{path}: x must be uint8 (0-255), uint16 or float in [0, 1], got {x.dtype}",
                               hint="convert with (x * 255).round().astype(np.uint8) if it is float in [0, 1]")
     if y.ndim != 1 or len(y) != len(x):
         raise DataFormatError(f"{path}: y must have shape ({len(x)},), got {y.shape}")
@@ -99,7 +112,10 @@ def load_npz(path: Path) -> LabeledImages:
             names = list(DIGIT_LABELS) if y.size == 0 or y.max() < 10 else [str(i) for i in range(int(y.max()) + 1)]
     if y.size and (y.min() < 0 or y.max() >= len(names)):
         raise DataFormatError(f"{path}: labels must index label_names (0..{len(names) - 1}), got {y.min()}..{y.max()}")
-    return LabeledImages(to_canvas(x), y.astype(np.int64), names, str(path))
+    if made_by == preprocessing.to_dict() and x.dtype == np.uint8 and x.shape[1:] == (28, 28):
+        # samples saved by save_npz after this same preprocessing: already made
+        return LabeledImages(x, y.astype(np.int64), names, str(path), made_by)
+    return prepared(x, y.astype(np.int64), names, str(path), preprocessing, skip_bad)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -128,7 +144,8 @@ def idx_labels_path(images_path: Path) -> Path:
     raise DataFormatError(f"{images_path} does not look like an IDX images file")
 
 
-def load_idx_pair(images_path: Path, transpose: bool | None = None) -> LabeledImages:
+def load_idx_pair(images_path: Path, transpose: bool | None = None, preprocessing: Preprocessing = DEFAULT,
+                  skip_bad: bool = False) -> LabeledImages:
     images = read_idx(images_path)
     labels_path = idx_labels_path(images_path)
     if not labels_path.exists():
@@ -142,40 +159,85 @@ def load_idx_pair(images_path: Path, transpose: bool | None = None) -> LabeledIm
         images = images.transpose(0, 2, 1)
     digits = labels.size == 0 or labels.max() < 10
     names = list(DIGIT_LABELS) if digits else [str(i) for i in range(int(labels.max()) + 1)]
-    return LabeledImages(to_canvas(np.ascontiguousarray(images)), labels, names, str(images_path))
+    return prepared(np.ascontiguousarray(images), labels, names, str(images_path), preprocessing, skip_bad)
 
 
-def _decode_image(path: Path) -> np.ndarray:
+def decode_image(path: Path) -> np.ndarray:
+    """A PNG/JPEG/... file as a person sees it: grey float64 in [0, 1].
+
+    EXIF orientation applied (phones store photos sideways); palette and
+    transparency composited onto white, so ink drawn only in the alpha
+    channel shows; 16-bit greys scaled from 65535; the first frame of an
+    animation. Raises DataFormatError when the file cannot be decoded."""
     try:
-        from PIL import Image  # optional: only image folders need a decoder
+        from PIL import Image, ImageOps  # optional: only image folders need a decoder
     except ImportError:
         raise DataFormatError("reading PNG/JPEG folders needs Pillow",
                               hint="pip install pillow, or convert the samples to .npz") from None
     try:
         with Image.open(path) as img:
-            grey = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    except OSError as exc:
+            img.seek(0)
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+                return np.asarray(img, dtype=np.float64) / 65535.0
+            if img.mode in ("I", "F"):
+                values = np.asarray(img, dtype=np.float64)
+                top = 1.0 if values.max() <= 1.0 else 255.0 if values.max() <= 255 else 65535.0
+                return np.clip(values / top, 0.0, 1.0)
+            if img.mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+                rgba = np.asarray(img.convert("RGBA"), dtype=np.float64) / 255.0
+                grey = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])
+                alpha = rgba[..., 3]
+                composited = grey * alpha + (1.0 - alpha)
+                if np.ptp(composited) < 0.05 < np.ptp(alpha):
+                    # light ink drawn only through alpha: on white it vanishes, so show the alpha as ink
+                    return 1.0 - alpha
+                return composited
+            return np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataFormatError(f"cannot decode image {path}: {exc}") from None
-    # Scans and photos are dark ink on a light page: flip to white ink on black.
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    return 1.0 - grey if border.mean() > 0.5 else grey
 
 
-def load_image_folder(root: Path) -> LabeledImages:
+def load_image_folder(root: Path, preprocessing: Preprocessing = DEFAULT, skip_bad: bool = False) -> LabeledImages:
     label_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not label_dirs:
         raise DataFormatError(f"{root} has no sub-folders",
                               hint="put each label's images in a sub-folder named after the label")
-    images, labels = [], []
+    images, labels, where, unreadable, ignored = [], [], [], [], []
     for label, folder in enumerate(label_dirs):
-        for file in sorted(folder.iterdir()):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(mnist_style(_decode_image(file)))
-                labels.append(label)
+        for file in sorted(folder.rglob("*")):  # nested folders belong to their top-level label
+            if file.is_dir() or any(part.startswith(".") for part in file.relative_to(root).parts):
+                continue
+            name = str(file.relative_to(root))
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                ignored.append(name)
+                continue
+            try:
+                images.append(decode_image(file))
+            except DataFormatError as exc:
+                unreadable.append((name, str(exc)))
+                continue
+            labels.append(label)
+            where.append(name)
+    notes = [f"ignored {len(ignored)} file(s) that are not images ({', '.join(ignored[:3])}"
+             f"{', ...' if len(ignored) > 3 else ''})"] if ignored else []
+    if unreadable and not skip_bad:
+        more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        raise SampleError(f"{len(unreadable)} of {len(images) + len(unreadable)} images under {root} cannot be read: "
+                          f"{', '.join(n for n, _ in unreadable[:3])}{more} ({unreadable[0][1]})",
+                          hint="remove or re-save them, or skip them (skip_bad=True, --skip-bad on the CLI)")
+    notes += [f"left out {name}: {why}" for name, why in unreadable]
     if not images:
-        raise DataFormatError(f"no PNG/JPEG images under {root}")
-    return LabeledImages(to_uint8(np.stack(images)), np.array(labels), [p.name for p in label_dirs], str(root))
+        raise DataFormatError(f"no readable PNG/JPEG images under {root}",
+                              hint=f"image files end in {', '.join(sorted(IMAGE_SUFFIXES))}")
+    return prepared(images, np.array(labels), [p.name for p in label_dirs], str(root), preprocessing, skip_bad,
+                    where, notes)
 
 
 def save_npz(data: LabeledImages, path: str | Path) -> None:
-    np.savez_compressed(path, x=data.images, y=data.labels, label_names=np.array(data.label_names))
+    """Write ``data`` as an .npz; prepared samples record their preprocessing
+    so that loading them back does not prepare them a second time."""
+    extra = {"preprocess": np.array(json.dumps(data.prepared_with, sort_keys=True))} if data.prepared_with else {}
+    np.savez_compressed(path, x=data.images, y=data.labels, label_names=np.array(data.label_names), **extra)

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from edgetailor.toolkit.data import LabeledImages, to_uint8
+from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit.errors import SampleError
-from edgetailor.toolkit.imaging import affine, draw_line, mnist_style, thicken
+from edgetailor.toolkit.imaging import affine, draw_line, thicken
+from edgetailor.toolkit.preprocess import DEFAULT, prepare_images
 
 # Personal glyph variants: label -> strokes in MNIST 28x28 coordinates (row, col).
 GLYPH_VARIANTS: dict[str, tuple[int, list[tuple[tuple[float, float], tuple[float, float]]]]] = {
@@ -51,7 +52,8 @@ class UserStyle:
 
     def apply(self, image: np.ndarray, label: int, rng: np.random.Generator) -> np.ndarray:
         """Render a generic glyph (float 28x28) in this user's hand, with a
-        little per-sample jitter so no two samples are identical."""
+        little per-sample jitter so no two samples are identical. Returns the
+        raw drawing; ``_render`` prepares it as a device would."""
         glyph = image.astype(np.float32)
         for name in self.variants:
             variant_label, strokes = GLYPH_VARIANTS[name]
@@ -62,9 +64,9 @@ class UserStyle:
         glyph = affine(glyph, rotation_deg=self.rotation + rng.normal(0.0, 2.0),
                        shear=self.shear + rng.normal(0.0, 0.04),
                        scale=self.scale * rng.uniform(0.97, 1.03))
-        # Normalised again the way a device would: the user's size survives
-        # only as stroke width relative to glyph size, as with real MNIST.
-        return mnist_style(np.clip(glyph, 0.0, 1.0))
+        # Prepared again the way a device would (in ``_render``): the user's size
+        # survives only as stroke width relative to glyph size, as with real MNIST.
+        return np.clip(glyph, 0.0, 1.0)
 
 
 @dataclass
@@ -80,8 +82,9 @@ class SimulatedUser:
 
 def _render(pool: LabeledImages, index: np.ndarray, style: UserStyle, rng: np.random.Generator,
             name: str) -> LabeledImages:
-    images = np.stack([style.apply(pool.images[i] / 255.0, int(pool.labels[i]), rng) for i in index])
-    return LabeledImages(to_uint8(images), pool.labels[index], list(pool.label_names), name)
+    drawings = np.stack([style.apply(pool.images[i] / 255.0, int(pool.labels[i]), rng) for i in index])
+    images = prepare_images(drawings.astype(np.float64), DEFAULT).images
+    return LabeledImages(images, pool.labels[index], list(pool.label_names), name, DEFAULT.to_dict())
 
 
 def simulate_user(pool: LabeledImages, user_id: int, seed: int = 0, train_per_class: int = 10,

@@ -398,10 +398,27 @@ BACKEND_HELP = ("Runtime: ort (onnxruntime), litert or executorch, each training
                 "(reference). Default: the best installed one the bundle carries (see `edgetailor device info`).")
 
 
+SKIP_BAD_HELP = ("Leave out blank or unreadable images (each named in a warning) instead of refusing the whole "
+                 "set.")
+
+
+def _load_for(runtime, samples: Path, skip_bad: bool, label_names: bool = True):
+    """The samples at PATH, prepared by the bundle's own preprocessing; what was left out is warned about."""
+    from edgetailor.toolkit.loaders import load_samples
+
+    data = load_samples(samples, runtime.labels if label_names else None, runtime.preprocessing, skip_bad)
+    for note in data.notes:
+        click.secho(f"warning: {note}", fg="yellow", err=True)
+    return data
+
+
 def _bundle_state_options(fn):
+    fn = click.option("--skip-bad", is_flag=True, help=SKIP_BAD_HELP)(fn)
     fn = click.option("--backend", default=None, help=BACKEND_HELP)(fn)
     fn = click.option("--samples", required=True, type=click.Path(exists=True, path_type=Path),
-                      help="Labelled samples: .npz (x, y), MNIST/EMNIST IDX images file, or a folder per label.")(fn)
+                      help="Labelled samples: .npz (x, y), MNIST/EMNIST IDX images file, or a folder per label "
+                           "(PNG/JPEG photos or scans of any size; each image is prepared by the bundle's "
+                           "preprocessing).")(fn)
     fn = click.option("--state", required=True, type=click.Path(path_type=Path),
                       help="State directory (SQLite database of samples and personalizations).")(fn)
     fn = click.option("--bundle", required=True, type=click.Path(exists=True, path_type=Path),
@@ -414,18 +431,17 @@ def _bundle_state_options(fn):
 @click.option("--max-seconds", type=float, help="Stop training after this long (keeps what was learnt).")
 @click.option("--epochs", type=int, help="Override the bundle's personalize.le_epochs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, max_seconds: float | None,
-                       epochs: int | None, as_json: bool) -> None:
+def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, skip_bad: bool,
+                       max_seconds: float | None, epochs: int | None, as_json: bool) -> None:
     """Add the samples at PATH to the state and train the Local Expert and
     Gating Network on all stored samples. The previous personalization stays
     in use until the new one is committed."""
     from edgetailor.device.runtime import DeviceRuntime
-    from edgetailor.toolkit.loaders import load_samples
     from edgetailor.toolkit.memory import peak_rss_mb
 
     overrides = {k: v for k, v in {"max_seconds": max_seconds, "le_epochs": epochs}.items() if v is not None}
     with DeviceRuntime.open(bundle, state, backend) as runtime:
-        data = load_samples(samples, runtime.labels)
+        data = _load_for(runtime, samples, skip_bad)
         added = runtime.add_dataset(data)
         progress = _Progress(enabled=not as_json)
         report = runtime.personalize(overrides, progress)
@@ -443,13 +459,12 @@ def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, m
 @device.command("evaluate")
 @_bundle_state_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (accuracy, n, experts, ...).")
-def device_evaluate(bundle: Path, state: Path, samples: Path, backend: str, as_json: bool) -> None:
+def device_evaluate(bundle: Path, state: Path, samples: Path, backend: str, skip_bad: bool, as_json: bool) -> None:
     """Accuracy of the device's model (GE alone until personalized) on the samples at PATH."""
     from edgetailor.device.runtime import DeviceRuntime
-    from edgetailor.toolkit.loaders import load_samples
 
     with DeviceRuntime.open(bundle, state, backend) as runtime:
-        result = runtime.evaluate_dataset(load_samples(samples, runtime.labels))
+        result = runtime.evaluate_dataset(_load_for(runtime, samples, skip_bad))
         problem = runtime.status()["personalization_problem"]
     if as_json:
         click.echo(json.dumps({**result, "personalization_problem": problem}))
@@ -468,13 +483,13 @@ def device_evaluate(bundle: Path, state: Path, samples: Path, backend: str, as_j
 @click.option("--samples", required=True, type=click.Path(exists=True, path_type=Path),
               help="Images (.npz, IDX or image folder; labels are ignored).")
 @click.option("--backend", default=None, help=BACKEND_HELP)
-def device_predict(bundle: Path, state: Path, samples: Path, backend: str) -> None:
+@click.option("--skip-bad", is_flag=True, help=SKIP_BAD_HELP)
+def device_predict(bundle: Path, state: Path, samples: Path, backend: str, skip_bad: bool) -> None:
     """Print one JSON line per image: label, probability, and which expert answered."""
     from edgetailor.device.runtime import DeviceRuntime
-    from edgetailor.toolkit.loaders import load_samples
 
     with DeviceRuntime.open(bundle, state, backend) as runtime:
-        prediction = runtime.predict(load_samples(samples).images)
+        prediction = runtime.predict_dataset(_load_for(runtime, samples, skip_bad, label_names=False))
     for i in range(len(prediction)):
         click.echo(json.dumps({"label": prediction.labels[i],
                                "probability": round(float(prediction.probabilities[i].max()), 4),

@@ -9,6 +9,7 @@ import pytest
 
 from edgetailor.device import DeviceRuntime
 from edgetailor.export.formats import get_exporter
+from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit.errors import BundleError, PersonalizationError
 from tests.conftest import run_cli
 
@@ -23,11 +24,15 @@ def personalized_state(bundle_dir, user, tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("tflite", ".tflite"), ("executorch", ".pte")])
-def test_the_program_answers_as_predict(bundle_dir, personalized_state, user, tmp_path, fmt, suffix):
+def test_the_program_answers_as_predict(bundle_dir, personalized_state, user, generic_split, tmp_path, fmt,
+                                        suffix):
+    # the user's glyphs and generic ones, so that both routes are taken
+    samples = np.concatenate([user.test.images, generic_split.test.images[:100]])
     with DeviceRuntime.open(bundle_dir, personalized_state) as rt:
-        prediction = rt.predict(user.test.images)
+        made = rt.preprocessing.to_dict()
+        prediction = rt.predict_dataset(LabeledImages(samples, np.zeros(len(samples)), prepared_with=made))
         path = rt.export_personalized(tmp_path / f"model{suffix}", fmt)
-        x = rt.manifest.input.normalize(user.test.images)
+        x = rt.manifest.input.normalize(samples)
     logits, probabilities, gate, expert = (np.asarray(o) for o in get_exporter(fmt).load(path, all_outputs=True)(x))
     assert np.array_equal(logits.argmax(1), prediction.indices)
     assert list(np.where(expert.reshape(-1) == 1, "LE", "GE")) == prediction.experts

@@ -63,7 +63,8 @@ def test_reset_goes_back_to_ge(bundle_dir, personalized_state, tmp_path):
 
 
 @pytest.mark.parametrize("images, match", [
-    (np.zeros((3, 32, 32), np.uint8), r"shape \(N, 28, 28\)"),
+    (np.zeros((3, 28, 28, 2), np.uint8), r"\(N, H, W\) grey"),
+    (np.zeros((3, 32, 32), np.uint8), "3 of 3 images have no usable ink"),
     (np.zeros((3, 28, 28), np.int64), "dtype int64"),
     (np.full((3, 28, 28), np.nan, np.float32), "NaN"),
     (np.full((3, 28, 28), 3.0, np.float32), r"\[0, 1\]"),
@@ -75,8 +76,8 @@ def test_bad_images_are_refused(runtime, images, match):
     assert runtime.sample_count() == 0
 
 
-def test_bad_labels_are_refused(runtime):
-    images = np.zeros((2, 28, 28), np.uint8)
+def test_bad_labels_are_refused(runtime, user):
+    images = user.train.images[:2]
     with pytest.raises(SampleError, match="unknown label.*'A'"):
         runtime.add_samples(images, ["A", "1"])
     with pytest.raises(SampleError, match=r"index\(es\) \[12\]"):

@@ -7,6 +7,7 @@ import pytest
 from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit.errors import DataFormatError, SampleError
 from edgetailor.toolkit.loaders import load_samples, relabel, save_npz
+from edgetailor.toolkit.preprocess import prepare_images
 
 
 def _write_idx(path, array, opener=open):
@@ -27,9 +28,12 @@ def glyphs():
 
 def test_npz_roundtrip(tmp_path, glyphs):
     images, labels = glyphs
-    save_npz(LabeledImages(images, labels), tmp_path / "s.npz")
-    data = load_samples(tmp_path / "s.npz")
-    assert np.array_equal(data.images, images) and np.array_equal(data.labels, labels)
+    save_npz(LabeledImages(images, labels), tmp_path / "raw.npz")
+    data = load_samples(tmp_path / "raw.npz")  # raw images: prepared on the way in
+    assert np.array_equal(data.images, prepare_images(images).images) and np.array_equal(data.labels, labels)
+    save_npz(data, tmp_path / "samples.npz")  # prepared samples: read back as they are
+    again = load_samples(tmp_path / "samples.npz")
+    assert np.array_equal(again.images, data.images) and again.prepared_with == data.prepared_with
 
 
 def test_npz_of_another_size_is_normalised(tmp_path):
@@ -47,14 +51,15 @@ def test_idx_pair(tmp_path, glyphs, gz):
     _write_idx(tmp_path / f"train-images-idx3-ubyte{suffix}", images, opener)
     _write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", labels, opener)
     data = load_samples(tmp_path / f"train-images-idx3-ubyte{suffix}")
-    assert np.array_equal(data.images, images) and np.array_equal(data.labels, labels)
+    assert np.array_equal(data.images, prepare_images(images).images) and np.array_equal(data.labels, labels)
 
 
 def test_emnist_files_are_transposed_back(tmp_path, glyphs):
     images, labels = glyphs
     _write_idx(tmp_path / "emnist-digits-train-images-idx3-ubyte", images.transpose(0, 2, 1).copy())
     _write_idx(tmp_path / "emnist-digits-train-labels-idx1-ubyte", labels)
-    assert np.array_equal(load_samples(tmp_path / "emnist-digits-train-images-idx3-ubyte").images, images)
+    assert np.array_equal(load_samples(tmp_path / "emnist-digits-train-images-idx3-ubyte").images,
+                          prepare_images(images).images)
 
 
 def test_image_folder_any_size_dark_ink(tmp_path):
@@ -84,9 +89,12 @@ def test_bad_files_name_the_problem(tmp_path, glyphs):
     np.savez(tmp_path / "nokeys.npz", a=images)
     with pytest.raises(DataFormatError, match="'x' and 'y'"):
         load_samples(tmp_path / "nokeys.npz")
-    np.savez(tmp_path / "float.npz", x=images / 255.0, y=labels)
-    with pytest.raises(DataFormatError, match="uint8"):
+    np.savez(tmp_path / "float.npz", x=images * 1.0, y=labels)
+    with pytest.raises(SampleError, match=r"lie in \[0, 1\]"):
         load_samples(tmp_path / "float.npz")
+    np.savez(tmp_path / "int.npz", x=images.astype(np.int32), y=labels)
+    with pytest.raises(DataFormatError, match="uint8"):
+        load_samples(tmp_path / "int.npz")
     with pytest.raises(DataFormatError, match="no such file"):
         load_samples(tmp_path / "missing.npz")
     (tmp_path / "notes.txt").write_text("hi")
