@@ -26,7 +26,7 @@ def personalized_state(bundle_dir, user, tmp_path_factory):
 
 
 def test_unpersonalized_answers_with_ge_alone(runtime, bundle_dir, user):
-    prediction = runtime.predict(user.test.images)
+    prediction = runtime.predict_dataset(user.test)  # prepared samples, as GE reads them
     session = ort.InferenceSession(str(bundle_dir / "ge.onnx"), providers=["CPUExecutionProvider"])
     ge_logits = session.run(["logits"], {"image": runtime.manifest.input.normalize(user.test.images)})[0]
     assert np.array_equal(prediction.indices, ge_logits.argmax(1))
@@ -100,7 +100,7 @@ def test_personalize_needs_samples(runtime, user):
         runtime.personalize()
 
 
-def test_personalization_of_another_bundle_is_not_used(ge_dir, bundle_dir, personalized_state, tmp_path):
+def test_personalization_of_another_bundle_is_not_used(ge_dir, bundle_dir, personalized_state, user, tmp_path):
     from edgetailor.export.bundle import export_bundle
     from edgetailor.toolkit.config import ExpertConfig
 
@@ -111,7 +111,7 @@ def test_personalization_of_another_bundle_is_not_used(ge_dir, bundle_dir, perso
         assert not rt.personalized and rt.sample_count() == 100  # samples kept, LE/GN of another GE dropped
         assert "trained with another bundle" in rt.status()["personalization_problem"]
     # and the CLI says so, in evaluate and in info
-    np.savez(tmp_path / "few.npz", x=np.zeros((2, 28, 28), np.uint8), y=np.array([0, 1]))
+    np.savez(tmp_path / "few.npz", x=user.test.images[:2], y=user.test.labels[:2])
     evaluated = json.loads(run_cli("device", "evaluate", "--bundle", str(other), "--state", str(state),
                                    "--samples", str(tmp_path / "few.npz"), "--json").stdout)
     assert "trained with another bundle" in evaluated["personalization_problem"]
