@@ -158,9 +158,8 @@ def main() -> int:
 
     import numpy as np
 
-    from edgetailor.server_side.pretrain import pretrain
+    from common import default_ge  # benchmarks/common.py, beside this script
     from edgetailor.toolkit import atomic
-    from edgetailor.toolkit.config import load_recipe
     from edgetailor.toolkit.data import load_generic_digits, split_generic
     from edgetailor.toolkit.formats import FORMATS
     from edgetailor.toolkit.loaders import save_npz
@@ -173,12 +172,7 @@ def main() -> int:
         print(f"no onnxruntime-training venv at {args.legacy_python}: the ort-training baseline is left out "
               "(make one with benchmarks/make_ort_training_venv.sh)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = args.model
-    if model is None:
-        model = args.out / "ge"
-        if not (model / "model.json").exists():
-            print("pretraining the default GE ...", flush=True)
-            pretrain(model, load_recipe("default"), overwrite=True)
+    model = default_ge(args.out, args.model)
     bundle = args.out / "bundle"
     extra = "ort-training,executorch-training" if legacy else "executorch-training"
     print(f"exporting one bundle: every format's step programs + {extra} ...", flush=True)

@@ -57,21 +57,15 @@ def main() -> int:
     args = parser.parse_args()
 
     from edgetailor.export.bundle import export_bundle
-    from edgetailor.server_side.pretrain import pretrain
+    from common import default_ge  # benchmarks/common.py, beside this script
     from edgetailor.toolkit import atomic
-    from edgetailor.toolkit.config import load_recipe
     from edgetailor.toolkit.data import load_generic_digits, split_generic
     from edgetailor.toolkit.loaders import save_npz
     from edgetailor.toolkit.tables import format_table
     from edgetailor.toolkit.users import simulate_user
 
     args.out.mkdir(parents=True, exist_ok=True)
-    model = args.model
-    if model is None:
-        model = args.out / "ge"
-        if not (model / "model.json").exists():
-            print("pretraining the default GE ...", flush=True)
-            pretrain(model, load_recipe("default"), overwrite=True)
+    model = default_ge(args.out, args.model)
     bundle = export_bundle(model, args.out / "bundle", formats=["onnx"], overwrite=True)
     person = simulate_user(split_generic(load_generic_digits(), seed=0).user_pool, user_id=0, seed=0)
     save_npz(person.train, args.out / "train.npz")

@@ -50,9 +50,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from edgetailor.export.bundle import export_bundle
-    from edgetailor.server_side.pretrain import pretrain
+    from common import default_ge  # benchmarks/common.py, beside this script
     from edgetailor.toolkit import atomic
-    from edgetailor.toolkit.config import PersonalizeConfig, load_recipe
+    from edgetailor.toolkit.config import PersonalizeConfig
     from edgetailor.toolkit.data import load_generic_digits, split_generic
     from edgetailor.toolkit.loaders import save_npz
     from edgetailor.toolkit.tables import format_table
@@ -61,12 +61,7 @@ def main() -> int:
 
     sizes = [int(s) for s in args.sizes.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    model = args.model
-    if model is None:
-        model = args.out / "ge"
-        if not (model / "model.json").exists():
-            print("pretraining the default GE ...", flush=True)
-            pretrain(model, load_recipe("default"), overwrite=True)
+    model = default_ge(args.out, args.model)
     bundle = export_bundle(model, args.out / "bundle", formats=["onnx"], make_zip=False, overwrite=True)
     split = split_generic(load_generic_digits(), seed=args.seed)
     person = simulate_user(split.user_pool, user_id=0, seed=args.seed, train_per_class=10, test_per_class=20)

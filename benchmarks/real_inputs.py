@@ -144,9 +144,9 @@ def main() -> int:
 
     from edgetailor.export.bundle import export_bundle
     from edgetailor.server_side.checkpoint import GECheckpoint
-    from edgetailor.server_side.pretrain import pretrain
+    from common import default_ge  # benchmarks/common.py, beside this script
     from edgetailor.toolkit.captures import render_captures, sample_grid_png, write_image_folder
-    from edgetailor.toolkit.config import ExpertConfig, load_recipe
+    from edgetailor.toolkit.config import ExpertConfig
     from edgetailor.toolkit.data import load_generic_digits, split_generic
     from edgetailor.toolkit.loaders import load_samples
     from edgetailor.toolkit.real_users import load_mnist_5k, split_real_users, users_summary
@@ -157,10 +157,7 @@ def main() -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     generic = load_generic_digits()
-    if args.model is None:
-        log("pretraining the default LeNet-5 GE on scikit-learn's digits")
-        pretrain(out / "ge", load_recipe("default"), generic, overwrite=True)
-        args.model = out / "ge"
+    args.model = default_ge(out, args.model)
     ckpt = GECheckpoint.load(args.model)
     split = split_generic(generic, seed=ckpt.meta.seed)
     log(f"GE: {ckpt.meta.arch}, generic accuracy {ckpt.meta.generic_accuracy:.4f}")

@@ -29,6 +29,7 @@ import numpy as np
 
 from edgetailor.toolkit.data import DIGIT_LABELS, LabeledImages
 from edgetailor.toolkit.errors import DataFormatError, SampleError
+from edgetailor.toolkit.imaging import CANVAS
 from edgetailor.toolkit.preprocess import DEFAULT, Preprocessing, prepare_images
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".webp", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm"}
@@ -112,7 +113,7 @@ def load_npz(path: Path, preprocessing: Preprocessing = DEFAULT, skip_bad: bool 
             names = list(DIGIT_LABELS) if y.size == 0 or y.max() < 10 else [str(i) for i in range(int(y.max()) + 1)]
     if y.size and (y.min() < 0 or y.max() >= len(names)):
         raise DataFormatError(f"{path}: labels must index label_names (0..{len(names) - 1}), got {y.min()}..{y.max()}")
-    if made_by == preprocessing.to_dict() and x.dtype == np.uint8 and x.shape[1:] == (28, 28):
+    if made_by == preprocessing.to_dict() and x.dtype == np.uint8 and x.shape[1:] == (CANVAS, CANVAS):
         # samples saved by save_npz after this same preprocessing: already made
         return LabeledImages(x, y.astype(np.int64), names, str(path), made_by)
     return prepared(x, y.astype(np.int64), names, str(path), preprocessing, skip_bad)
