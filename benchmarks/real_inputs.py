@@ -14,7 +14,7 @@ One run, on 2 cores, of everything the real-inputs issue measures:
    (toolkit.captures: paper, lighting, blur, noise, JPEG, dark ink), loaded
    from a JPEG folder: user accuracy against the clean captures.
 4. **Simulated users** (toolkit.users) on the same GE.
-5. **Pareto** (``--pareto``): LE rank at about 1, 2.5, 5 and 10 % of GE.
+5. **Pareto** (``--pareto``): LE width (or rank) at about 1, 2.5, 5 and 10 % of GE.
 
     python benchmarks/real_inputs.py [--model DIR] [--users 9] [--pareto] [--out DIR]
 
@@ -166,9 +166,14 @@ def main() -> int:
                "linear LE + gate on penultimate": ExpertConfig(le_feature_tap="fc2", le_rank=0, gn_feature_tap="fc2")}
     if ckpt.meta.arch != "lenet5":
         del designs["linear LE + gate on penultimate"]
-    if args.pareto:
-        for rank in (1, 3, 6, 14):
-            designs[f"LE rank {rank}"] = dataclasses.replace(ckpt.meta.expert_config, le_rank=rank)
+    if args.pareto:  # about 1, 2.5, 5 and 10 % of a LeNet-5 GE, the default's design
+        experts = ckpt.meta.expert_config.resolve_taps(ckpt.model)
+        if experts.le_design == "channel_mix":
+            for width in (1, 2, 4, 8, 16):
+                designs[f"LE width {width}"] = dataclasses.replace(experts, le_width=width)
+        else:
+            for rank in (1, 3, 6, 14):
+                designs[f"LE rank {rank}"] = dataclasses.replace(experts, le_rank=rank)
     bundles, overheads = {}, {}
     for name, experts in designs.items():
         log(f"exporting a bundle: {name}")

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from edgetailor.toolkit import atomic
 from edgetailor.toolkit.bundle import Bundle, write_manifest, zip_bundle
@@ -30,7 +31,7 @@ from edgetailor.toolkit.manifest import (FormatEntry, GlobalExpertSpec, Manifest
                                          TrainablePartSpec)
 from edgetailor.server_side.checkpoint import GECheckpoint
 from edgetailor.server_side.cost import count_macs, count_params
-from edgetailor.server_side.experts import LogisticGate, ResidualHead
+from edgetailor.server_side.experts import LE_DESIGNS, LogisticGate, local_expert
 from edgetailor.server_side.models import WithFeatures
 from edgetailor.export.formats import get_exporter
 from edgetailor.export.parts import TrainablePart
@@ -91,12 +92,12 @@ def export_ge(ckpt: GECheckpoint, model_dir: Path, format_name: str, path: Path)
 QUANTIZED_AGREEMENT = 0.95
 
 
-def trainable_parts(le_dim: int, gn_dim: int, num_classes: int, le_rank: int,
+def trainable_parts(le_module: nn.Module, le_dim: int, gn_dim: int, num_classes: int,
                     personalize: PersonalizeConfig) -> tuple[TrainablePart, TrainablePart]:
-    """LE and GN as the device trains them (fresh weights from torch's current seed)."""
+    """LE and GN as the device trains them (GN's fresh weights from torch's current seed)."""
     # Rows per step: LE's batches mix user rows with replay, GN's are half and half.
     le_batch = personalize.batch_size + int(round(personalize.batch_size * personalize.replay_weight))
-    le = TrainablePart("local_expert", "le", ResidualHead(le_dim, num_classes, le_rank), [le_dim, num_classes],
+    le = TrainablePart("local_expert", "le", le_module, [le_dim, num_classes],
                        ["features", "base_logits"], "logits", num_classes, le_batch, personalize.le_learning_rate)
     gn = TrainablePart("gating_network", "gn", LogisticGate(gn_dim), [gn_dim], ["features"], "gate_logits", 2,
                        2 * max(1, personalize.batch_size // 2), personalize.gn_learning_rate)
@@ -108,8 +109,9 @@ def bundle_parts(bundle: Bundle) -> dict[str, TrainablePart]:
     manifest = bundle.manifest
     personalize = from_dict(PersonalizeConfig, manifest.personalize, "personalize")
     le_spec, gn_spec = manifest.local_expert, manifest.gating_network
-    parts = trainable_parts(le_spec.feature_dim, gn_spec.feature_dim, len(manifest.labels), le_spec.rank or 0,
-                            personalize)
+    le_module = local_expert(le_spec.kind, le_spec.feature_dim, len(manifest.labels), le_spec.rank or 0,
+                             le_spec.channels or 0, le_spec.width or 0)
+    parts = trainable_parts(le_module, le_spec.feature_dim, gn_spec.feature_dim, len(manifest.labels), personalize)
     for part in parts:
         spec = manifest.part(part.key)
         flat = torch.from_numpy(np.load(bundle.path(spec.initial_parameters)))
@@ -162,8 +164,13 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
     out = Path(out)
     num_classes = len(ckpt.labels)
     le_dim, gn_dim = taps[experts.le_feature_tap], taps[experts.gn_feature_tap]
+    le_kind = LE_DESIGNS[experts.le_design]
+    le_channels = {t.name: t.channels for t in ckpt.model.feature_taps}[experts.le_feature_tap]
+    le_shape = ({"rank": experts.le_rank} if le_kind == "residual_lowrank"
+                else {"channels": le_channels, "width": experts.le_width})
     torch.manual_seed(meta.seed)
-    le_part, gn_part = trainable_parts(le_dim, gn_dim, num_classes, experts.le_rank, personalize)
+    le_module = local_expert(le_kind, le_dim, num_classes, **le_shape)
+    le_part, gn_part = trainable_parts(le_module, le_dim, gn_dim, num_classes, personalize)
     with atomic.staged_dir(out, overwrite=overwrite) as staging:
         ge_files, training = {}, {part.key: {} for part in (le_part, gn_part)}
         for name in formats:
@@ -212,7 +219,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
                 training={"data": meta.data, "seed": meta.seed, "created": meta.created,
                           "toolkit_version": meta.toolkit_version}),
             local_expert=TrainablePartSpec(
-                kind="residual_lowrank", rank=experts.le_rank, feature_tap=experts.le_feature_tap,
+                kind=le_kind, **le_shape, feature_tap=experts.le_feature_tap,
                 feature_dim=le_dim, inputs=le_part.input_names, output="logits",
                 training=training["local_expert"], parameters=le_part.parameters(), max_batch=le_part.max_batch,
                 initial_parameters="le/initial.npy", optimizer=le_part.optimizer.to_dict(),

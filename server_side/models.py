@@ -28,6 +28,9 @@ class FeatureTap:
 
     name: str
     dim: int
+    # > 0: the feature is this many maps of dim // channels positions each,
+    # channel-major (a spatial feature a channel-mix LE can read); 0: a vector.
+    channels: int = 0
 
 
 class LeNet5(nn.Module):
@@ -67,7 +70,8 @@ class LeNet5(nn.Module):
     def feature_taps(self) -> tuple[FeatureTap, ...]:
         """Taps in the order forward_with_features returns them. "conv" is the
         pooled conv2 output, flattened: the last spatial features."""
-        return (FeatureTap("conv", self.fc1.in_features), FeatureTap("fc1", self.fc1.out_features),
+        return (FeatureTap("conv", self.fc1.in_features, self.conv2.out_channels),
+                FeatureTap("fc1", self.fc1.out_features),
                 FeatureTap("fc2", self.fc2.out_features))
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -167,10 +171,11 @@ class ViT(nn.Module):
 
     @property
     def feature_taps(self) -> tuple[FeatureTap, ...]:
-        """"tokens": the final patch tokens averaged (the spatial summary, as
-        LeNet's "conv"); "cls": the final class token the head reads."""
+        """"patches": every final patch token, channel-major (dim x 49, the
+        spatial feature, as LeNet's "conv"); "tokens": their mean; "cls": the
+        final class token the head reads."""
         dim = self.classifier.in_features
-        return (FeatureTap("tokens", dim), FeatureTap("cls", dim))
+        return (FeatureTap("patches", dim * self.tokens, dim), FeatureTap("tokens", dim), FeatureTap("cls", dim))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, 1, 28, 28) -> tokens (N, 50, dim): patches, class token, positions."""
@@ -181,7 +186,9 @@ class ViT(nn.Module):
         """Final tokens -> logits and the feature taps."""
         x = self.norm(x)
         cls = x[:, 0]
-        return self.classifier(cls), {"tokens": x[:, 1:].mean(dim=1), "cls": cls}
+        patches = x[:, 1:]
+        return self.classifier(cls), {"patches": patches.transpose(1, 2).flatten(1), "tokens": patches.mean(dim=1),
+                                      "cls": cls}
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.embed(x)

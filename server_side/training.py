@@ -23,18 +23,39 @@ from edgetailor.toolkit.input_spec import InputSpec
 ProgressFn = Callable[[int, int], None]
 
 
-def random_affine(x: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Mild rotation/scale/shift augmentation on a normalised batch (background = its minimum)."""
+def handwriting_augment(x: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Another writer's hand on a normalised batch (background = its minimum):
+    rotation, slant, size, aspect, a smooth elastic wobble and pen width.
+
+    One grid_sample applies the affine part and the elastic field together, so
+    a glyph is resampled once; the pen width is a 3x3 grey dilation or erosion
+    afterwards, as a thicker or thinner pen would draw the same path.
+    """
     n = x.shape[0]
     u = lambda *shape: torch.rand(*shape, generator=generator) * 2 - 1  # noqa: E731
     angle = u(n) * np.deg2rad(cfg.augment_rotation_deg)
-    scale = 1 + u(n) * cfg.augment_scale
+    scale_x = 1 + u(n) * cfg.augment_scale
+    scale_y = scale_x * (1 + u(n) * cfg.augment_aspect)
+    shear = u(n) * cfg.augment_shear
     shift = u(n, 2) * cfg.augment_shift * 2
-    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # rotation @ shear @ diag(scale): the grid maps output to input coordinates.
+    linear = torch.stack([torch.stack([cos * scale_x, (cos * shear - sin) * scale_y], 1),
+                          torch.stack([sin * scale_x, (sin * shear + cos) * scale_y], 1)], 1)
+    theta = torch.cat([linear, shift[:, :, None]], 2)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if cfg.augment_elastic > 0:
+        field = torch.randn(n, 2, 7, 7, generator=generator) * cfg.augment_elastic
+        grid = grid + F.interpolate(field, size=x.shape[-2:], mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
     background = x.amin()
-    return F.grid_sample(x - background, grid, align_corners=False) + background
+    ink = F.grid_sample(x - background, grid, align_corners=False)
+    if cfg.augment_thickness > 0:
+        draw = torch.rand(n, generator=generator)[:, None, None, None]
+        thicker = F.max_pool2d(ink, 3, 1, 1)
+        thinner = -F.max_pool2d(-ink, 3, 1, 1)
+        ink = torch.where(draw < cfg.augment_thickness / 2, thicker,
+                          torch.where(draw > 1 - cfg.augment_thickness / 2, thinner, ink))
+    return ink + background
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -104,7 +125,7 @@ def fit(model: nn.Module, data: GenericData, epochs: int, learning_rate: float, 
         order = torch.randperm(len(train_x), generator=generator)
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            x = random_affine(train_x[batch], data.augment, generator)
+            x = handwriting_augment(train_x[batch], data.augment, generator)
             y = train_y[batch]
             logits = model(x)
             if teacher is not None:

@@ -26,7 +26,7 @@ def ge_dir(tmp_path_factory):
     from edgetailor.toolkit.config import load_recipe
     from edgetailor.server_side.pretrain import pretrain
 
-    recipe = load_recipe("default")  # ~5 s on two cores: the real GE, not a toy
+    recipe = load_recipe("default")  # ~20 s on two cores: the real GE, not a toy
     out = tmp_path_factory.mktemp("ge") / "ge"
     pretrain(out, recipe)
     return out

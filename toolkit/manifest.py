@@ -144,7 +144,9 @@ class TrainablePartSpec:
     max_batch: int | None = None           # rows per training step (step programs: exactly this many)
     initial_parameters: str | None = None  # flat float32 .npy in sorted parameter order; step programs start here
     optimizer: dict[str, Any] | None = None    # the AdamW settings the step programs apply
-    rank: int | None = None                # LE only
+    rank: int | None = None                # LE residual_lowrank only: the correction's rank
+    channels: int | None = None            # LE residual_channel_mix only: the feature's channels (channel-major)
+    width: int | None = None               # LE residual_channel_mix only: channels after the mix
     threshold: float | None = None         # GN only: LE answers above it
 
     def to_dict(self) -> dict[str, Any]:

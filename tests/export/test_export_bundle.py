@@ -33,9 +33,10 @@ def test_manifest_and_overhead(bundle_dir):
     # Step programs: a static batch, AdamW's settings, and the initial weights every format starts from.
     assert le["max_batch"] == 128 + round(128 * 0.3) and gn["max_batch"] == 128
     assert le["optimizer"] == {"name": "adamw", "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0}
-    assert np.load(bundle_dir / le["initial_parameters"]).shape == (3 * 400 + 10 * 3 + 10,)
+    assert np.load(bundle_dir / le["initial_parameters"]).shape == (4 * 16 + 4 + 10 * 100 + 10,)
     assert all(manifest["files"][f] == h for entry in manifest["formats"].values() for f, h in entry["files"].items())
-    assert le["parameters"] == {"down.weight": [3, 400], "up.weight": [10, 3], "up.bias": [10]}
+    assert le["kind"] == "residual_channel_mix" and (le["channels"], le["width"]) == (16, 4)
+    assert le["parameters"] == {"mix.weight": [4, 16], "mix.bias": [4], "up.weight": [10, 100], "up.bias": [10]}
     assert manifest["input"]["std"] > 0 and manifest["labels"] == [str(d) for d in range(10)]
 
 

@@ -78,3 +78,38 @@ def test_a_batch_dependent_forward_is_refused(tmp_path):
     part = TrainablePart("gating_network", "gn", BatchBaked(), [8], ["features"], "gate_logits", 2, 16, 1e-2)
     with pytest.raises(ExportError, match="gating_network"):
         STEP_EXPORTERS["onnx"].export(part, tmp_path / "gn")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_channel_mix_le_exports_and_answers_any_batch(tmp_path, fmt):
+    """The channel-mix LE on a ViT-sized spatial feature (8 maps of 49):
+    its step follows AdamW in every format, and the ONNX forward takes any batch."""
+    from edgetailor.server_side.experts import local_expert
+
+    torch.manual_seed(0)
+    module = local_expert("residual_channel_mix", 8 * 49, 10, channels=8, width=3)
+    with torch.no_grad():  # a trained LE's U is not zero: make the mix matter
+        module.up.weight.normal_(0, 0.1)
+    part = TrainablePart("local_expert", "le", module, [8 * 49, 10], ["features", "base_logits"], "logits", 10,
+                         24, 1e-2)
+    files = STEP_EXPORTERS[fmt].export(part, tmp_path / "le")
+    assert set(files) == {"step", "forward"}
+
+
+def test_channel_mix_le_is_a_shared_per_position_mix():
+    """Its math, against the same thing written as a 1x1 convolution."""
+    import torch.nn.functional as F
+
+    from edgetailor.server_side.experts import ChannelMixHead
+
+    torch.manual_seed(0)
+    head = ChannelMixHead(16 * 25, 10, channels=16, width=4)
+    with torch.no_grad():
+        head.up.weight.normal_()
+    features, base = torch.randn(5, 400), torch.randn(5, 10)
+    maps = F.softplus(F.conv2d(features.view(5, 16, 5, 5), head.mix.weight[:, :, None, None], head.mix.bias))
+    want = base + head.up(maps.permute(0, 2, 3, 1).reshape(5, -1))  # position-major, then the mixed channels
+    assert torch.allclose(head(features, base), want, atol=1e-5)
+    assert torch.equal(ChannelMixHead(400, 10, 16, 4)(features, base), base)  # U = 0: answers like GE
+    with pytest.raises(ValueError, match="not 7 channels"):
+        ChannelMixHead(400, 10, 7, 4)

@@ -13,7 +13,7 @@ def test_checkpoint_records_how_it_was_made(ge_dir):
     assert meta["arch"] == "lenet5"
     assert len(meta["data"]["sha256"]) == 64 and meta["seed"] == 0
     assert meta["generic_accuracy"] > 0.95
-    assert meta["recipe"]["pretrain"]["epochs"] == 40
+    assert meta["recipe"]["pretrain"]["epochs"] == 80
     ckpt = GECheckpoint.load(ge_dir)
     assert len(ckpt.replay) > 0 and ckpt.labels == [str(d) for d in range(10)]
 
@@ -63,3 +63,24 @@ def test_checkpoint_metadata_is_typed_and_reads_older_files(ge_dir, tmp_path):
         (old / "model.json").write_text(json.dumps({**data, "format_version": 1, **bad}))
         with pytest.raises(CheckpointError):
             GECheckpoint.load(old)
+
+
+def test_handwriting_augment_is_seeded_and_keeps_the_paper():
+    """Same generator, same hands; nothing but the knobs moves the ink; the
+    background stays the background (the normalised minimum)."""
+    import dataclasses
+
+    from edgetailor.server_side.training import handwriting_augment
+    from edgetailor.toolkit.config import PretrainConfig
+    from edgetailor.toolkit.data import load_generic_digits
+
+    images = torch.from_numpy(load_generic_digits().images[:16].astype("float32") / 255.0)[:, None] * 3 - 0.5
+    cfg = PretrainConfig()
+    one = handwriting_augment(images, cfg, torch.Generator().manual_seed(3))
+    two = handwriting_augment(images, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(one, two) and one.shape == images.shape
+    assert float(one.amin()) >= float(images.amin()) - 1e-6
+    assert not torch.allclose(one, images, atol=0.1)
+    still = dataclasses.replace(cfg, augment_rotation_deg=0, augment_scale=0, augment_shift=0, augment_shear=0,
+                                augment_aspect=0, augment_thickness=0, augment_elastic=0)
+    assert torch.allclose(handwriting_augment(images, still, torch.Generator().manual_seed(3)), images, atol=1e-5)

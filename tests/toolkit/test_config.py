@@ -27,3 +27,26 @@ def test_unknown_key_and_bad_values_are_clear(tmp_path):
         load_recipe(bad)
     with pytest.raises(ConfigError, match="no recipe"):
         load_recipe("no-such-recipe")
+
+
+def test_le_design_and_augmentation_values_are_checked(tmp_path):
+    bad = tmp_path / "bad.toml"
+    for text, message in [("[experts]\nle_design = 'mlp'\n", "le_design must be one of channel_mix, lowrank"),
+                          ("[experts]\nle_width = 0\n", "le_width must be >= 1"),
+                          ("[pretrain]\naugment_thickness = 1.5\n", "augment_thickness is a probability"),
+                          ("[pretrain]\naugment_shear = nan\n", "augment_shear must be a number in")]:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_recipe(bad)
+
+
+def test_channel_mix_needs_a_spatial_feature():
+    from edgetailor.server_side.models import build_model
+    from edgetailor.toolkit.config import ExpertConfig
+
+    lenet = build_model("lenet5", 10)
+    assert ExpertConfig().resolve_taps(lenet).le_design == "channel_mix"        # conv: 16 maps of 5x5
+    assert ExpertConfig(le_feature_tap="fc1").resolve_taps(lenet).le_design == "lowrank"
+    with pytest.raises(ConfigError, match="needs a spatial feature.*'fc2' is a vector") as info:
+        ExpertConfig(le_feature_tap="fc2", le_design="channel_mix").resolve_taps(lenet)
+    assert "conv" in info.value.hint
