@@ -168,7 +168,7 @@ def main() -> int:
         del designs["linear LE + gate on penultimate"]
     if args.pareto:  # about 1, 2.5, 5 and 10 % of a LeNet-5 GE, the default's design
         experts = ckpt.meta.expert_config.resolve_taps(ckpt.model)
-        if experts.le_design == "channel_mix":
+        if experts.le_design_on(ckpt.model) == "channel_mix":
             for width in (1, 2, 4, 8, 16):
                 designs[f"LE width {width}"] = dataclasses.replace(experts, le_width=width)
         else:

@@ -4,7 +4,8 @@ user's samples, and how an input is routed between GE and LE.
 Design (measured alternatives are in docs/DESIGN.md):
 - LE and GN read GE's intermediate features (taps chosen at export), so
   they cost ~2 % of GE in parameters and well under 1 % in multiply-adds.
-- LE is a low-rank residual head, ``GE_logits + U V f + b`` with U, b zero at
+- LE is a residual head on GE's features (by default a channel mix of its
+  last spatial maps, ``GE_logits + U softplus(M f) + b``; server_side/experts.py) with U, b zero at
   start: it begins as GE and training adds corrections. It trains on the user's samples (plus a few
   jittered copies of each while the set is small, since GE's features shift with a pixel of offset)
   mixed with replayed generic glyphs labelled by GE itself, so that on generic

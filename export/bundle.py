@@ -164,7 +164,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
     out = Path(out)
     num_classes = len(ckpt.labels)
     le_dim, gn_dim = taps[experts.le_feature_tap], taps[experts.gn_feature_tap]
-    le_kind = LE_DESIGNS[experts.le_design]
+    le_kind = LE_DESIGNS[experts.le_design_on(ckpt.model)]
     le_channels = {t.name: t.channels for t in ckpt.model.feature_taps}[experts.le_feature_tap]
     le_shape = ({"rank": experts.le_rank} if le_kind == "residual_lowrank"
                 else {"channels": le_channels, "width": experts.le_width})

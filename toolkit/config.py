@@ -103,14 +103,21 @@ class ExpertConfig:
                 raise ConfigError(f"{model.arch} has no feature {getattr(self, key)!r} (experts.{key})",
                                   hint=f"experts.{key} must be one of: {', '.join(taps)}, or empty for the default")
         spatial = [name for name, tap in taps.items() if tap.channels]
-        if not self.le_design:
-            self.le_design = "channel_mix" if taps[self.le_feature_tap].channels else "lowrank"
-        if self.le_design == "channel_mix" and not taps[self.le_feature_tap].channels:
+        if self.le_design_on(model) == "channel_mix" and not taps[self.le_feature_tap].channels:
             raise ConfigError(f"experts.le_design = \"channel_mix\" needs a spatial feature, and {model.arch}'s "
                               f"{self.le_feature_tap!r} is a vector",
                               hint=f"use le_feature_tap = one of {', '.join(spatial) or '(none)'}, "
                                    "or le_design = \"lowrank\"")
         return self
+
+    def le_design_on(self, model: Any) -> str:
+        """The LE design on ``model``'s LE tap. An empty le_design is resolved
+        here, not stored: a learngene inherits its teacher's recipe, and a
+        LeNet teacher's channel_mix must not bind a ViT's vector tap."""
+        if self.le_design:
+            return self.le_design
+        tap = {t.name: t for t in model.feature_taps}[self.le_feature_tap or model.default_taps["le_feature_tap"]]
+        return "channel_mix" if tap.channels else "lowrank"
 
     def validate(self) -> None:
         if self.le_design not in ("", *LE_DESIGN_NAMES):

@@ -45,8 +45,8 @@ def test_channel_mix_needs_a_spatial_feature():
     from edgetailor.toolkit.config import ExpertConfig
 
     lenet = build_model("lenet5", 10)
-    assert ExpertConfig().resolve_taps(lenet).le_design == "channel_mix"        # conv: 16 maps of 5x5
-    assert ExpertConfig(le_feature_tap="fc1").resolve_taps(lenet).le_design == "lowrank"
+    assert ExpertConfig().resolve_taps(lenet).le_design_on(lenet) == "channel_mix"   # conv: 16 maps of 5x5
+    assert ExpertConfig(le_feature_tap="fc1").resolve_taps(lenet).le_design_on(lenet) == "lowrank"
     with pytest.raises(ConfigError, match="needs a spatial feature.*'fc2' is a vector") as info:
         ExpertConfig(le_feature_tap="fc2", le_design="channel_mix").resolve_taps(lenet)
     assert "conv" in info.value.hint
