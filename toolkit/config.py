@@ -50,10 +50,12 @@ class PretrainConfig:
 
     def validate(self) -> None:
         _positive(self, "epochs", "batch_size", "learning_rate")
-        for name in ("augment_rotation_deg", "augment_scale", "augment_shift", "augment_shear", "augment_aspect",
-                     "augment_elastic"):
-            if not 0 <= getattr(self, name) < 90:  # also refuses NaN
-                raise ConfigError(f"pretrain.{name} must be a number in [0, 90), got {getattr(self, name)}")
+        # Each knob is a +- range; at 1 a scale, aspect or shift could flip or lose the glyph.
+        limits = {"augment_rotation_deg": 90.0, "augment_scale": 1.0, "augment_shift": 1.0, "augment_shear": 1.0,
+                  "augment_aspect": 1.0, "augment_elastic": 1.0}
+        for name, limit in limits.items():
+            if not 0 <= getattr(self, name) < limit:  # also refuses NaN
+                raise ConfigError(f"pretrain.{name} must be a number in [0, {limit:g}), got {getattr(self, name)}")
         if not 0 <= self.augment_thickness <= 1:
             raise ConfigError(f"pretrain.augment_thickness is a probability in [0, 1], got {self.augment_thickness}")
         if any(w < 1 for w in self.widths):
@@ -74,7 +76,7 @@ class ExpertConfig:
     starting at zero, so an untrained LE answers exactly like GE and training
     only adds corrections. Two designs (server_side/experts.py):
     - ``channel_mix`` (the default on a spatial feature, e.g. LeNet's conv
-      maps or a ViT's patch tokens): ``GE_logits + U @ softplus(M @ maps) + b``,
+      maps): ``GE_logits + U @ softplus(M @ maps) + b``,
       with M mixing the feature's channels down to ``le_width`` at every position;
     - ``lowrank`` (the default on a vector feature): ``GE_logits + U @ (V @
       features) + b`` of rank ``le_rank`` (0 makes it a full-rank ``W @ features``).
@@ -85,7 +87,7 @@ class ExpertConfig:
     # Empty = the architecture's default (lenet5: conv / fc1; vit: tokens / cls),
     # resolved when GE is built and recorded in its checkpoint.
     le_feature_tap: str = ""
-    # "" = channel_mix on a spatial feature, lowrank on a vector (resolved with the taps).
+    # "" = channel_mix on a spatial feature, lowrank on a vector (le_design_on; never stored).
     le_design: str = ""
     le_width: int = 4     # channel_mix: channels after the mix
     le_rank: int = 3      # lowrank: rank of the correction

@@ -40,6 +40,13 @@ def test_le_design_and_augmentation_values_are_checked(tmp_path):
             load_recipe(bad)
 
 
+def test_recipe_le_designs_are_the_ones_export_builds():
+    from edgetailor.server_side.experts import LE_DESIGNS
+    from edgetailor.toolkit.config import LE_DESIGN_NAMES
+
+    assert set(LE_DESIGN_NAMES) == set(LE_DESIGNS)
+
+
 def test_channel_mix_needs_a_spatial_feature():
     from edgetailor.server_side.models import build_model
     from edgetailor.toolkit.config import ExpertConfig
