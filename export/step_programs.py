@@ -56,7 +56,12 @@ from edgetailor.export.parts import TrainablePart
 STEP_INPUTS = ("labels", "weights", "step", "learning_rate", "params", "adam_m", "adam_v")
 STEP_OUTPUTS = ("loss", "new_params", "new_adam_m", "new_adam_v")
 CHECK_STEPS = 100
-STEP_TOLERANCE = 1e-5
+# Largest parameter difference from torch.optim.AdamW after CHECK_STEPS steps.
+# float32 kernels that sum in another order drift a little with each step:
+# the ViT's 49-position channel-mix LE in TFLite ends 2.7e-5 away, LeNet's
+# parts under 1e-5. A kernel that computes something else ends far away
+# (a ReLU flipped by rounding: 0.06), so 1e-4 still tells the two apart.
+STEP_TOLERANCE = 1e-4
 
 Program = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 """A loaded program: positional inputs -> positional outputs."""

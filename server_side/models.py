@@ -44,7 +44,7 @@ class LeNet5(nn.Module):
     arch = "lenet5"
     default_widths = (6, 16, 120, 84)
     # The features LE and GN read unless the recipe names others.
-    default_taps = {"le_feature_tap": "conv", "gn_feature_tap": "fc1"}
+    default_taps = {"le_feature_tap": "conv", "gn_feature_tap": "conv"}
     # `server compress` may remove channels: the checkpoint records the new widths.
     structured_pruning = True
 
@@ -138,7 +138,9 @@ class ViT(nn.Module):
     heads = 4
     patch = 4
     image_size = 28
-    default_taps = {"le_feature_tap": "tokens", "gn_feature_tap": "cls"}
+    # All 49 patch tokens for LE (a channel mix, as on LeNet's maps), their 3x3 pooled grid for GN:
+    # on real writers the mean token left LE 12 points behind fine-tuning all of GE (docs/DESIGN.md).
+    default_taps = {"le_feature_tap": "patches", "gn_feature_tap": "grid"}
     structured_pruning = False  # blocks share one width; see server_side/compress/pipeline.preflight
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, ...] | None = None, depth: int | None = None):
@@ -171,13 +173,15 @@ class ViT(nn.Module):
 
     @property
     def feature_taps(self) -> tuple[FeatureTap, ...]:
-        """"tokens": the final patch tokens averaged (the spatial summary, as
-        LeNet's "conv"); "cls": the final class token the head reads. (A
-        "patches" tap of all 49 tokens for a channel-mix LE is the next step
-        of the real-inputs issue; it grows the GE program's outputs and the
-        device profiles' RAM, so it waits for its measurements.)"""
+        """"patches": the 49 final patch tokens, channel-major (dim maps of
+        7x7, as LeNet's "conv"), which the channel-mix LE reads; "grid": the
+        same averaged over 3x3 windows with stride 2 (dim maps of 3x3), which
+        GN reads; "tokens": their mean; "cls": the class token the head reads."""
         dim = self.classifier.in_features
-        return (FeatureTap("tokens", dim), FeatureTap("cls", dim))
+        side = self.image_size // self.patch
+        pooled = (side - 3) // 2 + 1
+        return (FeatureTap("tokens", dim), FeatureTap("cls", dim), FeatureTap("patches", dim * side * side, dim),
+                FeatureTap("grid", dim * pooled * pooled, dim))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, 1, 28, 28) -> tokens (N, 50, dim): patches, class token, positions."""
@@ -188,7 +192,11 @@ class ViT(nn.Module):
         """Final tokens -> logits and the feature taps."""
         x = self.norm(x)
         cls = x[:, 0]
-        return self.classifier(cls), {"tokens": x[:, 1:].mean(dim=1), "cls": cls}
+        side = self.image_size // self.patch
+        patches = x[:, 1:].transpose(1, 2)                                       # (N, dim, 49)
+        grid = F.avg_pool2d(patches.unflatten(2, (side, side)), 3, stride=2)     # (N, dim, 3, 3)
+        return self.classifier(cls), {"tokens": x[:, 1:].mean(dim=1), "cls": cls, "patches": patches.flatten(1),
+                                      "grid": grid.flatten(1)}
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.embed(x)

@@ -31,7 +31,7 @@ class PretrainConfig:
     widths: list[int] = field(default_factory=list)
     # Transformer blocks (vit); 0 = the architecture's default. LeNet-5's depth is fixed.
     depth: int = 0
-    epochs: int = 80
+    epochs: int = 150
     batch_size: int = 64
     learning_rate: float = 2e-3
     seed: int = 0

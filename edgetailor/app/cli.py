@@ -436,6 +436,7 @@ def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, s
     """Add the samples at PATH to the state and train the Local Expert and
     Gating Network on all stored samples. The previous personalization stays
     in use until the new one is committed."""
+    from edgetailor.device.mixture import describe_learning
     from edgetailor.device.runtime import DeviceRuntime
     from edgetailor.toolkit.memory import peak_rss_mb
 
@@ -454,6 +455,7 @@ def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, s
         click.echo(f"added {added} new samples ({result['stored']} stored); personalized with {report['backend']} "
                    f"in {report['seconds']:.2f}s ({report['le_steps']} LE steps, {report['gn_steps']} GN steps); "
                    f"peak RSS {result['peak_rss_mb']:.0f} MB")
+        click.echo(f"learned: {describe_learning(report['learned'])}")
 
 
 @device.command("evaluate")

@@ -107,8 +107,9 @@ def test_expand_makes_a_ge_that_goes_through_bundle_and_device(tleg_dir, tmp_pat
     ckpt = GECheckpoint.load(out)
     assert ckpt.meta.arch == "vit" and ckpt.meta.depth == 3 and len(ckpt.model.blocks) == 3
     assert ckpt.meta.learngene["method"] == "tleg"
-    assert ckpt.meta.recipe["experts"]["le_feature_tap"] == "tokens"
-    bundle = export_bundle(out, tmp_path / "bundle")
+    assert ckpt.meta.recipe["experts"]["le_feature_tap"] == "patches"
+    # ONNX only: the demo test below takes an expanded ViT through every format
+    bundle = export_bundle(out, tmp_path / "bundle", formats=["onnx"])
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["global_expert"]["arch"] == "vit"
     with DeviceRuntime.open(bundle, tmp_path / "state") as runtime:
@@ -223,7 +224,30 @@ def test_pretrain_vit_from_the_cli(tmp_path):
     ckpt = GECheckpoint.load(out)
     assert ckpt.meta.depth == 2 and len(ckpt.model.blocks) == 2
     assert (ckpt.meta.recipe["experts"]["le_feature_tap"], ckpt.meta.recipe["experts"]["gn_feature_tap"]) \
-        == ("tokens", "cls")
+        == ("patches", "grid")
+
+
+def test_vit_spatial_taps_are_channel_major_patch_tokens():
+    """The channel-mix LE reads ``features[:, p::positions]`` as position p's
+    channels: "patches" must hold token p's channel c at c * 49 + p, and
+    "grid" the 3x3 pooled windows of the 7x7 token map."""
+    import torch.nn.functional as F
+
+    from edgetailor.server_side.models import ViT
+
+    torch.manual_seed(0)
+    model = ViT(depth=1).eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        _, features = model.forward_with_features(x)
+        tokens = model.norm(model.blocks[0](model.embed(x)))[:, 1:]               # (3, 49, 64)
+    taps = {t.name: t for t in model.feature_taps}
+    assert (taps["patches"].dim, taps["patches"].channels, taps["grid"].dim) == (64 * 49, 64, 64 * 9)
+    assert torch.allclose(features["patches"][:, 5 * 49 + 17], tokens[:, 17, 5])
+    window = tokens.transpose(1, 2).reshape(3, 64, 7, 7)[:, :, 2:5, 4:7].mean(dim=(2, 3))  # pooled row 1, col 2
+    assert torch.allclose(features["grid"].reshape(3, 64, 9)[:, :, 1 * 3 + 2], window, atol=1e-6)
+    assert torch.allclose(features["grid"], F.avg_pool2d(tokens.transpose(1, 2).reshape(3, 64, 7, 7), 3, 2)
+                          .flatten(1), atol=1e-6)
 
 
 def test_structured_pruning_of_a_transformer_is_refused_before_work(tleg_dir, tmp_path):

@@ -13,7 +13,7 @@ def test_checkpoint_records_how_it_was_made(ge_dir):
     assert meta["arch"] == "lenet5"
     assert len(meta["data"]["sha256"]) == 64 and meta["seed"] == 0
     assert meta["generic_accuracy"] > 0.95
-    assert meta["recipe"]["pretrain"]["epochs"] == 80
+    assert meta["recipe"]["pretrain"]["epochs"] == 150
     ckpt = GECheckpoint.load(ge_dir)
     assert len(ckpt.replay) > 0 and ckpt.labels == [str(d) for d in range(10)]
 
