@@ -202,14 +202,14 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
     train_seconds = time.perf_counter() - le_started
     gn_model = pack_weights(gn.weights())
     threshold = float(manifest.gating_network.threshold)
+    gn_part = backend.load_trained(bundle, "gating_network", gn_model)
     if len(held_out):
-        generic_scores = gate_probability(backend.load_trained(bundle, "gating_network", gn_model),
-                                          gn_table[held_out])
+        generic_scores = gate_probability(gn_part, gn_table[held_out])
         threshold = float(min(0.99, max(threshold, np.quantile(generic_scores, 1.0 - cfg.gate_generic_share))))
 
+    le_model = pack_weights(le.weights())
     n = len(labels)  # the originals are the first rows of the tables (jittered copies follow)
-    le_part = backend.load_trained(bundle, "local_expert", pack_weights(le.weights()))
-    gn_part = backend.load_trained(bundle, "gating_network", gn_model)
+    le_part = backend.load_trained(bundle, "local_expert", le_model)
     learned = what_was_learned(labels, logits_all[:n], le_part(le_table[:n], logits_all[:n]),
                                gate_probability(gn_part, gn_table[:n]) > threshold, bundle.labels)
     report = {
@@ -221,7 +221,7 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "learned": learned,
     }
-    return TrainedMixture(pack_weights(le.weights()), gn_model, threshold, report)
+    return TrainedMixture(le_model, gn_model, threshold, report)
 
 
 def what_was_learned(labels: np.ndarray, ge_logits: np.ndarray, le_logits: np.ndarray, use_le: np.ndarray,
@@ -234,9 +234,9 @@ def what_was_learned(labels: np.ndarray, ge_logits: np.ndarray, le_logits: np.nd
     read them all. Labels without samples matter: LE learns that the user's
     hand means one of the labels it saw, and on real writers with only
     labels 0-4 given, their 5-9 fell from about 0.85 with GE to 0.72
-    (docs/DESIGN.md), so the report asks for samples of every label. Measured on the samples LE trained on, so it shows what LE
-    learned, not how it generalises: ``device evaluate`` on other samples
-    does that."""
+    (docs/DESIGN.md), so the report asks for samples of every label.
+    Measured on the samples LE trained on, so it shows what LE learned, not
+    how it generalises: ``device evaluate`` on other samples does that."""
     ge_right = ge_logits.argmax(axis=1) == labels
     mixture = np.where(use_le, le_logits.argmax(axis=1), ge_logits.argmax(axis=1))
     right = mixture == labels
