@@ -335,7 +335,8 @@ def main() -> int:
               "real_mean": real_mean, "simulated_users": sim_rows, "simulated_mean": sim_mean,
               "overheads": overheads, "targets": target_rows, "seconds": round(time.perf_counter() - started, 1)}
     atomic.write_text(out / "real_inputs.json", json.dumps(result, indent=2, default=str) + "\n")
-    print(f"\nwritten: {out / 'real_inputs.json'}, {out / 'captures.png'} ({result['seconds']:.0f} s)")
+    written = [out / "real_inputs.json", *([out / "captures.png"] if grid else [])]
+    print(f"\nwritten: {', '.join(map(str, written))} ({result['seconds']:.0f} s)")
     return 0
 
 
