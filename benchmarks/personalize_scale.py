@@ -57,7 +57,7 @@ def main() -> int:
     from edgetailor.toolkit.loaders import save_npz
     from edgetailor.toolkit.tables import format_table
     from edgetailor.toolkit.users import render_in_style, simulate_user
-    from edgetailor.device.mixture import augmented_copies
+    from edgetailor.device.mixture import augmented_copies, le_epochs_for
 
     sizes = [int(s) for s in args.sizes.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def main() -> int:
             evaluation, _ = cli("device", "evaluate", "--bundle", str(bundle), "--state", state, "--samples",
                                 str(args.out / "test.npz"), "--backend", args.backend)
         inputs = len(data.labels) * (augmented_copies(cfg, len(data.labels)) + 1)
-        planned = cfg.le_epochs * math.ceil(inputs / min(cfg.batch_size, inputs))
+        planned = le_epochs_for(cfg, inputs) * math.ceil(inputs / min(cfg.batch_size, inputs))
         rows.append({"samples": len(data.labels), "training inputs": report["n_training_inputs"],
                      "wall s": wall, "personalize s": report["seconds"], "train s": report["train_seconds"],
                      "peak RSS MB": report["peak_rss_mb"], "LE steps": report["le_steps"], "LE planned": planned,

@@ -65,6 +65,14 @@ def augmented_copies(cfg: PersonalizeConfig, n_samples: int) -> int:
     return int(min(cfg.augment_copies, max(0, cfg.augment_until // max(1, n_samples) - 1)))
 
 
+def le_epochs_for(cfg: PersonalizeConfig, n_inputs: int) -> int:
+    """LE's epochs over ``n_inputs`` training inputs: ``le_epochs``, fewer once
+    they would pass ``le_max_steps``, so that a large sample set costs a
+    bounded time rather than 150 passes."""
+    steps_per_epoch = -(-n_inputs // min(cfg.batch_size, n_inputs))
+    return int(min(cfg.le_epochs, max(1, cfg.le_max_steps // steps_per_epoch)))
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -157,7 +165,8 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
         now = time.perf_counter()
         return now + cfg.gn_steps * (now - le_started) / le_steps > deadline
 
-    for epoch in range(cfg.le_epochs):
+    le_epochs = le_epochs_for(cfg, n_user)
+    for epoch in range(le_epochs):
         # Random numbers drawn per epoch, not per step: one draw costs as much as a tenth of a step.
         order = rng.permutation(n_user)
         replay_rows = n_user + rng.integers(0, n_replay, (steps_per_epoch, replay_per_batch))
@@ -168,8 +177,8 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
             if k % 64 == 63 and le_must_stop():  # an epoch of a large sample set can outlast the budget
                 stopped_early = True
                 break
-        say("local expert", epoch + 1, cfg.le_epochs)
-        if stopped_early or (epoch + 1 < cfg.le_epochs and le_must_stop()):
+        say("local expert", epoch + 1, le_epochs)
+        if stopped_early or (epoch + 1 < le_epochs and le_must_stop()):
             stopped_early = True
             break
     if not np.isfinite(le_loss):
@@ -214,7 +223,8 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
                                gate_probability(gn_part, gn_table[:n]) > threshold, bundle.labels)
     report = {
         "n_samples": int(len(labels)), "n_training_inputs": int(n_user), "augment_copies": copies,
-        "replay": int(n_replay), "le_steps": le_steps, "le_loss": float(le_loss), "gn_steps": gn_steps,
+        "replay": int(n_replay), "le_epochs": le_epochs,
+        "le_steps": le_steps, "le_loss": float(le_loss), "gn_steps": gn_steps,
         "gn_loss": float(gn_loss), "gate_threshold": threshold, "stopped_early": stopped_early,
         "backend": backend.name, "seconds": round(time.perf_counter() - started, 3),
         "train_seconds": round(train_seconds, 4),  # LE's and GN's steps, batches included; no GE, no calibration

@@ -81,3 +81,14 @@ def test_describe_learning_without_missing_labels():
                "labels_without_samples": []}
     assert describe_learning(learned) == ("on your 2 samples: GE alone read 50%, personalized 100% "
                                           "(1 fixed, 0 newly wrong; LE answers 100% of them)")
+
+
+def test_large_sample_sets_train_a_bounded_number_of_steps():
+    """150 epochs suit 100 samples; 20,000 get as many epochs as fit in le_max_steps (at least one)."""
+    from edgetailor.device.mixture import le_epochs_for
+    from edgetailor.toolkit.config import PersonalizeConfig
+
+    cfg = PersonalizeConfig()
+    assert le_epochs_for(cfg, 500) == 150                      # 4 batches of 128: 600 steps
+    assert le_epochs_for(cfg, 20000) == 6000 // 157 == 38       # 157 batches each
+    assert le_epochs_for(PersonalizeConfig(le_max_steps=10), 20000) == 1
