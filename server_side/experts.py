@@ -38,7 +38,7 @@ class ChannelMixHead(nn.Module):
     """The Local Expert on a spatial feature: ``logits = base_logits + U @ softplus(mix(features)) + b``.
 
     The feature is ``channels`` maps of ``positions`` values each (LeNet's
-    pooled conv2: 16 x 5x5), channel-major.
+    pooled conv2: 16 x 5x5; a ViT's patch tokens: 64 x 49), channel-major.
     ``mix`` is one ``width x channels`` matrix shared by every position (a
     1x1 convolution), so the correction keeps where on the glyph a stroke is
     and spends its parameters on U. On real writers this beat a rank-3

@@ -48,10 +48,10 @@ def bundle_dir(ge_dir, tmp_path_factory):
 def user(generic_split):
     from edgetailor.toolkit.users import simulate_user
 
-    # User 2 writes in a style GE reads poorly (0.80 with the default GE), so
+    # User 2 writes in a style GE reads poorly (about 0.8 with the default GE), so
     # personalization has something to fix. User 1 no longer does since GE
-    # learns slant and pen width (0.945): on such a user the mixture costs
-    # about a point today, an open item of the real-inputs issue.
+    # learns slant and pen width (0.945); users GE already reads are covered
+    # by tests/device/test_mixture.py.
     return simulate_user(generic_split.user_pool, user_id=2, seed=0, train_per_class=10, test_per_class=15)
 
 

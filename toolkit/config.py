@@ -76,7 +76,7 @@ class ExpertConfig:
     starting at zero, so an untrained LE answers exactly like GE and training
     only adds corrections. Two designs (server_side/experts.py):
     - ``channel_mix`` (the default on a spatial feature, e.g. LeNet's conv
-      maps): ``GE_logits + U @ softplus(M @ maps) + b``,
+      maps or a ViT's patch tokens): ``GE_logits + U @ softplus(M @ maps) + b``,
       with M mixing the feature's channels down to ``le_width`` at every position;
     - ``lowrank`` (the default on a vector feature): ``GE_logits + U @ (V @
       features) + b`` of rank ``le_rank`` (0 makes it a full-rank ``W @ features``).
@@ -84,7 +84,7 @@ class ExpertConfig:
     look like the user's writing?"; above ``gate_threshold`` LE answers.
     """
 
-    # Empty = the architecture's default (lenet5: conv / fc1; vit: tokens / cls),
+    # Empty = the architecture's default (lenet5: conv / conv; vit: patches / grid),
     # resolved when GE is built and recorded in its checkpoint.
     le_feature_tap: str = ""
     # "" = channel_mix on a spatial feature, lowrank on a vector (le_design_on; never stored).
