@@ -11,6 +11,14 @@
 Until a personalization exists for this bundle, predict and evaluate answer
 with GE alone. ``backend`` names the runtime (``device.backends``); by
 default the best installed one that the bundle carries.
+
+``trusted_keys`` pins publisher keys into the state (``device.trust``): from
+then on only bundles they signed open. A .zip bundle is unpacked once into
+the state's content-addressed cache (``state/bundles``). ``read_only`` is for
+commands that only answer (predict, evaluate): they fall back to reading the
+state without writing (a full disk, a read-only folder), or to GE alone.
+Whatever is wrong with the stored state, the runtime opens and says why in
+``warnings`` and ``personalization_problem``.
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ import numpy as np
 from edgetailor.device.backends import choose_backends
 from edgetailor.device.backends.base import unpack_weights
 from edgetailor.device.mixture import GE, LE, ProgressFn, Routed, route, run_ge, softmax, train_mixture
-from edgetailor.device.store import StateStore
+from edgetailor.device.store import DamagedState, SamplesChanged, StateStore, open_store
+from edgetailor.device.trust import TrustPolicy, read_trusted_keys
 from edgetailor.toolkit.bundle import Bundle
+from edgetailor.toolkit.limits import Limits
 from edgetailor.toolkit.config import PersonalizeConfig, from_dict
 from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit import atomic
@@ -69,12 +79,20 @@ def validate_labels(labels: Any, names: list[str], n: int) -> np.ndarray:
     return array.astype(np.int64)
 
 
+CACHE_DIR = "bundles"           # .zip bundles unpacked once per content, inside the state directory
+PERSONALIZE_ATTEMPTS = 5        # trainings before giving up when other processes keep adding samples
+
+
 class DeviceRuntime:
     """A bundle opened on a device with a state directory."""
 
-    def __init__(self, bundle: Bundle, store: StateStore, backend_name: str | None = None):
+    def __init__(self, bundle: Bundle, store: StateStore, backend_name: str | None = None,
+                 warnings: list[str] | None = None):
         self.bundle = bundle
         self.store = store
+        self.warnings = list(warnings or [])
+        if store.problem:
+            self.warnings.append(store.problem)
         # GE runs on `backend`; LE and GN train and run on `trainer`: the same
         # backend unless the bundle lacks its training programs (an old bundle),
         # and None when no installed backend can train from this bundle.
@@ -93,20 +111,62 @@ class DeviceRuntime:
         self._load_personalization()
 
     @classmethod
-    def open(cls, bundle: str | Path | Bundle, state_dir: str | Path, backend: str | None = None) -> "DeviceRuntime":
-        opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    def open(cls, bundle: str | Path | Bundle, state_dir: str | Path, backend: str | None = None,
+             trusted_keys: str | Path | list | None = None, read_only: bool = False,
+             limits: Limits | None = None) -> "DeviceRuntime":
+        """Open the state, decide whether the bundle may run (``device.trust``), then open and check the bundle."""
+        keys = read_trusted_keys(trusted_keys)
         try:
-            return cls(opened, StateStore(state_dir, opened.labels), backend)
+            store = open_store(state_dir, read_only)
+            try:
+                return cls._open_with(store, bundle, state_dir, backend, keys, limits)
+            except sqlite3.DatabaseError as exc:
+                store.close()
+                if not read_only:
+                    raise DamagedState(f"the state in {state_dir} is damaged: {exc}") from None
+            # A command that only answers still answers: with GE alone, saying why.
+            store = StateStore.in_memory(state_dir, f"the state in {state_dir} is damaged; GE answers alone "
+                                                    "(run `edgetailor device repair`)")
+            return cls._open_with(store, bundle, state_dir, backend, keys, limits)
         except BaseException:
-            opened.close()
+            if isinstance(bundle, Bundle):
+                bundle.close()     # the runtime owns a bundle handed to it, opened or not
+            raise
+
+    @classmethod
+    def _open_with(cls, store: StateStore, bundle: str | Path | Bundle, state_dir: str | Path, backend: str | None,
+                   keys: list, limits: Limits | None) -> "DeviceRuntime":
+        try:
+            policy = TrustPolicy(store, keys)
+            if isinstance(bundle, Bundle):
+                policy(bundle.manifest, bundle.signature, bundle.source)
+                opened = bundle
+            else:
+                opened = Bundle.open(bundle, trust=policy, limits=limits, cache_dir=Path(state_dir) / CACHE_DIR)
+            try:
+                policy.accept(opened)
+                store.check_labels(opened.labels)
+                return cls(opened, store, backend, policy.warnings)
+            except BaseException:
+                if opened is not bundle:
+                    opened.close()
+                raise
+        except BaseException:
+            store.close()
             raise
 
     def _load_personalization(self) -> None:
-        saved = self.store.active_personalization()
         self.threshold = float(self.manifest.gating_network.threshold)
         self._le = self._gn = None
         self.personalization_id = None
-        self.personalization_problem: str | None = None
+        self.personalization_problem = None
+        try:
+            saved = self.store.active_personalization()
+        except (DamagedState, sqlite3.DatabaseError) as exc:
+            # Never lock the user out: answer with GE alone and say why.
+            self.personalization_problem = f"{str(exc).splitlines()[0]}; GE answers alone until you personalize again"
+            return
+        self.threshold = float(self.manifest.gating_network.threshold)
         if saved is None:
             return
         if saved.bundle_id != self.bundle.bundle_id:
@@ -168,28 +228,68 @@ class DeviceRuntime:
     def personalize(self, overrides: dict[str, Any] | None = None, progress: ProgressFn | None = None) -> dict:
         """Train LE and GN on every stored sample, then make them active in one commit.
 
+        The commit is a compare-and-swap on the samples' generation: if another
+        process added samples meanwhile, this training is stale, so it is not
+        committed. Either that process has already committed a personalization of
+        the newest samples (it wins, and is reported with ``superseded``), or this
+        one trains again on all of them.
+
         ``overrides`` changes the bundle's PersonalizeConfig (e.g. ``max_seconds``)."""
         if self.trainer is None:
             raise BackendError(f"cannot personalize: {self.why_not_trainable}")
-        images, labels = self.store.load_samples()
+        if self.store.read_only:
+            raise StateError(f"cannot personalize: {self.store.problem or 'the state is open read-only'}")
+        cfg = from_dict(PersonalizeConfig, {**self.manifest.personalize, **(overrides or {})}, "personalize")
+        cfg.validate()
+        started = time.perf_counter()
+        for attempt in range(1, PERSONALIZE_ATTEMPTS + 1):
+            try:
+                images, labels, generation = self.store.load_samples_with_generation()
+            except DamagedState as exc:
+                raise StateError(str(exc.message), hint=exc.hint) from None
+            self._check_trainable(labels)
+            trained = train_mixture(self.trainer, self.ge, self.bundle, images, labels, cfg, progress)
+            report = {**trained.report, "damaged_samples_skipped": self.store.damaged_samples}
+            try:
+                pid = self.store.save_personalization(self.bundle.bundle_id, len(labels), trained.le_model,
+                                                      trained.gn_model, trained.threshold, report, generation)
+            except SamplesChanged:
+                newer = self._personalization_of_current_samples()
+                if newer is not None:     # another process already trained on the newest samples: it wins
+                    self._load_personalization()
+                    return {**newer.report, "personalization_id": newer.id, "superseded": True,
+                            "attempts": attempt, "seconds": round(time.perf_counter() - started, 3)}
+                continue                  # the samples grew while we trained: train again on all of them
+            except sqlite3.OperationalError as exc:
+                raise StateError(f"could not save the personalization in {self.store.dir}: {exc}",
+                                 hint="free some space and try again; the previous personalization stays in "
+                                      "use") from None
+            self._load_personalization()
+            return {**report, "personalization_id": pid, "attempts": attempt,
+                    "seconds": round(time.perf_counter() - started, 3)}
+        raise PersonalizationError(f"the stored samples changed during each of {PERSONALIZE_ATTEMPTS} trainings, "
+                                   "so none was committed (another process keeps adding samples)",
+                                   hint="personalize again once the samples stop changing; the previous "
+                                        "personalization stays in use")
+
+    def _check_trainable(self, labels: np.ndarray) -> None:
         if len(labels) == 0:
-            raise SampleError("no samples stored to personalize on",
+            damaged = f" ({self.store.damaged_samples} damaged rows skipped)" if self.store.damaged_samples else ""
+            raise SampleError(f"no samples stored to personalize on{damaged}",
                               hint="add labelled samples first (edgetailor device personalize --samples PATH)")
         if len(np.unique(labels)) < 2:
             raise SampleError(f"all {len(labels)} stored samples have the label {self.labels[labels[0]]!r}",
                               hint="add samples of at least two labels")
-        cfg = from_dict(PersonalizeConfig, {**self.manifest.personalize, **(overrides or {})}, "personalize")
-        cfg.validate()
-        started = time.perf_counter()
-        trained = train_mixture(self.trainer, self.ge, self.bundle, images, labels, cfg, progress)
+
+    def _personalization_of_current_samples(self):
         try:
-            pid = self.store.save_personalization(self.bundle.bundle_id, len(labels), trained.le_model,
-                                                  trained.gn_model, trained.threshold, trained.report)
-        except sqlite3.OperationalError as exc:
-            raise StateError(f"could not save the personalization in {self.store.dir}: {exc}",
-                             hint="free some space and try again; the previous personalization stays in use") from None
-        self._load_personalization()
-        return {**trained.report, "personalization_id": pid, "seconds": round(time.perf_counter() - started, 3)}
+            saved = self.store.active_personalization()
+        except DamagedState:
+            return None
+        if (saved is not None and saved.bundle_id == self.bundle.bundle_id
+                and saved.samples_generation == self.store.samples_generation()):
+            return saved
+        return None
 
     # inference -----------------------------------------------------------
     def _answer(self, images: np.ndarray) -> tuple[np.ndarray, Routed]:
@@ -271,16 +371,24 @@ class DeviceRuntime:
         return path
 
     # housekeeping --------------------------------------------------------
-    def reset(self, keep_samples: bool = False) -> None:
-        """Forget the personalization (and, unless ``keep_samples``, the samples): back to GE alone."""
-        self.store.clear_personalization()
-        if not keep_samples:
-            self.store.clear_samples()
+    def reset(self, keep_samples: bool = True) -> None:
+        """Forget the personalization (and, unless ``keep_samples``, the samples): back to GE alone.
+        A state too damaged to change is repaired instead (``repair_state``)."""
+        if self.store.read_only:
+            raise StateError(f"cannot reset: {self.store.problem or 'the state is open read-only'}")
+        self.store.check_health()     # a damaged state is repaired, not just emptied (the CLI's reset does it)
+        try:
+            self.store.clear_personalization()
+            if not keep_samples:
+                self.store.clear_samples()
+        except sqlite3.DatabaseError as exc:
+            raise DamagedState(f"cannot change the state in {self.store.dir}: {exc}") from None
         self._load_personalization()
 
     def status(self) -> dict[str, Any]:
-        saved = self.store.active_personalization()
+        saved = self.store.active_personalization() if self.personalized else None
         return {"bundle": str(self.bundle.source), "bundle_id": self.bundle.bundle_id,
+                "signed_by": self.bundle.signer_id, "warnings": self.warnings,
                 "backend": self.backend.name, "trainer": self.trainer.name if self.trainer else None,
                 "samples": self.sample_count(),
                 "personalized": self.personalized,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,8 +28,9 @@ from edgetailor.toolkit.bundle import Bundle, write_manifest, zip_bundle
 from edgetailor.toolkit.config import ExpertConfig, PersonalizeConfig, from_dict
 from edgetailor.toolkit.errors import CheckpointError, ExportError
 from edgetailor.toolkit.formats import DEFAULT_FORMATS, FORMATS, STEPS, check_extra_training, check_formats
-from edgetailor.toolkit.manifest import (FormatEntry, GlobalExpertSpec, Manifest, ReplaySpec,
+from edgetailor.toolkit.manifest import (FormatEntry, GlobalExpertSpec, Manifest, ReleaseSpec, ReplaySpec,
                                          TrainablePartSpec)
+from edgetailor.toolkit.signing import load_signing_key, sign_bundle_dir
 from edgetailor.server_side.checkpoint import GECheckpoint
 from edgetailor.server_side.cost import count_macs, count_params
 from edgetailor.server_side.experts import LE_DESIGNS, LogisticGate, local_expert
@@ -132,11 +134,22 @@ def _compression_summary(compression: dict[str, Any] | None) -> dict[str, Any] |
             "sparse": compression["sparse"], "quantization": compression["quantization"]}
 
 
+def release_spec(out: Path, name: str | None, version: int | None, expires: datetime | None) -> ReleaseSpec:
+    if version is None:
+        version = int(datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"))
+    if expires is not None and expires.tzinfo is None:
+        expires = expires.replace(tzinfo=timezone.utc)
+    return ReleaseSpec(name=name or out.name, version=int(version),
+                       expires=expires.astimezone(timezone.utc).isoformat(timespec="seconds") if expires else None)
+
+
 def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig | None = None,
                   personalize: PersonalizeConfig | None = None, make_zip: bool = True,
                   overwrite: bool = False, progress: ProgressFn | None = None,
                   formats: list[str] | tuple[str, ...] | None = None,
-                  extra_training: list[str] | tuple[str, ...] = ()) -> Path:
+                  extra_training: list[str] | tuple[str, ...] = (), signing_key: str | Path | None = None,
+                  name: str | None = None, version: int | None = None,
+                  expires: datetime | None = None) -> Path:
     """Write the bundle directory ``out`` (and ``out.zip``); returns the directory.
 
     ``experts``/``personalize`` default to the recipe the GE was trained with.
@@ -144,8 +157,16 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
     by default ``DEFAULT_FORMATS``, less those a quantized GE has no model for.
     ``extra_training`` adds training kinds besides each format's step programs
     (``toolkit.formats.EXTRA_TRAINING``: ort-training, executorch-training).
+
+    ``signing_key`` (a ``signing.key`` or its directory) signs the manifest,
+    and its directory's key statements (rotations, revocations) ride along.
+    ``name`` and ``version`` say which bundle this is, so that a device
+    refuses an older version of the same name: by default the output folder's
+    name and the UTC time as YYYYMMDDHHMMSS, which grows with every export.
+    ``expires`` makes devices refuse the bundle after that moment.
     """
     say = progress or (lambda _msg: None)
+    key = load_signing_key(signing_key) if signing_key is not None else None   # a bad key fails before any work
     model_dir = Path(model_dir)
     ckpt = GECheckpoint.load(model_dir)
     meta = ckpt.meta
@@ -232,8 +253,12 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
                 macs=count_macs(gn, (torch.zeros(1, gn_dim),)), threshold=experts.gate_threshold),
             replay=ReplaySpec(file="replay.npz", count=len(ckpt.replay)),
             personalize=asdict(personalize), personalized_model=personalized,
+            release=release_spec(out, name, version, expires),
         )
         write_manifest(staging, manifest)
+        if key is not None:
+            say(f"signing the manifest with key {key.public.id[:16]}")
+            sign_bundle_dir(staging, key)
         Bundle.open(staging).close()  # the bundle we publish must pass the device's own checks
     if make_zip:
         say("writing the single-file zip")

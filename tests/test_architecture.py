@@ -145,7 +145,8 @@ def test_a_planted_cycle_is_found(tmp_path):
     staged = stage_namespace(tmp_path)
     atomic = staged / "edgetailor" / "toolkit" / "atomic.py"
     atomic.write_text(atomic.read_text() + "\nimport edgetailor.toolkit.bundle  # planted by the test\n")
-    assert {"edgetailor.toolkit.atomic", "edgetailor.toolkit.bundle"} in import_cycles(staged)
+    planted = {"edgetailor.toolkit.atomic", "edgetailor.toolkit.bundle"}
+    assert any(planted <= cycle for cycle in import_cycles(staged))   # bundle reaches atomic directly and via signing
 
 
 def _strongly_connected(edges: dict[str, set[str]]) -> list[set[str]]:

@@ -9,13 +9,14 @@ and bundle manifests so that every artifact says how it was made.
 from __future__ import annotations
 
 import dataclasses
+import math
 try:
     import tomllib
 except ModuleNotFoundError:  # CPython 3.10
     import tomli as tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 from edgetailor.toolkit.errors import ConfigError
 
@@ -26,6 +27,7 @@ RECIPES_DIR = Path(__file__).with_name("recipes")
 class PretrainConfig:
     """How the Global Expert is trained on the generic data."""
 
+    section: ClassVar[str] = "pretrain"
     arch: str = "lenet5"
     # Layer widths (lenet5: conv1, conv2, fc1, fc2; vit: embedding, mlp); empty = the architecture's defaults.
     widths: list[int] = field(default_factory=list)
@@ -84,6 +86,7 @@ class ExpertConfig:
     look like the user's writing?"; above ``gate_threshold`` LE answers.
     """
 
+    section: ClassVar[str] = "experts"
     # Empty = the architecture's default (lenet5: conv / conv; vit: patches / grid),
     # resolved when GE is built and recorded in its checkpoint.
     le_feature_tap: str = ""
@@ -138,6 +141,7 @@ class PersonalizeConfig:
     """How LE and GN are trained on the device. Shipped in the bundle as
     defaults; a device may override any of them."""
 
+    section: ClassVar[str] = "personalize"
     le_epochs: int = 150
     # ...but at most this many LE steps: 150 epochs suit 100 samples, while
     # 20,000 would take 23,550 steps (27 s on 2 cores) for no gain: at 1,000
@@ -169,8 +173,9 @@ class PersonalizeConfig:
                   "max_seconds")
         if not 0.0 <= self.gate_generic_share < 1.0:
             raise ConfigError(f"personalize.gate_generic_share must be in [0, 1), got {self.gate_generic_share}")
-        if self.augment_copies < 0 or self.replay_weight < 0 or self.augment_until < 0:
-            raise ConfigError("personalize.augment_copies, augment_until and replay_weight must be >= 0")
+        if not (self.augment_copies >= 0 and self.augment_until >= 0 and 0 <= self.replay_weight < math.inf):
+            raise ConfigError("personalize.augment_copies, augment_until and replay_weight must be finite and >= 0, "
+                              f"got {self.augment_copies}, {self.augment_until} and {self.replay_weight}")
 
 
 @dataclass
@@ -189,10 +194,27 @@ class Recipe:
 
 
 def _positive(obj: Any, *names: str) -> None:
+    """Each of ``names`` a finite number > 0; a learning rate also at most 1."""
     for name in names:
-        value = getattr(obj, name)
-        if value <= 0:
-            raise ConfigError(f"{type(obj).__name__}.{name} must be > 0, got {value}")
+        where = f"{obj.section}.{name}"
+        check_positive(getattr(obj, name), where)
+        if name.endswith("learning_rate"):
+            check_learning_rate(getattr(obj, name), where)
+
+
+def check_positive(value: float, where: str) -> None:
+    """A count, size or budget: NaN passes every ``<=`` test (a NaN time
+    budget never runs out), and infinity is no budget either."""
+    if not value > 0 or value == math.inf:  # (math.isfinite would overflow on a huge int)
+        raise ConfigError(f"{where} must be a finite number > 0, got {value}")
+
+
+def check_learning_rate(value: float, where: str) -> None:
+    """Adam and SGD steps on these models diverge long before a rate of 1;
+    a larger one is a typo (1e9 for 1e-9), not a setting."""
+    if not 0 < value <= 1:
+        raise ConfigError(f"{where} must be a learning rate in (0, 1], got {value}",
+                          hint="typical rates are 1e-4 to 1e-1")
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:

@@ -76,3 +76,22 @@ class ExportError(EdgetailorError):
     """An exported program that does not match its torch source; nothing is written."""
 
     default_hint = "nothing was written; see docs/upstream/ for known runtime defects, or export fewer --formats"
+
+
+class LimitError(EdgetailorError):
+    """An input over a size limit (``toolkit.limits``), refused before its bytes were allocated."""
+
+    default_hint = "if the input is genuine, raise the limit named above (EDGETAILOR_LIMIT_<NAME>)"
+
+
+class TrustError(BundleError):
+    """A bundle that no key this device trusts signed, or one older than a bundle already accepted."""
+
+    default_hint = ("get the bundle from its publisher again; a device trusts the keys given with --trusted-keys "
+                    "and keys they endorse")
+
+
+class SigningKeyError(EdgetailorError):
+    """A key file that is missing, unreadable or not an Ed25519 key."""
+
+    default_hint = "make a key pair with `edgetailor keys generate --out DIR`"

@@ -25,6 +25,7 @@ from edgetailor.toolkit import __version__
 from edgetailor.toolkit.errors import BundleError
 from edgetailor.toolkit.formats import FORMATS, STEPS, TRAINING_FORMATS
 from edgetailor.toolkit.input_spec import InputSpec
+from edgetailor.toolkit.limits import Limits, current_limits, json_depth
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -176,6 +177,38 @@ class ReplaySpec:
 
 
 @dataclass
+class ReleaseSpec:
+    """Which bundle this is and how new: a device refuses a version older than one it accepted for the
+    same name (rollback), and a bundle past ``expires``."""
+
+    name: str
+    version: int
+    expires: str | None = None            # ISO 8601 UTC; absent: never
+
+    def expired(self, now: datetime | None = None) -> bool:
+        if self.expires is None:
+            return False
+        return (now or datetime.now(timezone.utc)) >= parse_time(self.expires)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _without_none(dataclasses.asdict(self))
+
+
+def parse_time(text: str) -> datetime:
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def check_relative_path(name: Any, where: str) -> str:
+    """A path the manifest names must stay inside the bundle: relative, POSIX, no ``..``, no drive."""
+    if (not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name or ":" in name
+            or any(part in ("", ".", "..") for part in name.split("/")) or "\x00" in name):
+        raise BundleError(f"{where} names the path {name!r}, which is not a plain relative path inside the bundle",
+                          hint="the bundle was tampered with or not written by edgetailor; re-export it")
+    return name
+
+
+@dataclass
 class Manifest:
     VERSION: ClassVar[int] = SCHEMA_VERSION
 
@@ -188,6 +221,8 @@ class Manifest:
     replay: ReplaySpec
     personalize: dict[str, Any]            # the PersonalizeConfig the bundle ships as the device's defaults
     files: dict[str, str] = field(default_factory=dict)    # every file but the manifest -> sha256
+    sizes: dict[str, int] = field(default_factory=dict)    # every file but the manifest -> bytes (absent before 0.2)
+    release: ReleaseSpec | None = None     # name, version, expiry (absent before 0.2)
     # format -> {"program", "patches"}: GE + LE + GN + routing as one program to fill with trained weights
     personalized_model: dict[str, dict[str, str]] = field(default_factory=dict)
     toolkit_version: str = __version__
@@ -207,6 +242,27 @@ class Manifest:
             files += list(self.part(part).training.get(name, {}).values())
         return files + list(self.personalized_model.get(name, {}).values())
 
+    def referenced_files(self) -> list[str]:
+        """Every path the manifest names, besides the ``files`` map's keys."""
+        names = [self.replay.file, *self.global_expert.files.values()]
+        for key in PARTS:
+            part = self.part(key)
+            names += [f for roles in part.training.values() for f in roles.values()]
+            names += [part.initial_parameters] if part.initial_parameters else []
+        names += [f for entry in self.formats.values() for f in entry.files]
+        return names + [f for template in self.personalized_model.values() for f in template.values()]
+
+    def check_paths(self, where: str) -> None:
+        for name in [*self.files, *self.sizes, *self.referenced_files()]:
+            check_relative_path(name, where)
+        unhashed = sorted(set(self.referenced_files()) - set(self.files))
+        if unhashed:
+            raise BundleError(f"{where} references files it does not hash: {', '.join(unhashed[:5])}",
+                              hint="the bundle is damaged or was not written by edgetailor; re-export it")
+        if self.sizes and set(self.sizes) != set(self.files):
+            raise BundleError(f"{where} lists sizes for other files than it hashes",
+                              hint="the bundle is damaged or was not written by edgetailor; re-export it")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version, "toolkit_version": self.toolkit_version,
@@ -216,6 +272,8 @@ class Manifest:
             "local_expert": self.local_expert.to_dict(), "gating_network": self.gating_network.to_dict(),
             "replay": dataclasses.asdict(self.replay), "personalize": dict(self.personalize),
             "files": dict(self.files),
+            **({"sizes": dict(self.sizes)} if self.sizes else {}),
+            **({"release": self.release.to_dict()} if self.release else {}),
             **({"personalized_model": self.personalized_model} if self.personalized_model else {}),
         }
 
@@ -244,7 +302,16 @@ class Manifest:
             gating_network=_build(TrainablePartSpec, data["gating_network"]),
             replay=_build(ReplaySpec, data["replay"]), personalize=dict(data["personalize"]),
             files=dict(data["files"]), toolkit_version=data["toolkit_version"], created=data["created"],
-            schema_version=data["schema_version"], personalized_model=dict(data.get("personalized_model", {})))
+            schema_version=data["schema_version"], personalized_model=dict(data.get("personalized_model", {})),
+            sizes=dict(data.get("sizes", {})),
+            release=_build(ReleaseSpec, data["release"]) if "release" in data else None)
+        manifest.check_paths(where)
+        if manifest.release and manifest.release.expires:
+            try:
+                parse_time(manifest.release.expires)
+            except ValueError:
+                raise BundleError(f"{where}: release.expires {manifest.release.expires!r} is not an ISO 8601 time",
+                                  hint="re-export the bundle") from None
         for key in PARTS:
             part = manifest.part(key)
             for fmt in part.training:
@@ -261,9 +328,17 @@ class Manifest:
         return manifest
 
     @classmethod
-    def from_json(cls, text: str, where: str = "manifest") -> "Manifest":
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{where} is not valid JSON: {exc}", hint="the bundle is damaged; re-export it") from None
-        return cls.from_dict(data, where)
+    def from_json(cls, text: str | bytes, where: str = "manifest", limits: Limits | None = None) -> "Manifest":
+        return cls.from_dict(parse_json(text, where, limits), where)
+
+
+def parse_json(text: str | bytes, where: str, limits: Limits | None = None) -> Any:
+    """JSON the device reads from a bundle, refused before parsing when it nests deeper than the limit
+    (``json.loads`` recurses once per level)."""
+    limits = current_limits(limits)
+    limits.check("max_manifest_bytes", len(text), f"{where} (bytes)")
+    limits.check("max_json_depth", json_depth(text), f"{where} nests")
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:      # ValueError: also a number of over 4,300 digits
+        raise BundleError(f"{where} is not valid JSON: {exc}", hint="the bundle is damaged; re-export it") from None

@@ -220,10 +220,12 @@ class GlyphPreprocessing:
         n = len(grey)
         why = [""] * n
         # 1. Working size: a 4000-pixel photo holds no more glyph than 112 pixels do.
+        #    A side shorter than the factor (a 4000x12 strip) becomes one pixel, not none.
         factor = -(-max(grey.shape[1:]) // self.working_size)
         if factor > 1:
-            h, w = (grey.shape[1] // factor) * factor, (grey.shape[2] // factor) * factor
-            grey = grey[:, :h, :w].reshape(n, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
+            fh, fw = min(factor, grey.shape[1]), min(factor, grey.shape[2])
+            h, w = (grey.shape[1] // fh) * fh, (grey.shape[2] // fw) * fw
+            grey = grey[:, :h, :w].reshape(n, h // fh, fh, w // fw, fw).mean(axis=(2, 4))
         _, h, w = grey.shape
         flat = grey.reshape(n, -1)
         # 2. Polarity: the paper is the majority of pixels; ink is the minority far from it.
@@ -349,7 +351,9 @@ class PreparedImages:
     refused: list[tuple[int, str]]
 
 
-PREPARE_CHUNK = 512  # images prepared at once: bounds the temporaries (~50 MB for 28x28)
+PREPARE_CHUNK = 512         # images prepared at once: bounds the temporaries (~50 MB for 28x28)
+PREPARE_PIXELS = 1 << 22    # ...and at most this many input values at once, so that large images
+                            # (a 1 GiB uint8 array becomes 8 GiB as float64) are prepared a few at a time
 
 
 def prepare_images(images: Sequence[Any] | np.ndarray, preprocessing: Preprocessing = DEFAULT,
@@ -376,8 +380,9 @@ def prepare_images(images: Sequence[Any] | np.ndarray, preprocessing: Preprocess
         shapes = [np.shape(image) for image in images]
         groups = {shape: np.array([i for i, s in enumerate(shapes) if s == shape]) for shape in dict.fromkeys(shapes)}
     for shape, members in groups.items():
-        for start in range(0, len(members), PREPARE_CHUNK):
-            chunk = members[start:start + PREPARE_CHUNK]
+        step = max(1, min(PREPARE_CHUNK, PREPARE_PIXELS // max(1, int(np.prod(shape)))))
+        for start in range(0, len(members), step):
+            chunk = members[start:start + step]
             if isinstance(images, np.ndarray):
                 grey = as_grey_float(images[chunk])
             else:

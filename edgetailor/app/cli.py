@@ -335,6 +335,123 @@ def export() -> None:
     """Export trained models as device bundles."""
 
 
+def _release_options(fn):
+    fn = click.option("--expires-days", type=click.FloatRange(min=0, min_open=True),
+                      help="Devices refuse the bundle this many days from now (default: never).")(fn)
+    fn = click.option("--version", "version", type=click.IntRange(0),
+                      help="Release version; devices refuse an older version of the same name. "
+                           "Default: the UTC time as YYYYMMDDHHMMSS, which grows with every export.")(fn)
+    fn = click.option("--name", help="Release name devices track versions under. Default: OUT's folder name.")(fn)
+    fn = click.option("--signing-key", type=click.Path(exists=True, path_type=Path),
+                      help="Ed25519 signing.key (or its folder, from `edgetailor keys generate`) that signs the "
+                           "manifest; the folder's statements.json (rotations, revocations) rides along.")(fn)
+    return fn
+
+
+def _expiry(days: float | None):
+    from datetime import datetime, timedelta, timezone
+
+    return datetime.now(timezone.utc) + timedelta(days=days) if days else None
+
+
+def _signer(bundle_dir: Path) -> str:
+    from edgetailor.toolkit.bundle import Bundle
+
+    with Bundle.open(bundle_dir) as opened:
+        return opened.signer_id[:16] if opened.signer_id else "none"
+
+
+@export.command("sign")
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Exported bundle directory; BUNDLE.zip beside it is rewritten too.")
+@_release_options
+def export_sign_cmd(bundle_dir: Path, signing_key: Path | None, name: str | None, version: int | None,
+                    expires_days: float | None) -> None:
+    """Sign an exported bundle (on the machine that holds the key), optionally
+    giving it a new release name, version or expiry. Re-hashes every file."""
+    from edgetailor.toolkit.bundle import Bundle, sign_bundle
+    from edgetailor.toolkit.manifest import ReleaseSpec
+
+    if signing_key is None:
+        raise EdgetailorError("give --signing-key KEY", hint="make one with `edgetailor keys generate --out keys/`")
+    with Bundle.open(bundle_dir) as opened:
+        current = opened.manifest.release
+    release = None
+    if name or version is not None or expires_days or current is None:
+        from edgetailor.export.bundle import release_spec
+
+        base = current or release_spec(bundle_dir, None, None, None)
+        if version is None and current is not None:
+            # other contents under the same version would be refused by devices that saw the first: a new one
+            version = max(current.version + 1, release_spec(bundle_dir, None, None, None).version)
+        release = ReleaseSpec(name or base.name, base.version if version is None else version,
+                              _expiry(expires_days).isoformat(timespec="seconds") if expires_days else base.expires)
+    sign_bundle(bundle_dir, signing_key, release)
+    click.echo(f"signed {bundle_dir} with key {_signer(bundle_dir)}")
+
+
+# ----------------------------------------------------------------------- keys
+@main.group()
+def keys() -> None:
+    """Ed25519 keys that sign bundles, and devices that trust them.
+
+    \b
+      edgetailor keys generate --out keys/                       signing.key (0600) + signing.pub
+      edgetailor export bundle --model ge/ --out b --signing-key keys/signing.key
+      edgetailor device personalize --bundle b.zip --state s/ --samples x.npz --trusted-keys keys/signing.pub
+      edgetailor keys rotate --signing-key keys/signing.key --out keys2/ --revoke-old
+
+    A state given --trusted-keys refuses every bundle no trusted key signed.
+    After a rotation, bundles signed by the new key carry the old key's
+    endorsement, so devices move to the new key by themselves."""
+
+
+@keys.command("generate")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for signing.key and signing.pub.")
+def keys_generate(out: Path) -> None:
+    """Make a signing key pair: OUT/signing.key (private, mode 0600; keep it off devices) and OUT/signing.pub
+    (give it to devices with --trusted-keys)."""
+    from edgetailor.toolkit.signing import generate_key
+
+    public = generate_key(out)
+    click.echo(f"key {public.id[:16]}: private {out / 'signing.key'} (mode 0600), public {out / 'signing.pub'}")
+
+
+@keys.command("rotate")
+@click.option("--signing-key", required=True, type=click.Path(exists=True, path_type=Path),
+              help="The current signing.key (or its folder).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the new key.")
+@click.option("--revoke-old", is_flag=True, help="Also revoke the current key (devices refuse it once they see this).")
+def keys_rotate(signing_key: Path, out: Path, revoke_old: bool) -> None:
+    """Make a new key endorsed by the current one. Bundles signed with the new
+    key carry the endorsement (OUT/statements.json), so devices that trust the
+    current key accept them."""
+    from edgetailor.toolkit.signing import rotate_key
+
+    public = rotate_key(signing_key, out, revoke_old)
+    click.echo(f"new key {public.id[:16]} in {out}, endorsed by the old one" + ("; old key revoked" if revoke_old
+                                                                                 else ""))
+
+
+@keys.command("revoke")
+@click.option("--signing-key", required=True, type=click.Path(exists=True, path_type=Path),
+              help="A trusted signing.key that signs the revocation.")
+@click.option("--key", "revoked", required=True, type=click.Path(exists=True, path_type=Path),
+              help="The .pub of the key to revoke.")
+def keys_revoke(signing_key: Path, revoked: Path) -> None:
+    """Revoke a key: the next bundle signed with --signing-key carries the
+    revocation, and devices that see it refuse the revoked key for good."""
+    from edgetailor.toolkit.signing import load_public_keys, revoke_key
+
+    found = load_public_keys(revoked)
+    if len(found) != 1:
+        raise EdgetailorError(f"{revoked} holds {len(found)} public keys; revoke one at a time",
+                              hint="give the .pub file of the key to revoke")
+    key = found[0]
+    revoke_key(signing_key, key)
+    click.echo(f"key {key.id[:16]} revoked; bundles signed with {signing_key} from now on carry the revocation")
+
+
 @export.command("bundle")
 @click.option("--model", "model", required=True, type=click.Path(exists=True, path_type=Path),
               help="GE checkpoint directory (from `edgetailor server pretrain`).")
@@ -352,8 +469,10 @@ def export() -> None:
                    + ". ort-training needs onnxruntime-training installed (in a venv without onnxruntime).")
 @click.option("--no-zip", is_flag=True, help="Write only the directory.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_release_options
 def export_bundle_cmd(model: Path, out: Path, formats: str | None, extra_training: str, no_zip: bool,
-                      overwrite: bool) -> None:
+                      overwrite: bool, signing_key: Path | None, name: str | None, version: int | None,
+                      expires_days: float | None) -> None:
     """Write a device bundle: GE in each format, LE's and GN's training step
     as plain inference programs in each format (so any runtime's inference
     build trains them), replay glyphs, and a manifest listing every format's
@@ -372,8 +491,13 @@ def export_bundle_cmd(model: Path, out: Path, formats: str | None, extra_trainin
         out = out.with_suffix("")
     if out.exists() and not overwrite:
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
+    if signing_key is None:
+        click.secho("warning: the bundle is not signed (no --signing-key): a device that pins a key refuses it, and "
+                    "one that does not cannot tell it from a tampered copy; make a key with `edgetailor keys "
+                    "generate --out keys/`", fg="yellow", err=True)
     path = export_bundle(model, out, make_zip=not no_zip, overwrite=overwrite, formats=chosen, extra_training=extra,
-                         progress=lambda msg: click.echo(f"  {msg}", err=True))
+                         progress=lambda msg: click.echo(f"  {msg}", err=True), signing_key=signing_key,
+                         name=name, version=version, expires=_expiry(expires_days))
     manifest = Manifest.from_json((path / "manifest.json").read_text())
     rows = [{"format": name, "runtime": entry.runtime, "files": len(entry.files),
              "KiB": sum((path / f).stat().st_size for f in entry.files) / 1024}
@@ -382,6 +506,10 @@ def export_bundle_cmd(model: Path, out: Path, formats: str | None, extra_trainin
                                    ("KiB", "KiB", ",.0f")]))
     ge, le, gn = manifest.global_expert, manifest.local_expert, manifest.gating_network
     click.echo(f"bundle written to {path}" + ("" if no_zip else f" and {path}.zip"))
+    release = manifest.release
+    click.echo(f"  {release.name} version {release.version}"
+               + (f", expires {release.expires}" if release.expires else "")
+               + (f"; signed by key {_signer(path)}" if signing_key else "; unsigned"))
     click.echo(f"  GE {ge.params:,} params, {ge.macs:,} MACs; LE+GN {le.params + gn.params:,} params "
                f"({(le.params + gn.params) / ge.params:.2%}), {le.macs + gn.macs:,} MACs "
                f"({(le.macs + gn.macs) / ge.macs:.2%})")
@@ -402,17 +530,43 @@ SKIP_BAD_HELP = ("Leave out blank or unreadable images (each named in a warning)
                  "set.")
 
 
-def _load_for(runtime, samples: Path, skip_bad: bool, label_names: bool = True):
-    """The samples at PATH, prepared by the bundle's own preprocessing; what was left out is warned about."""
-    from edgetailor.toolkit.loaders import load_samples
+TRUSTED_KEYS_HELP = ("Publisher public key (.pub) or a folder of them; repeatable. Pinned into the state: from then "
+                     "on it opens only bundles these keys (or keys they endorse) signed.")
 
-    data = load_samples(samples, runtime.labels if label_names else None, runtime.preprocessing, skip_bad)
+
+def _load_for(runtime, samples: Path, skip_bad: bool, label_names: bool = True):
+    """The samples at PATH, prepared by the bundle's own preprocessing; what was left out is warned about.
+    Without ``label_names`` the labels are not needed (predict)."""
+    from edgetailor.toolkit.loaders import load_images, load_samples
+
+    if label_names:
+        data = load_samples(samples, runtime.labels, runtime.preprocessing, skip_bad)
+    else:
+        data = load_images(samples, runtime.preprocessing, skip_bad)
     for note in data.notes:
         click.secho(f"warning: {note}", fg="yellow", err=True)
     return data
 
 
+def _open_runtime(bundle: Path, state: Path, backend: str | None = None, trusted_keys: tuple[Path, ...] = (),
+                  read_only: bool = False, quiet: bool = False):
+    """The device runtime, its warnings (unsigned bundle, read-only or damaged state) printed on stderr."""
+    from edgetailor.device.runtime import DeviceRuntime
+
+    runtime = DeviceRuntime.open(bundle, state, backend, trusted_keys=list(trusted_keys) or None, read_only=read_only)
+    if not quiet:
+        for warning in runtime.warnings:
+            click.secho(f"warning: {warning}", fg="yellow", err=True)
+    return runtime
+
+
+def _trusted_keys_option(fn):
+    return click.option("--trusted-keys", multiple=True, type=click.Path(exists=True, path_type=Path),
+                        help=TRUSTED_KEYS_HELP)(fn)
+
+
 def _bundle_state_options(fn):
+    fn = _trusted_keys_option(fn)
     fn = click.option("--skip-bad", is_flag=True, help=SKIP_BAD_HELP)(fn)
     fn = click.option("--backend", default=None, help=BACKEND_HELP)(fn)
     fn = click.option("--samples", required=True, type=click.Path(exists=True, path_type=Path),
@@ -432,16 +586,17 @@ def _bundle_state_options(fn):
 @click.option("--epochs", type=int, help="Override the bundle's personalize.le_epochs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, skip_bad: bool,
-                       max_seconds: float | None, epochs: int | None, as_json: bool) -> None:
+                       trusted_keys: tuple[Path, ...], max_seconds: float | None, epochs: int | None,
+                       as_json: bool) -> None:
     """Add the samples at PATH to the state and train the Local Expert and
     Gating Network on all stored samples. The previous personalization stays
-    in use until the new one is committed."""
+    in use until the new one is committed, and it is committed only if no
+    other process changed the samples meanwhile (else it trains again)."""
     from edgetailor.device.mixture import describe_learning
-    from edgetailor.device.runtime import DeviceRuntime
     from edgetailor.toolkit.memory import peak_rss_mb
 
     overrides = {k: v for k, v in {"max_seconds": max_seconds, "le_epochs": epochs}.items() if v is not None}
-    with DeviceRuntime.open(bundle, state, backend) as runtime:
+    with _open_runtime(bundle, state, backend, trusted_keys) as runtime:
         data = _load_for(runtime, samples, skip_bad)
         added = runtime.add_dataset(data)
         progress = _Progress(enabled=not as_json)
@@ -456,16 +611,21 @@ def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, s
                    f"in {report['seconds']:.2f}s ({report['le_steps']} LE steps, {report['gn_steps']} GN steps); "
                    f"peak RSS {result['peak_rss_mb']:.0f} MB")
         click.echo(f"learned: {describe_learning(report['learned'])}")
+        if report.get("superseded"):
+            click.echo("another process committed a personalization of the same, newer samples first; it is in use")
+        if report.get("damaged_samples_skipped"):
+            click.secho(f"warning: {report['damaged_samples_skipped']} damaged samples were skipped; "
+                        "`edgetailor device repair` removes them", fg="yellow", err=True)
 
 
 @device.command("evaluate")
 @_bundle_state_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (accuracy, n, experts, ...).")
-def device_evaluate(bundle: Path, state: Path, samples: Path, backend: str, skip_bad: bool, as_json: bool) -> None:
-    """Accuracy of the device's model (GE alone until personalized) on the samples at PATH."""
-    from edgetailor.device.runtime import DeviceRuntime
-
-    with DeviceRuntime.open(bundle, state, backend) as runtime:
+def device_evaluate(bundle: Path, state: Path, samples: Path, backend: str, skip_bad: bool,
+                    trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+    """Accuracy of the device's model (GE alone until personalized) on the samples at PATH.
+    Writes nothing, so it works on a full disk or a read-only state."""
+    with _open_runtime(bundle, state, backend, trusted_keys, read_only=True) as runtime:
         result = runtime.evaluate_dataset(_load_for(runtime, samples, skip_bad))
         problem = runtime.status()["personalization_problem"]
     if as_json:
@@ -483,14 +643,16 @@ def device_evaluate(bundle: Path, state: Path, samples: Path, backend: str, skip
 @click.option("--bundle", required=True, type=click.Path(exists=True, path_type=Path), help="Bundle directory or .zip.")
 @click.option("--state", required=True, type=click.Path(path_type=Path), help="State directory.")
 @click.option("--samples", required=True, type=click.Path(exists=True, path_type=Path),
-              help="Images (.npz, IDX or image folder; labels are ignored).")
+              help="Images: an .npz with x (y not needed), an IDX images file (labels file not needed), or a folder "
+                   "of images (flat, or one sub-folder per label; labels are ignored).")
 @click.option("--backend", default=None, help=BACKEND_HELP)
 @click.option("--skip-bad", is_flag=True, help=SKIP_BAD_HELP)
-def device_predict(bundle: Path, state: Path, samples: Path, backend: str, skip_bad: bool) -> None:
-    """Print one JSON line per image: label, probability, and which expert answered."""
-    from edgetailor.device.runtime import DeviceRuntime
-
-    with DeviceRuntime.open(bundle, state, backend) as runtime:
+@_trusted_keys_option
+def device_predict(bundle: Path, state: Path, samples: Path, backend: str, skip_bad: bool,
+                   trusted_keys: tuple[Path, ...]) -> None:
+    """Print one JSON line per image: label, probability, and which expert answered.
+    Writes nothing, so it works on a full disk or a read-only state."""
+    with _open_runtime(bundle, state, backend, trusted_keys, read_only=True) as runtime:
         prediction = runtime.predict_dataset(_load_for(runtime, samples, skip_bad, label_names=False))
     for i in range(len(prediction)):
         click.echo(json.dumps({"label": prediction.labels[i],
@@ -505,7 +667,8 @@ def device_predict(bundle: Path, state: Path, samples: Path, backend: str, skip_
               help="With --bundle: also report this state's samples and personalization (and why it is not in "
                    "use, if it was dropped).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def device_info(bundle: Path | None, state: Path | None, as_json: bool) -> None:
+@_trusted_keys_option
+def device_info(bundle: Path | None, state: Path | None, as_json: bool, trusted_keys: tuple[Path, ...]) -> None:
     """List the device backends: installed or not (and how to install),
     what each runs, and which one `--backend auto` picks."""
     from edgetailor.device.backends import BACKENDS, PREFERENCE, can_train, runtime_version, usable_backends
@@ -538,8 +701,11 @@ def device_info(bundle: Path | None, state: Path | None, as_json: bool) -> None:
             auto = next((r["backend"] for r in rows if r["installed"]), None)
         status = None
         if opened and state is not None:
-            with DeviceRuntime.open(opened, state) as runtime:  # closes the bundle too
+            with DeviceRuntime.open(opened, state, trusted_keys=list(trusted_keys) or None,
+                                    read_only=True) as runtime:  # closes the bundle too
                 status = runtime.status()
+                for warning in runtime.warnings:
+                    click.secho(f"warning: {warning}", fg="yellow", err=True)
     finally:
         if opened:
             opened.close()
@@ -568,15 +734,15 @@ def device_info(bundle: Path | None, state: Path | None, as_json: bool) -> None:
                    "a quantized GE: onnx).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="File to write, e.g. model.onnx.")
 @click.option("--backend", default=None, help=BACKEND_HELP)
-def device_export_personalized(bundle: Path, state: Path, fmt: str, out: Path, backend: str | None) -> None:
+@_trusted_keys_option
+def device_export_personalized(bundle: Path, state: Path, fmt: str, out: Path, backend: str | None,
+                               trusted_keys: tuple[Path, ...]) -> None:
     """Write the personalized model (GE + LE + GN + routing, trained weights
     folded in) as one inference program: an app that only predicts runs it
     with one call on its own runtime. Input `image` (N, 1, H, W), normalised
     as the bundle's input spec says; outputs `logits`, `probabilities`,
     `gate` and `expert` (1 where LE answered), as `device predict` answers."""
-    from edgetailor.device.runtime import DeviceRuntime
-
-    with DeviceRuntime.open(bundle, state, backend) as runtime:
+    with _open_runtime(bundle, state, backend, trusted_keys, read_only=True) as runtime:
         path = runtime.export_personalized(out, fmt)
         spec = runtime.manifest.input
     click.echo(f"wrote {path} ({path.stat().st_size / 1024:,.0f} KiB): input 'image' {list(spec.shape)}, "
@@ -586,14 +752,42 @@ def device_export_personalized(bundle: Path, state: Path, fmt: str, out: Path, b
 @device.command("reset")
 @click.option("--bundle", required=True, type=click.Path(exists=True, path_type=Path), help="Bundle directory or .zip.")
 @click.option("--state", required=True, type=click.Path(path_type=Path), help="State directory.")
-@click.option("--keep-samples", is_flag=True, help="Forget only the personalization.")
-def device_reset(bundle: Path, state: Path, keep_samples: bool) -> None:
-    """Forget the personalization (and the stored samples): back to GE alone."""
-    from edgetailor.device.runtime import DeviceRuntime
+@click.option("--delete-samples", is_flag=True, help="Also delete every stored sample.")
+@click.option("--keep-samples", is_flag=True, hidden=True, help="The default since 0.2 (kept for old scripts).")
+@_trusted_keys_option
+def device_reset(bundle: Path, state: Path, delete_samples: bool, keep_samples: bool,
+                 trusted_keys: tuple[Path, ...]) -> None:
+    """Forget the personalization: back to GE alone. The stored samples stay
+    (personalize again any time) unless --delete-samples. Works on a damaged
+    state too: it is repaired first, keeping every readable sample."""
+    from edgetailor.device.store import DamagedState, repair_state
 
-    with DeviceRuntime.open(bundle, state) as runtime:
-        runtime.reset(keep_samples=keep_samples)
-    click.echo("personalization forgotten" + ("" if keep_samples else " and samples deleted"))
+    if delete_samples and keep_samples:
+        raise EdgetailorError("--delete-samples and --keep-samples contradict each other", hint="give one")
+    try:
+        with _open_runtime(bundle, state, None, trusted_keys) as runtime:
+            runtime.reset(keep_samples=not delete_samples)
+            kept = runtime.sample_count()
+    except DamagedState as exc:
+        click.secho(f"warning: {exc.message}; repairing the state first", fg="yellow", err=True)
+        click.echo(f"repaired: {repair_state(state, keep_personalizations=False).describe()}")
+        with _open_runtime(bundle, state, None, trusted_keys, quiet=True) as runtime:
+            runtime.reset(keep_samples=not delete_samples)
+            kept = runtime.sample_count()
+    click.echo("personalization forgotten" + (" and samples deleted" if delete_samples else f"; {kept} samples kept"))
+
+
+@device.command("repair")
+@click.option("--state", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="State directory whose database is damaged.")
+def device_repair(state: Path) -> None:
+    """Salvage a damaged state: copy every readable sample, personalization,
+    trusted key and accepted version into a fresh database, and keep the
+    damaged one beside it (state.sqlite.damaged-TIME). Samples and
+    personalizations that no longer match their sha256 are left out."""
+    from edgetailor.device.store import repair_state
+
+    click.echo(f"repaired {state}: {repair_state(state).describe()}")
 
 
 # --------------------------------------------------------------------- demo

@@ -1,6 +1,6 @@
 """``edgetailor demo``: the whole loop on built-in data, with the baselines.
 
-pretrain GE -> export a bundle -> for each simulated user: personalize in a
+pretrain GE -> export a signed bundle -> for each simulated user: personalize in a
 separate device process (the CLI, torch-free, as a phone would run it) ->
 evaluate GE and GE+LE+GN on the user's test set and on the generic test set
 -> fine-tune all of GE, and GE's last layer, on the same samples as baselines
@@ -26,6 +26,7 @@ from edgetailor.toolkit.data import LabeledImages, load_generic_digits, split_ge
 from edgetailor.toolkit.errors import CheckpointError, EdgetailorError
 from edgetailor.toolkit.loaders import save_npz
 from edgetailor.toolkit.manifest import Manifest
+from edgetailor.toolkit.signing import PRIVATE_KEY, PUBLIC_KEY, generate_key, load_public_keys
 from edgetailor.toolkit.tables import format_table
 from edgetailor.toolkit.users import simulate_users
 
@@ -42,6 +43,10 @@ def _device_cli(*args: str) -> dict:
         raise EdgetailorError(f"the device process failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}",
                               hint="run the same `edgetailor device personalize` command by hand to see it fail")
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_seconds": time.perf_counter() - started}
+
+
+def _signer_id(key_dir: Path) -> str:
+    return load_public_keys(key_dir / PUBLIC_KEY)[0].id
 
 
 def _accuracy(model, ckpt, data: LabeledImages) -> float:
@@ -115,10 +120,15 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
         echo(f"[1/4] using the Global Expert in {model_dir} ({ckpt.meta.arch})")
     echo(f"  generic test accuracy {ckpt.meta.generic_accuracy:.4f}")
 
-    echo("[2/4] exporting the device bundle")
-    bundle_dir = export_bundle(model_dir, out / "bundle", overwrite=True)
+    echo("[2/4] exporting the device bundle, signed")
+    key_dir = out / "keys"
+    if not (key_dir / PRIVATE_KEY).exists():
+        generate_key(key_dir)   # a real publisher keeps this key on the build server, off the devices
+    bundle_dir = export_bundle(model_dir, out / "bundle", overwrite=True, signing_key=key_dir / PRIVATE_KEY)
+    trusted = key_dir / PUBLIC_KEY
     bundle_zip = bundle_dir.with_name(bundle_dir.name + ".zip")
     manifest = Manifest.from_json((bundle_dir / "manifest.json").read_text())
+    echo(f"  signed with {key_dir / PRIVATE_KEY}; each device pins {trusted} and refuses bundles it did not sign")
     echo("  carries " + ", ".join(f"{name} ({sum((bundle_dir / f).stat().st_size for f in entry.files) / 1024:.0f} KiB)"
                                   for name, entry in manifest.formats.items())
          + "; the users below run on onnx (ONNX Runtime)")
@@ -147,8 +157,8 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
             if state.exists():
                 shutil.rmtree(state)
             personalized = _device_cli("personalize", "--bundle", str(bundle_zip), "--state", str(state),
-                                       "--samples", str(train_path), "--backend", "ort")
-            with DeviceRuntime.open(bundle_zip, state, "ort") as runtime:
+                                       "--samples", str(train_path), "--backend", "ort", "--trusted-keys", str(trusted))
+            with DeviceRuntime.open(bundle_zip, state, "ort", trusted_keys=trusted) as runtime:
                 on_user = runtime.evaluate_dataset(user.test)
                 on_generic = runtime.evaluate_dataset(split.test)
             x, y = ckpt.normalize(user.train.images), torch.as_tensor(user.train.labels)
@@ -178,7 +188,8 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
     report = {"model": str(model_dir), "arch": ckpt.meta.arch, "recipe": ckpt.meta.recipe, "seed": seed,
               "samples_per_class": samples_per_class,
               "generic_test_n": len(split.test), "users": rows, "mean": mean, "overhead": overhead,
-              "bundle": str(bundle_dir), "wall_seconds": round(time.perf_counter() - started, 1)}
+              "bundle": str(bundle_dir), "signed_by": _signer_id(key_dir),
+              "wall_seconds": round(time.perf_counter() - started, 1)}
     atomic.write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     plot_report(report, out / "report.png")
     echo("")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgetailor.toolkit.config import from_dict, read_recipe_file
+from edgetailor.toolkit.config import check_learning_rate, check_positive, from_dict, read_recipe_file
 from edgetailor.toolkit.errors import ConfigError
 from edgetailor.toolkit.formats import DEFAULT_FORMATS
 
@@ -52,8 +52,8 @@ class Recovery:
         if self.epochs < 0:
             raise ConfigError(f"{where}.epochs must be >= 0, got {self.epochs}")
         for name in ("learning_rate", "batch_size", "temperature"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
+            check_positive(getattr(self, name), f"{where}.{name}")
+        check_learning_rate(self.learning_rate, f"{where}.learning_rate")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"{where}.alpha must be in [0, 1], got {self.alpha}")
 
@@ -113,8 +113,8 @@ class LotteryTicket:
         if not 0 <= self.rewind_epochs < self.epochs:
             raise ConfigError(f"{where}.rewind_epochs must be in [0, epochs), got {self.rewind_epochs}")
         for name in ("learning_rate", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
+            check_positive(getattr(self, name), f"{where}.{name}")
+        check_learning_rate(self.learning_rate, f"{where}.learning_rate")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgetailor.toolkit.config import from_dict, read_recipe_file
+from edgetailor.toolkit.config import check_learning_rate, check_positive, from_dict, read_recipe_file
 from edgetailor.toolkit.errors import ConfigError
 from edgetailor.server_side.learngene.rules import RULES
 
@@ -123,8 +123,9 @@ class DeviceProfile:
 
 def _positive(obj: Any, *names: str, where: str = "learngene") -> None:
     for name in names:
-        if getattr(obj, name) <= 0:
-            raise ConfigError(f"{where}.{name} must be > 0, got {getattr(obj, name)}")
+        check_positive(getattr(obj, name), f"{where}.{name}")
+        if name == "learning_rate":
+            check_learning_rate(getattr(obj, name), f"{where}.{name}")
 
 
 def load_learngene_recipe(name_or_path: str | Path | None = None) -> LearngeneRecipe:

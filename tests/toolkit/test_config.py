@@ -57,3 +57,27 @@ def test_channel_mix_needs_a_spatial_feature():
     with pytest.raises(ConfigError, match="needs a spatial feature.*'fc2' is a vector") as info:
         ExpertConfig(le_feature_tap="fc2", le_design="channel_mix").resolve_taps(lenet)
     assert "conv" in info.value.hint
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[personalize]\nmax_seconds = nan\n", r"personalize.max_seconds must be a finite number > 0, got nan"),
+    ("[personalize]\nmax_seconds = inf\n", r"personalize.max_seconds must be a finite number > 0, got inf"),
+    ("[personalize]\nle_learning_rate = 1e9\n", r"personalize.le_learning_rate must be a learning rate in \(0, 1\]"),
+    ("[personalize]\ngn_learning_rate = nan\n", r"personalize.gn_learning_rate must be a finite number"),
+    ("[personalize]\nreplay_weight = nan\n", r"replay_weight must be finite"),
+    ("[pretrain]\nlearning_rate = 2.0\n", r"pretrain.learning_rate must be a learning rate in \(0, 1\], got 2.0"),
+    ("[experts]\nreplay_size = 0\n", r"experts.replay_size must be a finite number > 0, got 0"),
+])
+def test_non_finite_and_absurd_numbers_are_refused(tmp_path, text, message):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(bad)
+
+
+def test_personalize_overrides_are_validated_too():
+    from edgetailor.toolkit.config import PersonalizeConfig
+
+    with pytest.raises(ConfigError, match="max_seconds"):
+        PersonalizeConfig(max_seconds=float("nan")).validate()
+    PersonalizeConfig(le_learning_rate=1.0).validate()

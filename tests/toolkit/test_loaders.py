@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from edgetailor.toolkit.data import LabeledImages
-from edgetailor.toolkit.errors import DataFormatError, SampleError
+from edgetailor.toolkit.errors import DataFormatError, LimitError, SampleError
 from edgetailor.toolkit.loaders import load_samples, relabel, save_npz
 from edgetailor.toolkit.preprocess import prepare_images
 
@@ -108,3 +108,93 @@ def test_relabel_refuses_unknown_labels(glyphs):
     with pytest.raises(SampleError, match="'A'"):
         relabel(data, [str(d) for d in range(10)])
     assert relabel(LabeledImages(images[:1], np.array([0]), ["7"]), [str(d) for d in range(10)]).labels.tolist() == [7]
+
+
+def test_load_images_needs_no_labels(tmp_path, glyphs):
+    from PIL import Image
+
+    from edgetailor.toolkit.loaders import load_images
+
+    images, labels = glyphs
+    expected = prepare_images(images).images
+    np.savez(tmp_path / "x-only.npz", x=images)
+    with pytest.raises(DataFormatError, match="'x' and 'y'"):
+        load_samples(tmp_path / "x-only.npz")
+    data = load_images(tmp_path / "x-only.npz")
+    assert np.array_equal(data.images, expected) and data.labels.tolist() == [0] * 6
+    assert data.label_names == ["unlabelled"]
+    _write_idx(tmp_path / "t-images-idx3-ubyte", images)  # no labels file beside it
+    assert np.array_equal(load_images(tmp_path / "t-images-idx3-ubyte").images, expected)
+    flat, nested = tmp_path / "flat", tmp_path / "nested"
+    flat.mkdir()
+    (nested / "a" / "deeper").mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(flat / f"{i}.png")
+        Image.fromarray(image).save(nested / "a" / ("deeper" if i % 2 else ".") / f"{i}.png")
+    (flat / "notes.txt").write_text("not an image")
+    data = load_images(flat)
+    assert np.array_equal(data.images, expected) and "ignored 1 file" in data.notes[0]
+    order = [int(name) for name in ("1", "3", "5", "0", "2", "4")]  # path order: a/deeper/* before a/*.png
+    assert np.array_equal(load_images(nested).images, expected[order])
+
+
+def test_folders_are_prepared_in_batches_like_one(tmp_path, glyphs, monkeypatch):
+    from PIL import Image
+
+    import edgetailor.toolkit.loaders as loaders
+
+    images, _ = glyphs
+    for label in ("3", "7"):
+        (tmp_path / label).mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image).resize((28 + 7 * i, 28)).save(tmp_path / label / f"{i}.png")
+    (tmp_path / "7" / "blank.png").write_bytes((tmp_path / "7" / "0.png").read_bytes())
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "7" / "blank.png")
+    whole = load_samples(tmp_path, skip_bad=True)
+    monkeypatch.setattr(loaders, "FOLDER_BATCH_PIXELS", 1000)
+    batched = load_samples(tmp_path, skip_bad=True)
+    assert np.array_equal(whole.images, batched.images) and np.array_equal(whole.labels, batched.labels)
+    assert whole.notes == batched.notes and any("blank.png" in note for note in whole.notes)
+    with pytest.raises(SampleError, match="7/blank.png"):
+        load_samples(tmp_path)
+
+
+def test_damaged_npz_files_are_data_format_errors(tmp_path, glyphs):
+    """What fuzzing found: each raised a bare BadZipFile, TypeError, TokenError, SystemError ... before."""
+    import io
+    import zipfile
+
+    images, labels = glyphs
+    np.savez(tmp_path / "ok.npz", x=images, y=labels)
+    whole = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataFormatError, match="cut.npz is not a readable .npz file"):
+        load_samples(tmp_path / "cut.npz")
+    np.savez(tmp_path / "names0d.npz", x=images, y=labels, label_names=np.array("abc"))
+    with pytest.raises(DataFormatError, match="label_names must be a 1-D array of strings"):
+        load_samples(tmp_path / "names0d.npz")
+    np.savez(tmp_path / "json.npz", x=images, y=labels, preprocess=np.array("{not json"))
+    with pytest.raises(DataFormatError, match="preprocess is not valid JSON"):
+        load_samples(tmp_path / "json.npz")
+    np.savez(tmp_path / "deep.npz", x=images, y=labels, preprocess=np.array("[" * 100 + "]" * 100))
+    with pytest.raises(LimitError, match="max_json_depth"):
+        load_samples(tmp_path / "deep.npz")
+
+    def rewritten(name: str, old: bytes, new: bytes, source: str = "ok.npz") -> None:
+        out = io.BytesIO()
+        with zipfile.ZipFile(tmp_path / source) as source, zipfile.ZipFile(out, "w") as target:
+            for info in source.infolist():
+                target.writestr(info.filename, source.read(info).replace(old, new, 1))
+        (tmp_path / name).write_bytes(out.getvalue())
+
+    rewritten("token.npz", b"'shape': (6, 28, 28)", b"'shape': '''(6, 28, 28)")  # tokenize.TokenError
+    with pytest.raises(DataFormatError, match="token.npz: x.npy has a header numpy cannot parse"):
+        load_samples(tmp_path / "token.npz")
+    rewritten("object.npz", b"'|u1'", b"'|O' ")
+    with pytest.raises(DataFormatError, match="not numbers or strings"):
+        load_samples(tmp_path / "object.npz")
+    np.savez(tmp_path / "ucs.npz", x=images, y=labels, label_names=np.array(["\U0010FFFF"] * 10))
+    # numpy hands U+11FFFF on, and Python's str() of it fails with SystemError
+    rewritten("ucs2.npz", b"\xff\xff\x10\x00", b"\xff\xff\x11\x00", source="ucs.npz")
+    with pytest.raises(DataFormatError, match="characters outside Unicode"):
+        load_samples(tmp_path / "ucs2.npz")

@@ -164,3 +164,25 @@ def test_golden_vectors():
             raw = golden[f"input_{i}"]
             assert np.array_equal(preprocessing.prepare(raw / 255.0 if raw.dtype == np.uint8 else raw),
                                   golden[f"output_{i}"]), f"golden vector {i}: {str(golden[f'what_{i}'])}"
+
+
+def test_large_images_are_prepared_a_few_at_a_time(monkeypatch):
+    """Chunks bounded by pixels (a batch of large images as float64 is 8x its bytes) give the same samples."""
+    import edgetailor.toolkit.preprocess as preprocess
+
+    rng = np.random.default_rng(0)
+    images = np.zeros((5, 60, 40), np.uint8)
+    for i, image in enumerate(images):
+        image[10:50, 15 + i:22 + i] = 200 + rng.integers(0, 55)
+    whole = prepare_images(images).images
+    monkeypatch.setattr(preprocess, "PREPARE_PIXELS", 60 * 40 * 2)
+    assert np.array_equal(prepare_images(images).images, whole)
+
+
+@pytest.mark.parametrize("shape", [(4108, 12), (12, 4108), (2, 5000)])
+def test_thin_strips_are_prepared_not_crashed_on(shape):
+    """A side shorter than the working-size factor became zero pixels wide (IndexError, found by fuzzing)."""
+    image = np.zeros(shape)
+    image[shape[0] // 4:shape[0] // 2, shape[1] // 4:shape[1] // 2 + 1] = 1.0
+    result = prepare_images([image], skip_bad=True)
+    assert len(result.images) + len(result.refused) == 1
