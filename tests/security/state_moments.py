@@ -41,13 +41,14 @@ def _snapshot(bundle: Path, state: Path) -> dict:
                 "personalized": rt.personalized, "problem": rt.personalization_problem}
 
 
-def kill_at(bundle_dir: Path, state: Path, data: LabeledImages, work: Path, delays: list[float]) -> list[dict]:
+def kill_at(bundle_dir: Path, state: Path, data: LabeledImages, work: Path, delays: list[float],
+            first_moment: int = 0, epochs: int = 40) -> list[dict]:
     """For each delay: a device process adds 20 new samples and personalizes, and is killed (SIGKILL) that long
     after it starts; then the state must hold every sample it held before (plus, all or none, the new ones) and
     a personalization that is intact: the previous one, or the new one if it had committed."""
     zipped = bundle_dir.with_name(bundle_dir.name + ".zip")
     outcomes = []
-    for moment, delay in enumerate(delays):
+    for moment, delay in enumerate(delays, start=first_moment):
         if moment % 2 == 0:    # a fresh unpack of the .zip, so some kills land in the middle of it
             import shutil
 
@@ -56,8 +57,13 @@ def kill_at(bundle_dir: Path, state: Path, data: LabeledImages, work: Path, dela
         path = work / f"moment{moment}.npz"
         save_npz(new_samples(data, moment + 1), path)
         proc = device_process("personalize", "--bundle", str(zipped), "--state", str(state), "--samples", str(path),
-                              "--backend", "ort", "--epochs", "40")
-        time.sleep(delay)
+                              "--backend", "ort", "--epochs", str(epochs))
+        started = time.perf_counter()
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            pass
+        process_seconds = time.perf_counter() - started
         finished = proc.poll() is not None
         proc.send_signal(signal.SIGKILL)
         _, stderr = proc.communicate(timeout=60)
@@ -65,7 +71,8 @@ def kill_at(bundle_dir: Path, state: Path, data: LabeledImages, work: Path, dela
         stage = "finished" if finished else _stage(stderr)
         grown = after["samples"] - before["samples"]
         outcomes.append({
-            "delay_s": delay, "stage": stage, "samples_before": before["samples"], "samples_after": after["samples"],
+            "delay_s": delay, "stage": stage, "process_seconds": process_seconds,
+            "samples_before": before["samples"], "samples_after": after["samples"],
             "samples_lost": max(0, -grown), "partial_add": grown not in (0, 20),
             "personalization_before": before["personalization"], "personalization_after": after["personalization"],
             "personalization_ok": (after["personalized"] and after["problem"] is None
