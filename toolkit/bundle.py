@@ -189,13 +189,12 @@ class Bundle:
         if manifest_bytes is None:
             raise BundleError(f"{source} has no {MANIFEST}", hint="is this an edgetailor bundle? re-export it")
         where = f"{source}/{MANIFEST}"
-        data = parse_json(manifest_bytes, where, limits)
-        manifest = Manifest.from_dict(data, where)
         signature = None
-        if signature_bytes is not None:
+        if signature_bytes is not None:   # checked first: a signed manifest is parsed only once it is genuine
             doc = parse_json(signature_bytes, f"{source}/{SIGNATURE}", limits)
-            signature = verify_signature(data, doc, f"{source}/{SIGNATURE}")
-        return manifest, data, signature
+            signature = verify_signature(manifest_bytes, doc, f"{source}/{SIGNATURE}")
+        data = parse_json(manifest_bytes, where, limits)
+        return Manifest.from_dict(data, where), data, signature
 
     @staticmethod
     def _verify_files(root: Path, manifest: Manifest, source: Path, strict: bool = False,

@@ -3,9 +3,11 @@
 A bundle's ``manifest.json`` names every file with its sha256 and size, so
 one signature over the manifest covers the whole bundle. The signature lives
 beside it in ``signature.json``: the signer's public key, the signature over
-the *canonical* manifest (its JSON re-serialised with sorted keys and no
-whitespace, so every field counts and formatting does not), and the key
-statements the publisher carries along:
+the manifest's exact bytes (export writes the manifest in one canonical form,
+sorted keys and two-space indents, and the device parses the very bytes it
+verified, so a client in any language checks the file as it is, with no JSON
+re-serialisation to reproduce), and the key statements the publisher carries
+along:
 
 - an **endorsement**: key A vouches for key B (a key rotation: a device that
   trusts A learns to trust B);
@@ -318,34 +320,30 @@ class BundleSignature:
         return self.signer.id
 
 
-def signature_document(manifest_data: dict[str, Any], key: SigningKey) -> dict[str, Any]:
+def signature_document(manifest_bytes: bytes, key: SigningKey) -> dict[str, Any]:
     return {"signed": "manifest.json", "public_key": _b64(key.public.raw), "keyid": key.public.id,
-            "signature": _b64(key.sign(MANIFEST_CONTEXT + canonical_json(manifest_data))),
+            "signature": _b64(key.sign(MANIFEST_CONTEXT + manifest_bytes)),
             "statements": list(key.statements)}
 
 
 def sign_bundle_dir(bundle_dir: Path, key: SigningKey) -> Path:
     """Sign ``bundle_dir/manifest.json`` into ``bundle_dir/signature.json``."""
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest_bytes = (bundle_dir / "manifest.json").read_bytes()
     path = bundle_dir / SIGNATURE
-    atomic.write_text(path, json.dumps(signature_document(manifest, key), indent=2, sort_keys=True) + "\n")
+    atomic.write_text(path, json.dumps(signature_document(manifest_bytes, key), indent=2, sort_keys=True) + "\n")
     return path
 
 
-def verify_signature(manifest_data: dict[str, Any], doc: Any, where: str) -> BundleSignature:
-    """Check ``signature.json`` against the parsed manifest: the signature must
-    cover exactly these fields, and every statement must be signed by its issuer."""
+def verify_signature(manifest_bytes: bytes, doc: Any, where: str) -> BundleSignature:
+    """Check ``signature.json`` against the manifest's exact bytes (the device
+    then parses those same bytes), and every statement against its issuer."""
     if not isinstance(doc, dict):
         raise BundleError(f"{where} is not a JSON object")
     public = PublicKey(_unb64(doc.get("public_key"), f"{where}: public_key"))
     if len(public.raw) != 32:
         raise BundleError(f"{where}: public_key is not an Ed25519 key")
     signature = _unb64(doc.get("signature"), f"{where}: signature")
-    try:
-        message = MANIFEST_CONTEXT + canonical_json(manifest_data)
-    except ValueError as exc:
-        raise BundleError(f"{where}: the manifest cannot be put in canonical form: {exc}") from None
-    if not public.verify(signature, message):
+    if not public.verify(signature, MANIFEST_CONTEXT + manifest_bytes):
         raise BundleError(f"{where}: the signature does not match manifest.json: the manifest was changed after "
                           f"it was signed (or the signature belongs to another bundle)",
                           hint="do not edit a signed bundle; re-export and sign it, or get it from its publisher again")
