@@ -166,7 +166,6 @@ class DeviceRuntime:
             # Never lock the user out: answer with GE alone and say why.
             self.personalization_problem = f"{str(exc).splitlines()[0]}; GE answers alone until you personalize again"
             return
-        self.threshold = float(self.manifest.gating_network.threshold)
         if saved is None:
             return
         if saved.bundle_id != self.bundle.bundle_id:
@@ -243,10 +242,7 @@ class DeviceRuntime:
         cfg.validate()
         started = time.perf_counter()
         for attempt in range(1, PERSONALIZE_ATTEMPTS + 1):
-            try:
-                images, labels, generation = self.store.load_samples_with_generation()
-            except DamagedState as exc:
-                raise StateError(str(exc.message), hint=exc.hint) from None
+            images, labels, generation = self.store.load_samples_with_generation()
             self._check_trainable(labels)
             trained = train_mixture(self.trainer, self.ge, self.bundle, images, labels, cfg, progress)
             report = {**trained.report, "damaged_samples_skipped": self.store.damaged_samples}
@@ -373,7 +369,7 @@ class DeviceRuntime:
     # housekeeping --------------------------------------------------------
     def reset(self, keep_samples: bool = True) -> None:
         """Forget the personalization (and, unless ``keep_samples``, the samples): back to GE alone.
-        A state too damaged to change is repaired instead (``repair_state``)."""
+        A damaged state raises DamagedState: repair it first (``repair_state``; the CLI's reset does)."""
         if self.store.read_only:
             raise StateError(f"cannot reset: {self.store.problem or 'the state is open read-only'}")
         self.store.check_health()     # a damaged state is repaired, not just emptied (the CLI's reset does it)

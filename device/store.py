@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS releases (
     accepted_at TEXT NOT NULL
 );
 """
+_TABLES = {"meta", "samples", "personalizations", "trusted_keys", "revoked_keys", "releases"}
 # Version 1 states (edgetailor 0.1) lack the compare-and-swap column and the trust tables.
 _MIGRATE_V1 = "ALTER TABLE personalizations ADD COLUMN samples_generation INTEGER NOT NULL DEFAULT -1"
 
@@ -108,6 +109,10 @@ class DamagedState(StateError):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+_OPEN_HINT = ("check the path, its permissions and free space; if the database is damaged, "
+              "`edgetailor device repair` salvages its samples")
 
 
 def open_store(state_dir: str | Path, read_only: bool = False) -> "StateStore":
@@ -152,13 +157,9 @@ class StateStore:
         except sqlite3.DatabaseError as exc:
             if not isinstance(exc, sqlite3.OperationalError):    # a damaged file, not a missing or busy one
                 raise DamagedState(f"the device state in {self.dir} is damaged: {exc}") from None
-            raise StateError(f"cannot open the device state in {self.dir}: {exc}",
-                             hint="check the path, its permissions and free space; if the database is damaged, "
-                                  "`edgetailor device repair` salvages its samples") from None
+            raise StateError(f"cannot open the device state in {self.dir}: {exc}", hint=_OPEN_HINT) from None
         except OSError as exc:
-            raise StateError(f"cannot open the device state in {self.dir}: {exc}",
-                             hint="check the path, its permissions and free space; if the database is damaged, "
-                                  "`edgetailor device repair` salvages its samples") from None
+            raise StateError(f"cannot open the device state in {self.dir}: {exc}", hint=_OPEN_HINT) from None
         if labels is not None:
             self.check_labels(labels)
 
@@ -176,7 +177,13 @@ class StateStore:
         return store
 
     def _create_or_migrate(self) -> None:
+        """Create the tables, or bring a version-1 state up to date. A current
+        state is only read here: opening takes no write lock, so commands that
+        only answer run beside a personalize, and on a full disk."""
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        version = self.get_meta("schema_version") if "meta" in tables else None
+        if _TABLES <= tables and version is not None and int(version) >= SCHEMA_VERSION:
+            return      # current (a newer version is refused by check_labels)
         with self.transaction():
             if "personalizations" in tables:
                 columns = {r[1] for r in self.db.execute("PRAGMA table_info(personalizations)")}
@@ -185,10 +192,6 @@ class StateStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self.db.execute(statement)
-            version = self.get_meta("schema_version")
-            if version is not None and int(version) > SCHEMA_VERSION:
-                raise StateError(f"{self.dir} was written by a newer toolkit (state schema {version}, this toolkit "
-                                 f"reads up to {SCHEMA_VERSION})", hint="upgrade edgetailor on this device")
             if version is not None and int(version) < SCHEMA_VERSION:
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
 

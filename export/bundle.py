@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -134,15 +134,6 @@ def _compression_summary(compression: dict[str, Any] | None) -> dict[str, Any] |
             "sparse": compression["sparse"], "quantization": compression["quantization"]}
 
 
-def release_spec(out: Path, name: str | None, version: int | None, expires: datetime | None) -> ReleaseSpec:
-    if version is None:
-        version = int(datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"))
-    if expires is not None and expires.tzinfo is None:
-        expires = expires.replace(tzinfo=timezone.utc)
-    return ReleaseSpec(name=name or out.name, version=int(version),
-                       expires=expires.astimezone(timezone.utc).isoformat(timespec="seconds") if expires else None)
-
-
 def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig | None = None,
                   personalize: PersonalizeConfig | None = None, make_zip: bool = True,
                   overwrite: bool = False, progress: ProgressFn | None = None,
@@ -167,6 +158,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
     """
     say = progress or (lambda _msg: None)
     key = load_signing_key(signing_key) if signing_key is not None else None   # a bad key fails before any work
+    release = ReleaseSpec.make(name or Path(out).name, version, expires)
     model_dir = Path(model_dir)
     ckpt = GECheckpoint.load(model_dir)
     meta = ckpt.meta
@@ -253,7 +245,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
                 macs=count_macs(gn, (torch.zeros(1, gn_dim),)), threshold=experts.gate_threshold),
             replay=ReplaySpec(file="replay.npz", count=len(ckpt.replay)),
             personalize=asdict(personalize), personalized_model=personalized,
-            release=release_spec(out, name, version, expires),
+            release=release,
         )
         write_manifest(staging, manifest)
         if key is not None:

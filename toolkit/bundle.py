@@ -27,6 +27,7 @@ import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -96,12 +97,13 @@ def zip_bundle(bundle_dir: Path, zip_path: Path) -> Path:
 TrustCheck = Callable[[Manifest, "BundleSignature | None", Path], None]
 
 
-def sign_bundle(bundle_dir: str | Path, signing_key: str | Path, release: ReleaseSpec | None = None,
-                make_zip: bool | None = None) -> Path:
-    """Sign an exported bundle directory (re-hashing its files, with ``release``
-    replacing its name/version/expiry when given), and rewrite ``DIR.zip``
-    when it exists (or ``make_zip``). For publishers who sign on another
-    machine than the one that exports."""
+def sign_bundle(bundle_dir: str | Path, signing_key: str | Path, name: str | None = None, version: int | None = None,
+                expires: datetime | str | None = None, make_zip: bool | None = None) -> Manifest:
+    """Sign an exported bundle directory, re-hashing its files, and rewrite
+    ``DIR.zip`` when it exists (or ``make_zip``): for publishers who sign on
+    another machine than the one that exports. Giving a new ``name`` or
+    ``expires`` without a ``version`` also gives a new version, since devices
+    refuse other contents under a version they already accepted."""
     bundle_dir = Path(bundle_dir)
     key = load_signing_key(signing_key)
     with Bundle.open(bundle_dir) as bundle:
@@ -113,15 +115,19 @@ def sign_bundle(bundle_dir: str | Path, signing_key: str | Path, release: Releas
         problem = "; ".join(damaged.values()) if damaged else f"files the manifest does not list: {unlisted[:5]}"
         raise BundleError(f"refusing to sign {bundle_dir}: {problem}",
                           hint="sign only what export wrote; export the bundle again")
-    if release is not None:
-        manifest.release = release
+    current = manifest.release
+    if current is None or name or version is not None or expires:
+        if version is None and current is not None:
+            version = max(current.version + 1, ReleaseSpec.make("").version)
+        manifest.release = ReleaseSpec.make(name or (current.name if current else bundle_dir.name), version,
+                                            expires or (current.expires if current else None))
     write_manifest(bundle_dir, manifest)
     sign_bundle_dir(bundle_dir, key)
     Bundle.open(bundle_dir).close()
     zip_path = bundle_dir.with_name(bundle_dir.name + ".zip")
     if make_zip or (make_zip is None and zip_path.exists()):
         zip_bundle(bundle_dir, zip_path)
-    return bundle_dir
+    return manifest
 
 
 @dataclass
@@ -153,7 +159,7 @@ class Bundle:
         if path.is_file():
             with _ZipBundle(path, limits) as archive:
                 manifest_bytes, signature_bytes = archive.read_small(MANIFEST), archive.read_small(SIGNATURE)
-                manifest, data, signature = cls._read_manifest(manifest_bytes, signature_bytes, path, limits)
+                manifest, digest, signature = cls._read_manifest(manifest_bytes, signature_bytes, path, limits)
                 if trust is not None:
                     trust(manifest, signature, path)
                 cache = Path(cache_dir) if cache_dir is not None else None
@@ -167,11 +173,10 @@ class Bundle:
                         shutil.rmtree(root, ignore_errors=True)
                         root, tmp = archive.unpack(cache)
                     else:
-                        return cls(root, manifest, path, None, damaged, signature,
-                                   hashlib.sha256(canonical_json(data)).hexdigest())
+                        return cls(root, manifest, path, None, damaged, signature, digest)
         else:
-            manifest, data, signature = cls._read_manifest(_read_small(path / MANIFEST, limits),
-                                                           _read_small(path / SIGNATURE, limits), path, limits)
+            manifest, digest, signature = cls._read_manifest(_read_small(path / MANIFEST, limits),
+                                                             _read_small(path / SIGNATURE, limits), path, limits)
             if trust is not None:
                 trust(manifest, signature, path)
             root, tmp = path, None
@@ -181,11 +186,13 @@ class Bundle:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return cls(root, manifest, path, tmp, damaged, signature, hashlib.sha256(canonical_json(data)).hexdigest())
+        return cls(root, manifest, path, tmp, damaged, signature, digest)
 
     @staticmethod
     def _read_manifest(manifest_bytes: bytes | None, signature_bytes: bytes | None, source: Path,
-                       limits: Limits) -> tuple[Manifest, dict, BundleSignature | None]:
+                       limits: Limits) -> tuple[Manifest, str, BundleSignature | None]:
+        """The manifest, its digest (over its canonical form: every field, whatever the formatting) and its
+        checked signature."""
         if manifest_bytes is None:
             raise BundleError(f"{source} has no {MANIFEST}", hint="is this an edgetailor bundle? re-export it")
         where = f"{source}/{MANIFEST}"
@@ -194,7 +201,7 @@ class Bundle:
             doc = parse_json(signature_bytes, f"{source}/{SIGNATURE}", limits)
             signature = verify_signature(manifest_bytes, doc, f"{source}/{SIGNATURE}")
         data = parse_json(manifest_bytes, where, limits)
-        return Manifest.from_dict(data, where), data, signature
+        return Manifest.from_dict(data, where), hashlib.sha256(canonical_json(data)).hexdigest(), signature
 
     @staticmethod
     def _verify_files(root: Path, manifest: Manifest, source: Path, strict: bool = False,
@@ -238,8 +245,6 @@ class Bundle:
                 raise BundleError(f"{source}/{MANIFEST}: format {fmt!r} references files it does not hash "
                                   f"consistently: {', '.join(unlisted)}", hint="the bundle is damaged; re-export it")
         owned = {f for fmt in formats for f in manifest.format_files(fmt)}
-        if manifest.replay.file not in manifest.files:
-            raise BundleError(f"{source}/{MANIFEST} references files it does not hash: {manifest.replay.file}")
         shared = {name: why for name, why in problems.items() if name not in owned}
         if shared:
             name, why = next(iter(shared.items()))

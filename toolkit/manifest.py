@@ -185,6 +185,16 @@ class ReleaseSpec:
     version: int
     expires: str | None = None            # ISO 8601 UTC; absent: never
 
+    @classmethod
+    def make(cls, name: str, version: int | None = None, expires: datetime | str | None = None) -> "ReleaseSpec":
+        """A release; by default versioned by the UTC time as YYYYMMDDHHMMSS, which grows with every export."""
+        if version is None:
+            version = int(datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"))
+        if isinstance(expires, datetime):
+            moment = expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)
+            expires = moment.astimezone(timezone.utc).isoformat(timespec="seconds")
+        return cls(name=name, version=int(version), expires=expires)
+
     def expired(self, now: datetime | None = None) -> bool:
         if self.expires is None:
             return False

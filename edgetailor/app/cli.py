@@ -354,11 +354,10 @@ def _expiry(days: float | None):
     return datetime.now(timezone.utc) + timedelta(days=days) if days else None
 
 
-def _signer(bundle_dir: Path) -> str:
-    from edgetailor.toolkit.bundle import Bundle
+def _key_id(signing_key: Path) -> str:
+    from edgetailor.toolkit.signing import load_signing_key
 
-    with Bundle.open(bundle_dir) as opened:
-        return opened.signer_id[:16] if opened.signer_id else "none"
+    return load_signing_key(signing_key).public.id[:16]
 
 
 @export.command("sign")
@@ -369,25 +368,12 @@ def export_sign_cmd(bundle_dir: Path, signing_key: Path | None, name: str | None
                     expires_days: float | None) -> None:
     """Sign an exported bundle (on the machine that holds the key), optionally
     giving it a new release name, version or expiry. Re-hashes every file."""
-    from edgetailor.toolkit.bundle import Bundle, sign_bundle
-    from edgetailor.toolkit.manifest import ReleaseSpec
+    from edgetailor.toolkit.bundle import sign_bundle
 
     if signing_key is None:
         raise EdgetailorError("give --signing-key KEY", hint="make one with `edgetailor keys generate --out keys/`")
-    with Bundle.open(bundle_dir) as opened:
-        current = opened.manifest.release
-    release = None
-    if name or version is not None or expires_days or current is None:
-        from edgetailor.export.bundle import release_spec
-
-        base = current or release_spec(bundle_dir, None, None, None)
-        if version is None and current is not None:
-            # other contents under the same version would be refused by devices that saw the first: a new one
-            version = max(current.version + 1, release_spec(bundle_dir, None, None, None).version)
-        release = ReleaseSpec(name or base.name, base.version if version is None else version,
-                              _expiry(expires_days).isoformat(timespec="seconds") if expires_days else base.expires)
-    sign_bundle(bundle_dir, signing_key, release)
-    click.echo(f"signed {bundle_dir} with key {_signer(bundle_dir)}")
+    release = sign_bundle(bundle_dir, signing_key, name, version, _expiry(expires_days)).release
+    click.echo(f"signed {bundle_dir} ({release.name} version {release.version}) with key {_key_id(signing_key)}")
 
 
 # ----------------------------------------------------------------------- keys
@@ -509,7 +495,7 @@ def export_bundle_cmd(model: Path, out: Path, formats: str | None, extra_trainin
     release = manifest.release
     click.echo(f"  {release.name} version {release.version}"
                + (f", expires {release.expires}" if release.expires else "")
-               + (f"; signed by key {_signer(path)}" if signing_key else "; unsigned"))
+               + (f"; signed by key {_key_id(signing_key)}" if signing_key else "; unsigned"))
     click.echo(f"  GE {ge.params:,} params, {ge.macs:,} MACs; LE+GN {le.params + gn.params:,} params "
                f"({(le.params + gn.params) / ge.params:.2%}), {le.macs + gn.macs:,} MACs "
                f"({(le.macs + gn.macs) / ge.macs:.2%})")

@@ -81,3 +81,12 @@ def test_onnx_only_bundle(ge_dir, tmp_path):
     out = export_bundle(ge_dir, tmp_path / "b", formats=["onnx"], make_zip=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert list(manifest["formats"]) == ["onnx"] and not list(out.glob("*.pte"))
+
+
+def test_release_defaults_to_the_folder_name_and_the_time(bundle_dir):
+    """Devices track versions per release name: export's defaults must be stable and growing."""
+    from datetime import datetime, timezone
+
+    release = json.loads((bundle_dir / "manifest.json").read_text())["release"]
+    assert release["name"] == bundle_dir.name
+    assert 20260101000000 < release["version"] <= int(datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"))

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from edgetailor.toolkit.bundle import sign_bundle, write_manifest, zip_bundle
-from edgetailor.toolkit.manifest import Manifest, ReleaseSpec
+from edgetailor.toolkit.manifest import Manifest
 from edgetailor.toolkit.signing import PUBLIC_KEY, generate_key, load_signing_key, rotate_key, sign_bundle_dir
 
 NAME = "edgetailor-digits"
@@ -56,7 +56,7 @@ class Lab:
             manifest = Manifest.from_json((out / "manifest.json").read_text())
             write_manifest(out, manifest)     # as export does: the edited files are what the publisher ships
         if signed:
-            sign_bundle(out, key or self.key, ReleaseSpec(name, version, expires.isoformat() if expires else None))
+            sign_bundle(out, key or self.key, name=name, version=version, expires=expires)
         return out
 
     def fresh_state(self) -> Path:
