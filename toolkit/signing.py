@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -136,26 +135,10 @@ def generate_key(out_dir: str | Path, overwrite: bool = False) -> PublicKey:
     private = _ed25519().Ed25519PrivateKey.generate()
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    _write_private(private_path, pem)
+    atomic.write_bytes(private_path, pem, mode=0o600)
     public = PublicKey(_raw_public(private.public_key()))
     atomic.write_text(out_dir / PUBLIC_KEY, public.to_pem())
     return public
-
-
-def _write_private(path: Path, pem: bytes) -> None:
-    """Temporary file created 0600, fsynced, renamed: the key is never readable by others, not even briefly."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        atomic.fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_signing_key(path: str | Path) -> SigningKey:
