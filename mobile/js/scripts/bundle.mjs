@@ -1,0 +1,68 @@
+#!/usr/bin/env node
+/**
+ * Bundles the built SDK (dist/index.js, from `npm run build`) into one ESM file
+ * for the browser, demo/edgetailor.js (minified, with a source map), and
+ * reports the SDK's own minified size: onnxruntime is not in it (the app
+ * passes its own `ort` module in), and the Node-only paths are dynamic
+ * imports of node:* that stay external and never run in a browser.
+ *
+ * Writes test-output/size.json: {"bytes": N, "gzip_bytes": M}. The SDK's
+ * budget is 60 KB minified; going over it prints a warning (and fails with
+ * --strict).
+ */
+
+import { build } from "esbuild";
+import { mkdir, stat, writeFile } from "node:fs/promises";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { gzipSync } from "node:zlib";
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
+const ENTRY = path.join(ROOT, "dist", "index.js");
+const OUT = path.join(ROOT, "demo", "edgetailor.js");
+const BUDGET = 60 * 1024;
+
+try {
+  await stat(ENTRY);
+} catch {
+  console.error(`bundle.mjs: ${path.relative(process.cwd(), ENTRY)} is missing; run \`npm run build\` first`);
+  process.exit(1);
+}
+
+const common = {
+  entryPoints: [ENTRY],
+  bundle: true,
+  format: "esm",
+  platform: "browser",
+  target: ["es2022"],
+  minify: true,
+  legalComments: "none",
+  // node:* only behind `await import(...)` on Node paths; onnxruntime is the app's, never bundled
+  external: ["node:*", "onnxruntime-common", "onnxruntime-web", "onnxruntime-node", "onnxruntime-react-native"],
+  logLevel: "warning",
+};
+
+// 1. the demo's copy, with its source map
+const result = await build({ ...common, outfile: OUT, sourcemap: true, metafile: true });
+
+// 2. the SDK alone, in memory, without the source-map comment: the number to hold to the budget
+const sized = await build({ ...common, write: false, sourcemap: false });
+const code = sized.outputFiles[0].contents;
+const bytes = code.length;
+const gzipBytes = gzipSync(code, { level: 9 }).length;
+
+const imports = Object.values(result.metafile.outputs)
+  .flatMap((o) => o.imports ?? []).filter((i) => i.external).map((i) => i.path);
+const leaked = imports.filter((p) => p.startsWith("onnxruntime"));
+if (leaked.length) console.warn(`bundle.mjs: warning: the bundle imports ${leaked.join(", ")} at run time`);
+
+await mkdir(path.join(ROOT, "test-output"), { recursive: true });
+await writeFile(path.join(ROOT, "test-output", "size.json"), JSON.stringify({ bytes, gzip_bytes: gzipBytes }) + "\n");
+
+const kb = (n) => `${(n / 1024).toFixed(1)} KB`;
+console.log(`wrote ${path.relative(process.cwd(), OUT)} (+ .map)`);
+console.log(`SDK minified: ${bytes} bytes (${kb(bytes)}), gzip: ${gzipBytes} bytes (${kb(gzipBytes)}); budget ${kb(BUDGET)} minified`);
+if (bytes > BUDGET) {
+  console.warn(`bundle.mjs: warning: the SDK is ${kb(bytes - BUDGET)} over its ${kb(BUDGET)} budget`);
+  if (process.argv.includes("--strict")) process.exit(1);
+}

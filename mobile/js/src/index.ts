@@ -1,0 +1,19 @@
+/**
+ * @edgetailor/sdk: personalize an edgetailor bundle on the device, in React
+ * Native, the browser or Node. It opens and verifies a signed bundle, keeps
+ * the user's samples in a `Store`, trains the Local Expert and the Gating
+ * Network with the bundle's step programs on the onnxruntime the app passes
+ * in, and routes each input to GE or LE, as the Python device runtime does.
+ */
+
+export { DeviceRuntime } from "./runtime.js";
+export type { Evaluation, Expert, ImageInput, LabelInput, OpenOptions, Prediction } from "./runtime.js";
+export { MemoryStore, IndexedDbStore } from "./store.js";
+export type { Store } from "./store.js";
+export type { OrtModule } from "./programs.js";
+export type { PersonalizeConfig, ProgressFn } from "./mixture.js";
+export { DEFAULT_LIMITS } from "./limits.js";
+export type { Limits } from "./limits.js";
+export {
+  BackendError, BundleError, EdgetailorError, LimitError, PersonalizationError, SampleError, SigningKeyError, StateError, TrustError,
+} from "./errors.js";

@@ -1,0 +1,51 @@
+/**
+ * Filling trained weights into the bundle's personalized-model template, as
+ * the Python runtime's `toolkit/patching.py`: export recorded the byte
+ * offset of every placeholder float, so the device writes little-endian
+ * float32 values over them, with no converter on the device.
+ */
+
+import { BundleError } from "./errors.js";
+
+interface PatchTable {
+  version: number;
+  size: number;
+  threshold: number[];
+  values: Record<string, Record<string, { elements: number[]; offsets: number[] }>>;
+}
+
+export function applyPatches(template: Uint8Array, tableText: string, weights: Record<string, Record<string, Float32Array>>,
+                             threshold: number, where: string): Uint8Array {
+  let table: PatchTable;
+  try {
+    table = JSON.parse(tableText) as PatchTable;
+  } catch (error) {
+    throw new BundleError(`the patch table of ${where} is not JSON: ${(error as Error).message}`, "the bundle is damaged; re-export it");
+  }
+  if (table.version !== 1 || !Number.isSafeInteger(table.size) || typeof table.values !== "object" || !Array.isArray(table.threshold)) {
+    throw new BundleError(`the patch table of ${where} is not one this SDK reads (version ${table.version})`, "re-export the bundle");
+  }
+  if (template.length !== table.size) {
+    throw new BundleError(`${where} has ${template.length} bytes, its patch table was made for ${table.size}`, "the bundle is damaged; re-export it");
+  }
+  const out = template.slice();
+  const view = new DataView(out.buffer, out.byteOffset, out.byteLength);
+  const put = (offset: number, value: number) => {
+    if (!Number.isSafeInteger(offset) || offset < 0 || offset > out.length - 4) {
+      throw new BundleError(`the patch table of ${where} points outside it (offset ${offset})`, "the bundle is damaged; re-export it");
+    }
+    view.setFloat32(offset, value, true);
+  };
+  for (const [part, params] of Object.entries(table.values)) {
+    for (const [name, { elements, offsets }] of Object.entries(params)) {
+      const flat = weights[part]?.[name];
+      if (!flat) throw new BundleError(`${where} expects ${part} parameter ${JSON.stringify(name)}, which the personalization lacks`, "personalize again with this bundle");
+      elements.forEach((element, k) => {
+        if (element >= flat.length) throw new BundleError(`${where} expects ${part}.${name} with more than ${flat.length} values`, "personalize again with this bundle");
+        put(offsets[k], flat[element]);
+      });
+    }
+  }
+  for (const offset of table.threshold) put(offset, threshold);
+  return out;
+}

@@ -1,0 +1,264 @@
+/**
+ * Running the bundle's ONNX programs with the onnxruntime the app passes in
+ * (onnxruntime-react-native, -web or -node: they share onnxruntime-common's
+ * API). GE gives logits and the feature taps; LE's and GN's step programs
+ * train with three flat vectors (parameters and AdamW's two moments) that
+ * this module feeds back in, padding a short batch with rows of weight 0,
+ * as the Python runtime's `device/backends/steps.py`.
+ */
+
+import type * as Ort from "onnxruntime-common";
+import { BackendError, PersonalizationError } from "./errors.js";
+import type { Bundle } from "./bundle.js";
+import type { InputSpec, PartName, TrainablePart } from "./manifest.js";
+import { parseNpy } from "./npy.js";
+
+/** What the SDK needs of an onnxruntime package: `import * as ort from "onnxruntime-node"` fits. */
+export interface OrtModule {
+  InferenceSession: { create(model: Uint8Array, options?: Ort.InferenceSession.SessionOptions): Promise<Ort.InferenceSession> };
+  Tensor: typeof Ort.Tensor;
+}
+
+export interface ProgramOptions {
+  ort: OrtModule;
+  sessionOptions?: Ort.InferenceSession.SessionOptions;
+}
+
+export async function openSession(options: ProgramOptions, bytes: Uint8Array, what: string, threads: number) {
+  try {
+    return await options.ort.InferenceSession.create(bytes, { intraOpNumThreads: threads, interOpNumThreads: 1, ...options.sessionOptions });
+  } catch (error) {
+    const message = String((error as Error).message ?? error).split("\n")[0].slice(0, 300);
+    const hint = /opset|ir.?version/i.test(message)
+      ? "this onnxruntime is too old for the bundle: update it (>= 1.17), or re-export the bundle with an older opset"
+      : "re-export or re-download the bundle";
+    throw new BackendError(`onnxruntime could not load ${what}: ${message}`, hint);
+  }
+}
+
+/** uint8 samples (N*H*W) -> GE's float32 input, as `InputSpec.normalize` computes it (float32 steps). */
+export function normalize(images: Uint8Array, spec: InputSpec, out: Float32Array): Float32Array {
+  // divided by 1/scale (255), not multiplied by scale: x / 255 and x * (1/255) differ in the last bit
+  const divisor = Math.fround(1 / spec.scale);
+  const mean = Math.fround(spec.mean);
+  const std = Math.fround(spec.std);
+  const table = new Float32Array(256);
+  for (let v = 0; v < 256; v++) table[v] = Math.fround(Math.fround(Math.fround(v / divisor) - mean) / std);
+  for (let i = 0; i < images.length; i++) out[i] = table[images[i]];
+  return out;
+}
+
+export class GlobalExpert {
+  private constructor(
+    private readonly options: ProgramOptions,
+    private readonly session: Ort.InferenceSession,
+    private readonly spec: InputSpec,
+    private readonly inputName: string,
+    readonly outputNames: string[], // logits first, then the taps
+  ) {}
+
+  static async open(bundle: Bundle, options: ProgramOptions): Promise<GlobalExpert> {
+    const ge = bundle.manifest.global_expert;
+    const file = ge.files.onnx;
+    const session = await openSession(options, bundle.file(file), file, 2);
+    const order = ge.output_order;
+    return new GlobalExpert(options, session, bundle.manifest.input, ge.input_name, [ge.outputs.logits, ...order.slice(1)]);
+  }
+
+  /** Logits [N*C] and the taps' features [N*D] for `count` uint8 samples, `batch` at a time to bound memory. */
+  async run(images: Uint8Array, count: number, taps: string[], batch = 64,
+            progress?: (done: number, total: number) => void): Promise<{ logits: Float32Array; classes: number; features: Record<string, { data: Float32Array; dim: number }> }> {
+    const [, h, w] = this.spec.shape;
+    const pixels = h * w;
+    const input = new Float32Array(Math.min(batch, count) * pixels);
+    let logits: Float32Array | null = null;
+    let classes = 0;
+    const features: Record<string, { data: Float32Array; dim: number }> = {};
+    for (let start = 0; start < count; start += batch) {
+      const rows = Math.min(batch, count - start);
+      const x = input.subarray(0, rows * pixels);
+      normalize(images.subarray(start * pixels, (start + rows) * pixels), this.spec, x);
+      const feeds = { [this.inputName]: new this.options.ort.Tensor("float32", x, [rows, 1, h, w]) };
+      const outputs = await this.session.run(feeds, [this.outputNames[0], ...taps]);
+      const lg = outputs[this.outputNames[0]].data as Float32Array;
+      if (logits === null) {
+        classes = lg.length / rows;
+        logits = new Float32Array(count * classes);
+        for (const tap of taps) {
+          const dim = (outputs[tap].data as Float32Array).length / rows;
+          features[tap] = { data: new Float32Array(count * dim), dim };
+        }
+      }
+      logits.set(lg, start * classes);
+      for (const tap of taps) features[tap].data.set(outputs[tap].data as Float32Array, start * features[tap].dim);
+      progress?.(start + rows, count);
+    }
+    return { logits: logits ?? new Float32Array(0), classes, features };
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}
+
+/** The flat parameter vector in the manifest's order (sorted names, as export flattened them). */
+export function parameterOrder(spec: TrainablePart): string[] {
+  return Object.keys(spec.parameters).sort();
+}
+
+export function parameterCount(spec: TrainablePart): number {
+  return Object.values(spec.parameters).reduce((sum, shape) => sum + shape.reduce((a, b) => a * b, 1), 0);
+}
+
+function trainingFiles(bundle: Bundle, part: PartName): Record<string, string> {
+  const files = bundle.manifest[part].training.onnx;
+  if (!files?.step || !files?.forward) {
+    throw new BackendError(`${bundle.source} has no onnx step programs for ${part.replace("_", " ")}`,
+      "re-export the bundle with this edgetailor (`edgetailor export bundle`)");
+  }
+  return files;
+}
+
+/** Trains one part (LE or GN) by running its step program. */
+export class StepTrainer {
+  params: Float32Array;
+  private m: Float32Array;
+  private v: Float32Array;
+  private t = 0;
+  private lr = new Float32Array([1e-3]);
+  readonly batch: number;
+  private readonly buffers: Float32Array[];
+  private readonly labels: Int32Array;
+  private readonly rowWeights: Float32Array;
+  private readonly dims: number[];
+
+  private constructor(private readonly options: ProgramOptions, private readonly session: Ort.InferenceSession,
+                      readonly spec: TrainablePart, private readonly part: PartName, dims: number[]) {
+    this.batch = spec.max_batch;
+    this.dims = dims;
+    this.params = new Float32Array(0);
+    this.m = new Float32Array(0);
+    this.v = new Float32Array(0);
+    this.buffers = dims.map((d) => new Float32Array(this.batch * d));
+    this.labels = new Int32Array(this.batch);
+    this.rowWeights = new Float32Array(this.batch);
+  }
+
+  /** `dims`: the width of each feature input (features D, and C for LE's base_logits). */
+  static async open(bundle: Bundle, part: PartName, options: ProgramOptions, dims: number[]): Promise<StepTrainer> {
+    const spec = bundle.manifest[part];
+    const file = trainingFiles(bundle, part).step;
+    const trainer = new StepTrainer(options, await openSession(options, bundle.file(file), file, 1), spec, part, dims);
+    const initial = parseNpy(bundle.file(spec.initial_parameters), spec.initial_parameters);
+    const expected = parameterCount(spec);
+    if (initial.data.length !== expected || !(initial.data instanceof Float32Array)) {
+      throw new BackendError(`${spec.initial_parameters} holds ${initial.data.length} values, ${part} has ${expected} parameters`,
+        "the bundle is damaged; re-export it");
+    }
+    trainer.params = Float32Array.from(initial.data);
+    trainer.m = new Float32Array(expected);
+    trainer.v = new Float32Array(expected);
+    return trainer;
+  }
+
+  setLearningRate(lr: number): void {
+    this.lr = new Float32Array([lr]);
+  }
+
+  /** One AdamW step on `rows` rows gathered from the tables: `tables[i]` has `dims[i]` values per row. */
+  async step(tables: Float32Array[], rowIndex: ArrayLike<number>, labels: ArrayLike<number>): Promise<number> {
+    const rows = rowIndex.length;
+    if (rows > this.batch) {
+      throw new PersonalizationError(`a training batch of ${rows} rows is more than this bundle's ${this.part.replace("_", " ")} step program takes (${this.batch})`,
+        "lower personalize.batch_size to the bundle's default or below");
+    }
+    for (let k = 0; k < tables.length; k++) {
+      const d = this.dims[k];
+      const buffer = this.buffers[k];
+      const table = tables[k];
+      for (let r = 0; r < rows; r++) buffer.set(table.subarray(rowIndex[r] * d, rowIndex[r] * d + d), r * d);
+      buffer.fill(0, rows * d);
+    }
+    for (let r = 0; r < this.batch; r++) {
+      this.labels[r] = r < rows ? labels[r] : 0;
+      this.rowWeights[r] = r < rows ? 1 : 0;
+    }
+    this.t += 1;
+    const { Tensor } = this.options.ort;
+    const names = this.session.inputNames;
+    const values: Ort.Tensor[] = [
+      ...this.buffers.map((b, k) => new Tensor("float32", b, [this.batch, this.dims[k]])),
+      new Tensor("int32", this.labels, [this.batch]),
+      new Tensor("float32", this.rowWeights, [this.batch]),
+      new Tensor("float32", new Float32Array([this.t]), [1]),
+      new Tensor("float32", this.lr, [1]),
+      new Tensor("float32", this.params, [this.params.length]),
+      new Tensor("float32", this.m, [this.m.length]),
+      new Tensor("float32", this.v, [this.v.length]),
+    ];
+    const feeds: Record<string, Ort.Tensor> = {};
+    names.forEach((name, i) => (feeds[name] = values[i]));
+    const out = await this.session.run(feeds);
+    const [loss, params, m, v] = this.session.outputNames.map((name) => out[name].data as Float32Array);
+    this.params = Float32Array.from(params);
+    this.m = Float32Array.from(m);
+    this.v = Float32Array.from(v);
+    return loss[0];
+  }
+
+  /** The trained weights by parameter name. */
+  weights(): Record<string, { data: Float32Array; shape: number[] }> {
+    return unflatten(this.params, this.spec);
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}
+
+export function unflatten(flat: Float32Array, spec: TrainablePart): Record<string, { data: Float32Array; shape: number[] }> {
+  const out: Record<string, { data: Float32Array; shape: number[] }> = {};
+  let at = 0;
+  for (const name of parameterOrder(spec)) {
+    const shape = spec.parameters[name];
+    const size = shape.reduce((a, b) => a * b, 1);
+    out[name] = { data: flat.slice(at, at + size), shape };
+    at += size;
+  }
+  return out;
+}
+
+export function flatten(weights: Record<string, { data: Float32Array }>, spec: TrainablePart): Float32Array {
+  const out = new Float32Array(parameterCount(spec));
+  let at = 0;
+  for (const name of parameterOrder(spec)) {
+    out.set(weights[name].data, at);
+    at += weights[name].data.length;
+  }
+  return out;
+}
+
+/** A trained part run by its forward program: features (and base logits) in, logits out. */
+export class ForwardPart {
+  private constructor(private readonly options: ProgramOptions, private readonly session: Ort.InferenceSession,
+                      private readonly params: Float32Array) {}
+
+  static async open(bundle: Bundle, part: PartName, options: ProgramOptions, params: Float32Array): Promise<ForwardPart> {
+    const file = trainingFiles(bundle, part).forward;
+    return new ForwardPart(options, await openSession(options, bundle.file(file), file, 1), params);
+  }
+
+  async run(inputs: { data: Float32Array; dim: number }[], rows: number): Promise<Float32Array> {
+    if (rows === 0) return new Float32Array(0);
+    const { Tensor } = this.options.ort;
+    const values = [...inputs.map((x) => new Tensor("float32", x.data, [rows, x.dim])), new Tensor("float32", this.params, [this.params.length])];
+    const feeds: Record<string, Ort.Tensor> = {};
+    this.session.inputNames.forEach((name, i) => (feeds[name] = values[i]));
+    const out = await this.session.run(feeds);
+    return out[this.session.outputNames[0]].data as Float32Array;
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}

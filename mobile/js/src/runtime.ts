@@ -1,0 +1,430 @@
+/**
+ * The SDK's public API, mirroring the Python `DeviceRuntime`:
+ *
+ *     const rt = await DeviceRuntime.open(bundle, { ort, store, trustedKeys });
+ *     await rt.addSamples(images, labels);   // kept in the store across restarts
+ *     await rt.personalize({ onProgress });  // trains LE and GN; committed atomically
+ *     await rt.predict(images);              // labels, probabilities, which expert answered, gate
+ *     await rt.evaluate(images, labels);
+ *     await rt.exportPersonalized();         // one program for an app that only predicts
+ *     await rt.reset();
+ *
+ * Until a personalization exists for this bundle, predict and evaluate answer
+ * with GE alone. Every image goes through the bundle's preprocessing, as in
+ * Python, so the same picture becomes the same sample in every client.
+ */
+
+import type * as Ort from "onnxruntime-common";
+import { Bundle, type BundleSource } from "./bundle.js";
+import { BundleError, PersonalizationError, SampleError, StateError } from "./errors.js";
+import { checkLimit, resolveLimits, type Limits } from "./limits.js";
+import {
+  gateFromLogits, packWeights, personalizeConfig, trainMixture, type PersonalizeConfig, type ProgressFn,
+} from "./mixture.js";
+import { parseNpz } from "./npy.js";
+import { applyPatches } from "./patching.js";
+import { asGreyFloat, preprocessingFrom, type Preprocessing } from "./preprocess.js";
+import { flatten, ForwardPart, GlobalExpert, type OrtModule, type ProgramOptions } from "./programs.js";
+import { parsePublicKey } from "./signing.js";
+import { DeviceState, SamplesChanged, type PersonalizationRecord } from "./state.js";
+import type { Store } from "./store.js";
+import { TrustPolicy } from "./trust.js";
+
+export type Expert = "GE" | "LE";
+
+/** Images: N of the bundle's input size as a flat typed array, or N of any one size with their shape. */
+export type ImageInput =
+  | Uint8Array | Uint8ClampedArray | Uint16Array | Float32Array | Float64Array
+  | { data: Uint8Array | Uint8ClampedArray | Uint16Array | Float32Array | Float64Array; width: number; height: number; channels?: number };
+
+export type LabelInput = ArrayLike<string | number>;
+
+export interface OpenOptions {
+  ort: OrtModule;
+  store: Store;
+  /** Publisher keys to pin (PEM text of `signing.pub`, or raw 32 bytes): from then on only bundles they signed open. */
+  trustedKeys?: (string | Uint8Array)[];
+  sessionOptions?: Ort.InferenceSession.SessionOptions;
+  limits?: Partial<Limits>;
+  /** The clock for release expiry (tests move it). */
+  now?: () => Date;
+}
+
+export interface Prediction {
+  labels: string[];
+  indices: Int32Array;
+  probabilities: Float32Array; // N * classes, row-major
+  experts: Expert[];
+  gate: Float32Array; // GN's probability that LE should answer (0 when not personalized)
+}
+
+export interface Evaluation {
+  accuracy: number;
+  n: number;
+  experts: { GE: number; LE: number };
+  accuracyByExpert: { GE: number | null; LE: number | null };
+  geOnlyAccuracy: number;
+  personalized: boolean;
+  personalizationId: number | null;
+}
+
+const PERSONALIZE_ATTEMPTS = 5; // trainings before giving up when samples keep being added
+
+interface Active {
+  record: PersonalizationRecord;
+  le: ForwardPart;
+  gn: ForwardPart;
+  leParams: Float32Array;
+  gnParams: Float32Array;
+}
+
+export class DeviceRuntime {
+  readonly warnings: string[];
+  personalizationProblem: string | null = null;
+  private active: Active | null = null;
+  private readonly preprocessing: Preprocessing;
+
+  private constructor(readonly bundle: Bundle, private readonly state: DeviceState, private readonly ge: GlobalExpert,
+                      private readonly options: ProgramOptions, private readonly limits: Limits, warnings: string[]) {
+    this.warnings = warnings;
+    this.preprocessing = preprocessingFrom(bundle.manifest.input.preprocess);
+  }
+
+  /** Open the state, decide whether the bundle may run (trust), then open and check the bundle and load GE. */
+  static async open(source: BundleSource, options: OpenOptions): Promise<DeviceRuntime> {
+    if (!options?.ort?.InferenceSession || !options.ort.Tensor) {
+      throw new StateError("DeviceRuntime.open needs { ort }: the onnxruntime module your app ships",
+        'import * as ort from "onnxruntime-web" (or -node, or -react-native) and pass it');
+    }
+    if (!options.store) throw new StateError("DeviceRuntime.open needs { store }", "e.g. new IndexedDbStore(), new NodeFileStore(dir) or new MemoryStore()");
+    const limits = resolveLimits(options.limits);
+    const keys = (options.trustedKeys ?? []).map((k, i) => parsePublicKey(k, `trustedKeys[${i}]`));
+    const state = await DeviceState.open(options.store);
+    const policy = new TrustPolicy(state, keys, options.now);
+    const bundle = await Bundle.open(source, limits, policy.check);
+    await policy.accept(bundle.manifest, bundle.manifestDigest, bundle.signature !== null, bundle.source);
+    const programOptions: ProgramOptions = { ort: options.ort, sessionOptions: options.sessionOptions };
+    const ge = await GlobalExpert.open(bundle, programOptions);
+    const runtime = new DeviceRuntime(bundle, state, ge, programOptions, limits, policy.warnings);
+    await runtime.loadPersonalization();
+    return runtime;
+  }
+
+  get labels(): string[] {
+    return this.bundle.labels;
+  }
+
+  get personalized(): boolean {
+    return this.active !== null;
+  }
+
+  get personalizationId(): number | null {
+    return this.active?.record.id ?? null;
+  }
+
+  private async loadPersonalization(): Promise<void> {
+    await this.releaseActive();
+    this.personalizationProblem = null;
+    let loaded;
+    try {
+      loaded = await this.state.loadPersonalization();
+    } catch (error) {
+      // never lock the user out: GE answers alone and says why
+      this.personalizationProblem = `${(error as Error).message}; GE answers alone until you personalize again`;
+      return;
+    }
+    if (!loaded) return;
+    if (loaded.record.bundleId !== this.bundle.bundleId) {
+      this.personalizationProblem = `it was trained with another bundle (id ${loaded.record.bundleId}, this one is ${this.bundle.bundleId}); personalize again to use this bundle`;
+      return;
+    }
+    try {
+      const leParams = this.unpack(loaded.le, "local_expert");
+      const gnParams = this.unpack(loaded.gn, "gating_network");
+      const le = await ForwardPart.open(this.bundle, "local_expert", this.options, leParams);
+      const gn = await ForwardPart.open(this.bundle, "gating_network", this.options, gnParams);
+      this.active = { record: loaded.record, le, gn, leParams, gnParams };
+    } catch (error) {
+      this.personalizationProblem = (error as Error).message;
+    }
+  }
+
+  /** Stored weights (an .npz by parameter name), checked against the bundle's parameters. */
+  private unpack(blob: Uint8Array, part: "local_expert" | "gating_network"): Float32Array {
+    const spec = this.bundle.manifest[part];
+    const arrays = parseNpz(blob, `the stored ${part.replace("_", " ")}`);
+    const expected = Object.keys(spec.parameters).sort();
+    const got = Object.keys(arrays).sort();
+    if (JSON.stringify(expected) !== JSON.stringify(got)
+        || expected.some((n) => JSON.stringify(arrays[n].shape) !== JSON.stringify(spec.parameters[n]))) {
+      throw new StateError(`the stored ${part.replace("_", " ")} has parameters ${got.join(", ")}, this bundle's are ${expected.join(", ")}`,
+        "personalize again for this bundle");
+    }
+    const weights: Record<string, { data: Float32Array }> = {};
+    for (const name of expected) {
+      const data = arrays[name].data;
+      if (!(data instanceof Float32Array) || !data.every(Number.isFinite)) {
+        throw new StateError(`the stored ${part.replace("_", " ")} weights are not finite float32`, "personalize again");
+      }
+      weights[name] = { data };
+    }
+    return flatten(weights, spec);
+  }
+
+  // samples -------------------------------------------------------------
+  /** Any images -> the uint8 samples GE reads (N*H*W), by the bundle's preprocessing. Blank images are refused. */
+  prepare(images: ImageInput): { samples: Uint8Array; count: number } {
+    const [, h, w] = this.bundle.manifest.input.shape;
+    const batch = ArrayBuffer.isView(images) ? { data: images, width: w, height: h, channels: 1 } : images;
+    if (!batch || !ArrayBuffer.isView(batch.data)) {
+      throw new SampleError("images must be a typed array (N*H*W) or { data, width, height, channels }");
+    }
+    const channels = batch.channels ?? 1;
+    if (![1, 3, 4].includes(channels)) throw new SampleError(`channels must be 1, 3 or 4, got ${channels}`);
+    if (!(Number.isSafeInteger(batch.width) && Number.isSafeInteger(batch.height) && batch.width >= 2 && batch.height >= 2)) {
+      throw new SampleError(`an image must be at least 2x2, got ${batch.width}x${batch.height}`);
+    }
+    const per = batch.width * batch.height * channels;
+    checkLimit(this.limits, "maxImagePixels", batch.width * batch.height, "one image (pixels)");
+    if (batch.data.length === 0 || batch.data.length % per !== 0) {
+      throw new SampleError(`${batch.data.length} values are not a whole number of ${batch.height}x${batch.width}` +
+        `${channels > 1 ? `x${channels}` : ""} images`, ArrayBuffer.isView(images)
+        ? `a flat array holds N images of this bundle's input size (${h}x${w}); for other sizes pass { data, width, height }`
+        : "check width, height and channels");
+    }
+    const count = batch.data.length / per;
+    checkLimit(this.limits, "maxSamples", count, "images in one call");
+    const grey = asGreyFloat(batch.data, count, batch.height, batch.width, channels);
+    const { images: samples, why } = this.preprocessing.prepareBatch(grey);
+    const refused = why.map((reason, i) => [i, reason] as const).filter(([, reason]) => reason);
+    if (refused.length) {
+      const where = refused.slice(0, 5).map(([i]) => `image ${i}`).join(", ");
+      throw new SampleError(`${refused.length} of ${count} images have no usable ink (blank or too faint): ${where}` +
+        `${refused.length > 5 ? ` and ${refused.length - 5} more` : ""} (${refused[0][1]})`, "remove or retake them");
+    }
+    return { samples, count };
+  }
+
+  /** Label names or indices -> indices into the bundle's labels. */
+  labelIndices(labels: LabelInput, n: number): Int32Array {
+    if (!labels || typeof labels.length !== "number") throw new SampleError("labels must be an array of label names or indices");
+    if (labels.length !== n) throw new SampleError(`${n} images but ${labels.length} labels`);
+    const names = this.labels;
+    const index = new Map(names.map((name, i) => [name, i]));
+    const out = new Int32Array(n);
+    const unknown = new Set<string>();
+    for (let i = 0; i < n; i++) {
+      const label = labels[i];
+      if (typeof label === "string") {
+        const k = index.get(label);
+        if (k === undefined) unknown.add(JSON.stringify(label));
+        else out[i] = k;
+      } else if (Number.isInteger(label) && label >= 0 && label < names.length) out[i] = label;
+      else unknown.add(String(label));
+    }
+    if (unknown.size) {
+      throw new SampleError(`unknown label(s) ${[...unknown].sort().join(", ")}: this bundle has ${names.length} labels`,
+        `this bundle knows: ${names.join(", ")} (or their indices 0..${names.length - 1})`);
+    }
+    return out;
+  }
+
+  /** Prepare, validate and store labelled samples; returns how many were stored. */
+  async addSamples(images: ImageInput, labels: LabelInput): Promise<number> {
+    const { samples, count } = this.prepare(images);
+    const indices = this.labelIndices(labels, count);
+    const [, h, w] = this.bundle.manifest.input.shape;
+    return this.state.addSamples(samples, indices, h, w);
+  }
+
+  sampleCount(): number {
+    return this.state.sampleCount();
+  }
+
+  // personalize ---------------------------------------------------------
+  /**
+   * Train LE and GN on every stored sample, then make them active in one commit.
+   * If samples were added meanwhile (another runtime on the same store), the
+   * training is stale: it trains again on all of them, or yields to a newer
+   * personalization of the same samples (`superseded`).
+   */
+  async personalize(options: { onProgress?: ProgressFn; overrides?: Partial<PersonalizeConfig> } = {}): Promise<Record<string, unknown>> {
+    const cfg = personalizeConfig(this.bundle.manifest.personalize, options.overrides);
+    const [, h, w] = this.bundle.manifest.input.shape;
+    const started = Date.now();
+    for (let attempt = 1; attempt <= PERSONALIZE_ATTEMPTS; attempt++) {
+      await this.state.refresh();
+      const { images, labels, generation } = await this.state.loadSamples(h, w);
+      this.checkTrainable(labels);
+      const trained = await trainMixture(this.bundle, this.ge, this.options, images, labels, cfg, options.onProgress);
+      const report = { ...trained.report, damaged_samples_skipped: this.state.damagedSamples };
+      let id: number;
+      try {
+        id = await this.state.savePersonalization(this.bundle.bundleId, packWeights(trained.le, this.bundle, "local_expert"),
+          packWeights(trained.gn, this.bundle, "gating_network"), trained.threshold, report, generation);
+      } catch (error) {
+        if (!(error instanceof SamplesChanged)) throw error;
+        const newer = this.state.personalization;
+        if (newer && newer.bundleId === this.bundle.bundleId && newer.samplesGeneration === this.state.samplesGeneration) {
+          await this.loadPersonalization();
+          return { ...newer.report, personalization_id: newer.id, superseded: true, attempts: attempt, seconds: (Date.now() - started) / 1000 };
+        }
+        continue;
+      }
+      await this.loadPersonalization();
+      return { ...report, personalization_id: id, attempts: attempt, seconds: (Date.now() - started) / 1000 };
+    }
+    throw new PersonalizationError(`the stored samples changed during each of ${PERSONALIZE_ATTEMPTS} trainings, so none was committed`,
+      "personalize again once the samples stop changing; the previous personalization stays in use");
+  }
+
+  private checkTrainable(labels: Int32Array): void {
+    if (labels.length === 0) {
+      const damaged = this.state.damagedSamples ? ` (${this.state.damagedSamples} damaged samples skipped)` : "";
+      throw new SampleError(`no samples stored to personalize on${damaged}`, "add labelled samples first (addSamples)");
+    }
+    if (new Set(labels).size < 2) {
+      throw new SampleError(`all ${labels.length} stored samples have the label ${JSON.stringify(this.labels[labels[0]])}`,
+        "add samples of at least two labels");
+    }
+  }
+
+  // inference -----------------------------------------------------------
+  private async answer(samples: Uint8Array, count: number) {
+    const m = this.bundle.manifest;
+    const leTap = m.local_expert.feature_tap;
+    const gnTap = m.gating_network.feature_tap;
+    const out = await this.ge.run(samples, count, [...new Set([leTap, gnTap])]);
+    const classes = out.classes;
+    const logits = Float32Array.from(out.logits);
+    const gate = new Float32Array(count);
+    const useLe = new Array<boolean>(count).fill(false);
+    if (this.active) {
+      gate.set(gateFromLogits(await this.active.gn.run([out.features[gnTap]], count)));
+      const threshold = Math.fround(this.active.record.threshold); // NumPy compares float32 gates in float32
+      const rows: number[] = [];
+      for (let i = 0; i < count; i++) if ((useLe[i] = gate[i] > threshold)) rows.push(i);
+      if (rows.length) {
+        const pick = (t: { data: Float32Array; dim: number }) => {
+          const data = new Float32Array(rows.length * t.dim);
+          rows.forEach((r, j) => data.set(t.data.subarray(r * t.dim, (r + 1) * t.dim), j * t.dim));
+          return { data, dim: t.dim };
+        };
+        const leLogits = await this.active.le.run([pick(out.features[leTap]), pick({ data: out.logits, dim: classes })], rows.length);
+        rows.forEach((r, j) => logits.set(leLogits.subarray(j * classes, (j + 1) * classes), r * classes));
+      }
+    }
+    return { geLogits: out.logits, logits, classes, gate, useLe };
+  }
+
+  /** The answer for each image, and which expert gave it. */
+  async predict(images: ImageInput): Promise<Prediction> {
+    const { samples, count } = this.prepare(images);
+    const { logits, classes, gate, useLe } = await this.answer(samples, count);
+    const indices = argmax(logits, classes, count);
+    return { labels: Array.from(indices, (i) => this.labels[i]), indices, probabilities: softmax(logits, classes, count),
+      experts: useLe.map((u) => (u ? "LE" : "GE")), gate };
+  }
+
+  async evaluate(images: ImageInput, labels: LabelInput): Promise<Evaluation> {
+    const { samples, count } = this.prepare(images);
+    const truth = this.labelIndices(labels, count);
+    const { geLogits, logits, classes, useLe } = await this.answer(samples, count);
+    const predicted = argmax(logits, classes, count);
+    const geOnly = argmax(geLogits, classes, count);
+    let right = 0, geRight = 0, byGe = 0, byLe = 0, rightGe = 0, rightLe = 0;
+    for (let i = 0; i < count; i++) {
+      const ok = predicted[i] === truth[i];
+      right += +ok;
+      geRight += +(geOnly[i] === truth[i]);
+      if (useLe[i]) { byLe++; rightLe += +ok; } else { byGe++; rightGe += +ok; }
+    }
+    return { accuracy: right / count, n: count, experts: { GE: byGe, LE: byLe },
+      accuracyByExpert: { GE: byGe ? rightGe / byGe : null, LE: byLe ? rightLe / byLe : null },
+      geOnlyAccuracy: geRight / count, personalized: this.personalized, personalizationId: this.personalizationId };
+  }
+
+  // one program, for apps that only predict -----------------------------
+  /**
+   * GE + LE + GN + routing as one program with the active personalization's
+   * weights written over the bundle template's placeholders (no converter on
+   * the device): image in; logits, probabilities, gate and expert out.
+   */
+  async exportPersonalized(format = "onnx"): Promise<Uint8Array> {
+    if (!this.active) {
+      throw new PersonalizationError("nothing to export: this state has no personalization in use" +
+        (this.personalizationProblem ? ` (${this.personalizationProblem})` : ""), "personalize first");
+    }
+    const template = this.bundle.manifest.personalized_model[format];
+    if (!template || format !== "onnx") {
+      throw new BundleError(`the SDK exports the onnx personalized-model program; this bundle has: ${Object.keys(this.bundle.manifest.personalized_model).join(", ") || "none"}`,
+        "re-export the bundle with --formats including onnx");
+    }
+    const spec = this.bundle.manifest;
+    const unflat = (flat: Float32Array, part: "local_expert" | "gating_network") => {
+      const out: Record<string, Float32Array> = {};
+      let at = 0;
+      for (const name of Object.keys(spec[part].parameters).sort()) {
+        const size = spec[part].parameters[name].reduce((a, b) => a * b, 1);
+        out[name] = flat.subarray(at, at + size);
+        at += size;
+      }
+      return out;
+    };
+    const patches = new TextDecoder().decode(this.bundle.file(template.patches));
+    return applyPatches(this.bundle.file(template.program), patches, {
+      local_expert: unflat(this.active.leParams, "local_expert"), gating_network: unflat(this.active.gnParams, "gating_network"),
+    }, this.active.record.threshold, template.program);
+  }
+
+  // housekeeping --------------------------------------------------------
+  /** Forget the personalization (and the samples, with deleteSamples): back to GE alone. */
+  async reset(options: { deleteSamples?: boolean } = {}): Promise<void> {
+    await this.state.clearPersonalization(Boolean(options.deleteSamples));
+    await this.state.sweep();
+    await this.loadPersonalization();
+  }
+
+  status(): Record<string, unknown> {
+    return { bundle: this.bundle.source, bundleId: this.bundle.bundleId, signedBy: this.bundle.signerId,
+      warnings: this.warnings, samples: this.sampleCount(), personalized: this.personalized,
+      personalization: this.active?.record.report ?? null, personalizationProblem: this.personalizationProblem };
+  }
+
+  private async releaseActive(): Promise<void> {
+    const active = this.active;
+    this.active = null;
+    if (active) {
+      await active.le.release();
+      await active.gn.release();
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.releaseActive();
+    await this.ge.release();
+  }
+}
+
+function argmax(logits: Float32Array, classes: number, rows: number): Int32Array {
+  const out = new Int32Array(rows);
+  for (let i = 0; i < rows; i++) {
+    let best = 0;
+    for (let c = 1; c < classes; c++) if (logits[i * classes + c] > logits[i * classes + best]) best = c;
+    out[i] = best;
+  }
+  return out;
+}
+
+function softmax(logits: Float32Array, classes: number, rows: number): Float32Array {
+  const out = new Float32Array(logits.length);
+  for (let i = 0; i < rows; i++) {
+    const row = logits.subarray(i * classes, (i + 1) * classes);
+    let max = -Infinity;
+    for (const v of row) max = Math.max(max, v);
+    let sum = 0;
+    for (let c = 0; c < classes; c++) sum += out[i * classes + c] = Math.exp(row[c] - max);
+    for (let c = 0; c < classes; c++) out[i * classes + c] /= sum;
+  }
+  return out;
+}
