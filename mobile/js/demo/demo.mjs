@@ -7,8 +7,7 @@
  * (scripts/bundle.mjs) and onnxruntime-web comes from node_modules.
  *
  * Query: ?bundle=URL (opened at start), ?key=URL (signing.pub to trust),
- * ?store=NAME (the IndexedDB database; default "edgetailor-demo"),
- * ?yield=MS (let the page paint every MS ms of onnxruntime work; default 100, 0 = never).
+ * ?store=NAME (the IndexedDB database; default "edgetailor-demo").
  *
  * Tests drive it through window.edgetailorDemo (see the end of this file).
  */
@@ -119,37 +118,6 @@ async function loadOrt() {
   return ortModule;
 }
 
-/**
- * onnxruntime-web with a pause before a session runs, at most every 100 ms: the
- * SDK's training loop never yields to the event loop (ort-web's wasm runs
- * resolve without one), so without it the page paints no frame, and shows no
- * progress, until personalize() returns.
- */
-function yieldingOrt(ort, every) {
-  if (!(every > 0)) return ort;
-  let last = performance.now();
-  const breathe = async () => {
-    if (performance.now() - last < every) return;
-    await new Promise((resolve) => setTimeout(resolve, 0));
-    last = performance.now();
-  };
-  return {
-    Tensor: ort.Tensor,
-    InferenceSession: {
-      async create(model, options) {
-        const session = await ort.InferenceSession.create(model, options);
-        return new Proxy(session, {
-          get(target, prop) {
-            if (prop === "run") return async (...args) => { await breathe(); return target.run(...args); };
-            const value = Reflect.get(target, prop, target);
-            return typeof value === "function" ? value.bind(target) : value;
-          },
-        });
-      },
-    },
-  };
-}
-
 let settleReady;
 let failReady;
 const ready = new Promise((resolve, reject) => { settleReady = resolve; failReady = reject; });
@@ -158,7 +126,7 @@ ready.catch(() => {}); // a page opened without ?bundle may never be ready
 function openBundle(source, name) {
   return enqueue(async () => {
     setStatus(`opening ${name}…`);
-    const ort = yieldingOrt(await loadOrt(), Number(params.get("yield") ?? 100));
+    const ort = await loadOrt(); // the SDK yields to the page every ~50 ms while it trains
     const trustedKeys = demo.keyText ? [demo.keyText] : [];
     const started = performance.now();
     let runtime;

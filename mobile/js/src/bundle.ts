@@ -144,7 +144,7 @@ export class Bundle {
     if (head[SIGNATURE]) {
       // checked first: a signed manifest is parsed only once it is genuine
       const doc = parseBundleJson(head[SIGNATURE], `${where}/${SIGNATURE}`, limits).value;
-      signature = verifySignature(manifestBytes, doc, `${where}/${SIGNATURE}`);
+      signature = await verifySignature(manifestBytes, doc, `${where}/${SIGNATURE}`);
     }
     const { value, text } = parseBundleJson(manifestBytes, `${where}/${MANIFEST}`, limits);
     const manifest = checkManifest(value, `${where}/${MANIFEST}`);

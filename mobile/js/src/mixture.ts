@@ -17,9 +17,8 @@
 
 import { PersonalizationError, SampleError } from "./errors.js";
 import type { Bundle } from "./bundle.js";
-import { flatten, ForwardPart, type GlobalExpert, type ProgramOptions, StepTrainer } from "./programs.js";
+import { ForwardPart, type GlobalExpert, type ProgramOptions, StepTrainer } from "./programs.js";
 import { NumpyRandom } from "./rng.js";
-import { float32Npz } from "./npy.js";
 
 export type ProgressFn = (stage: string, done: number, total: number) => void;
 
@@ -192,11 +191,27 @@ function now(): number {
   return (globalThis.performance ?? Date).now() / 1000;
 }
 
+/**
+ * Hand control back to the event loop every ~50 ms of training: a page that
+ * personalizes on its main thread keeps painting (the progress bar moves) and
+ * answering input. onnxruntime's runs settle without yielding to the page.
+ * Costs a timer tick per 50 ms, about 1 %.
+ */
+function breather(): () => Promise<void> {
+  let last = now();
+  return async () => {
+    if (now() - last < 0.05) return;
+    await new Promise((resolve) => setTimeout(resolve, 0));
+    last = now();
+  };
+}
+
 /** Train LE and GN on the user's uint8 samples (N*H*W) and label indices; returns their weights and the gate threshold. */
 export async function trainMixture(bundle: Bundle, ge: GlobalExpert, options: ProgramOptions, images: Uint8Array,
                                    labels: Int32Array, cfg: PersonalizeConfig, progress?: ProgressFn): Promise<TrainedMixture> {
   const started = now();
   const deadline = started + cfg.max_seconds;
+  const breathe = breather();
   const say: ProgressFn = progress ?? (() => {});
   const manifest = bundle.manifest;
   const leTap = manifest.local_expert.feature_tap;
@@ -217,7 +232,7 @@ export async function trainMixture(bundle: Bundle, ge: GlobalExpert, options: Pr
   all.set(replay.images, nUser * pixels);
   say("features", 0, nUser + nReplay);
   const taps = [...new Set([leTap, gnTap])];
-  const geOut = await ge.run(all, nUser + nReplay, taps, 64, (done, total) => say("features", done, total));
+  const geOut = await ge.run(all, nUser + nReplay, taps, 64, (done, total) => say("features", done, total), breathe);
   const classes = geOut.classes;
   const logitsAll = geOut.logits;
   const leTable = geOut.features[leTap];
@@ -257,6 +272,7 @@ export async function trainMixture(bundle: Bundle, ge: GlobalExpert, options: Pr
         for (let j = 0; j < used.length; j++) rowLabels[j] = labelsAll[used[j]];
         leLoss = await le.step([leTable.data, logitsAll], used, rowLabels.subarray(0, used.length));
         leSteps++;
+        await breathe();
         if (k % 64 === 63 && leMustStop()) {
           stoppedEarly = true;
           break;
@@ -293,6 +309,7 @@ export async function trainMixture(bundle: Bundle, ge: GlobalExpert, options: Pr
         gnRows[half + j] = kept[replayPicks[step * half + j]];
       }
       gnLoss = await gn.step([gnTable.data], gnRows, target);
+      await breathe();
       if ((step + 1) % reportEvery === 0 || step + 1 === cfg.gn_steps) say("gating network", step + 1, cfg.gn_steps);
     }
     if (!Number.isFinite(gnLoss)) {
@@ -402,18 +419,3 @@ export function whatWasLearned(labels: Int32Array, geLogits: Float32Array, leLog
   };
 }
 
-/** The stored form of a trained part: an .npz of its parameters by name, as the Python runtime stores them. */
-export function packWeights(flat: Float32Array, bundle: Bundle, part: "local_expert" | "gating_network"): Uint8Array {
-  const spec = bundle.manifest[part];
-  let at = 0;
-  const arrays: Record<string, { data: Float32Array; shape: number[] }> = {};
-  for (const name of Object.keys(spec.parameters).sort()) {
-    const shape = spec.parameters[name];
-    const size = shape.reduce((a, b) => a * b, 1);
-    arrays[name] = { data: flat.slice(at, at + size), shape };
-    at += size;
-  }
-  return float32Npz(arrays);
-}
-
-export { flatten };

@@ -1,6 +1,6 @@
 /**
- * NumPy's `.npy` and `.npz` files, the bundle's arrays (LE and GN initial
- * parameters, the replay glyphs) and a personalization's stored weights.
+ * NumPy's `.npy` and `.npz` files: the bundle's arrays (LE's and GN's initial
+ * parameters, the replay glyphs).
  *
  * Written here rather than taken from npm: the format is a 10-byte preamble,
  * a Python-dict header and the raw little-endian data
@@ -8,7 +8,7 @@
  * An `.npz` is a zip of `.npy` files, read with fflate.
  */
 
-import { unzipSync, zipSync } from "fflate";
+import { unzipSync } from "fflate";
 import { BundleError } from "./errors.js";
 
 export type NpyDtype = "<f4" | "<f8" | "|u1" | "<i8" | "<i4" | "|b1" | "<u2";
@@ -78,28 +78,4 @@ export function parseNpz(bytes: Uint8Array, where: string): Record<string, NpyAr
     out[name.replace(/\.npy$/, "")] = parseNpy(data, `${where}:${name}`);
   }
   return out;
-}
-
-/** Write a float32 `.npy` (version 1), as `numpy.save` does. */
-export function float32Npy(data: Float32Array, shape: number[]): Uint8Array {
-  const shapeText = shape.length === 1 ? `(${shape[0]},)` : `(${shape.join(", ")})`;
-  let header = `{'descr': '<f4', 'fortran_order': False, 'shape': ${shapeText}, }`;
-  const total = 10 + header.length + 1;
-  header += " ".repeat((64 - (total % 64)) % 64) + "\n";
-  const out = new Uint8Array(10 + header.length + data.byteLength);
-  out.set(MAGIC, 0);
-  out[6] = 1;
-  out[7] = 0;
-  out[8] = header.length & 0xff;
-  out[9] = header.length >> 8;
-  out.set(new TextEncoder().encode(header), 10);
-  out.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), 10 + header.length);
-  return out;
-}
-
-/** Named float32 arrays as an `.npz`: the weights format `numpy.load` and the Python runtime read. */
-export function float32Npz(arrays: Record<string, { data: Float32Array; shape: number[] }>): Uint8Array {
-  const members: Record<string, Uint8Array> = {};
-  for (const [name, array] of Object.entries(arrays)) members[`${name}.npy`] = float32Npy(array.data, array.shape);
-  return zipSync(members, { level: 0 });
 }

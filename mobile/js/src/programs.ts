@@ -67,7 +67,7 @@ export class GlobalExpert {
 
   /** Logits [N*C] and the taps' features [N*D] for `count` uint8 samples, `batch` at a time to bound memory. */
   async run(images: Uint8Array, count: number, taps: string[], batch = 64,
-            progress?: (done: number, total: number) => void): Promise<{ logits: Float32Array; classes: number; features: Record<string, { data: Float32Array; dim: number }> }> {
+            progress?: (done: number, total: number) => void, breathe?: () => Promise<void>): Promise<{ logits: Float32Array; classes: number; features: Record<string, { data: Float32Array; dim: number }> }> {
     const [, h, w] = this.spec.shape;
     const pixels = h * w;
     const input = new Float32Array(Math.min(batch, count) * pixels);
@@ -92,6 +92,7 @@ export class GlobalExpert {
       logits.set(lg, start * classes);
       for (const tap of taps) features[tap].data.set(outputs[tap].data as Float32Array, start * features[tap].dim);
       progress?.(start + rows, count);
+      await breathe?.();
     }
     return { logits: logits ?? new Float32Array(0), classes, features };
   }
@@ -206,36 +207,9 @@ export class StepTrainer {
     return loss[0];
   }
 
-  /** The trained weights by parameter name. */
-  weights(): Record<string, { data: Float32Array; shape: number[] }> {
-    return unflatten(this.params, this.spec);
-  }
-
   async release(): Promise<void> {
     await this.session.release();
   }
-}
-
-export function unflatten(flat: Float32Array, spec: TrainablePart): Record<string, { data: Float32Array; shape: number[] }> {
-  const out: Record<string, { data: Float32Array; shape: number[] }> = {};
-  let at = 0;
-  for (const name of parameterOrder(spec)) {
-    const shape = spec.parameters[name];
-    const size = shape.reduce((a, b) => a * b, 1);
-    out[name] = { data: flat.slice(at, at + size), shape };
-    at += size;
-  }
-  return out;
-}
-
-export function flatten(weights: Record<string, { data: Float32Array }>, spec: TrainablePart): Float32Array {
-  const out = new Float32Array(parameterCount(spec));
-  let at = 0;
-  for (const name of parameterOrder(spec)) {
-    out.set(weights[name].data, at);
-    at += weights[name].data.length;
-  }
-  return out;
 }
 
 /** A trained part run by its forward program: features (and base logits) in, logits out. */

@@ -19,12 +19,11 @@ import { Bundle, type BundleSource } from "./bundle.js";
 import { BundleError, PersonalizationError, SampleError, StateError } from "./errors.js";
 import { checkLimit, resolveLimits, type Limits } from "./limits.js";
 import {
-  gateFromLogits, packWeights, personalizeConfig, trainMixture, type PersonalizeConfig, type ProgressFn,
+  gateFromLogits, personalizeConfig, trainMixture, type PersonalizeConfig, type ProgressFn,
 } from "./mixture.js";
-import { parseNpz } from "./npy.js";
 import { applyPatches } from "./patching.js";
 import { asGreyFloat, preprocessingFrom, type Preprocessing } from "./preprocess.js";
-import { flatten, ForwardPart, GlobalExpert, type OrtModule, type ProgramOptions } from "./programs.js";
+import { ForwardPart, GlobalExpert, parameterCount, type OrtModule, type ProgramOptions } from "./programs.js";
 import { parsePublicKey } from "./signing.js";
 import { DeviceState, SamplesChanged, type PersonalizationRecord } from "./state.js";
 import type { Store } from "./store.js";
@@ -98,7 +97,7 @@ export class DeviceRuntime {
     }
     if (!options.store) throw new StateError("DeviceRuntime.open needs { store }", "e.g. new IndexedDbStore(), new NodeFileStore(dir) or new MemoryStore()");
     const limits = resolveLimits(options.limits);
-    const keys = (options.trustedKeys ?? []).map((k, i) => parsePublicKey(k, `trustedKeys[${i}]`));
+    const keys = await Promise.all((options.trustedKeys ?? []).map((k, i) => parsePublicKey(k, `trustedKeys[${i}]`)));
     const state = await DeviceState.open(options.store);
     const policy = new TrustPolicy(state, keys, options.now);
     const bundle = await Bundle.open(source, limits, policy.check);
@@ -149,26 +148,16 @@ export class DeviceRuntime {
     }
   }
 
-  /** Stored weights (an .npz by parameter name), checked against the bundle's parameters. */
+  /** Stored weights (little-endian float32, the manifest's parameter order), checked against the bundle's part. */
   private unpack(blob: Uint8Array, part: "local_expert" | "gating_network"): Float32Array {
-    const spec = this.bundle.manifest[part];
-    const arrays = parseNpz(blob, `the stored ${part.replace("_", " ")}`);
-    const expected = Object.keys(spec.parameters).sort();
-    const got = Object.keys(arrays).sort();
-    if (JSON.stringify(expected) !== JSON.stringify(got)
-        || expected.some((n) => JSON.stringify(arrays[n].shape) !== JSON.stringify(spec.parameters[n]))) {
-      throw new StateError(`the stored ${part.replace("_", " ")} has parameters ${got.join(", ")}, this bundle's are ${expected.join(", ")}`,
+    const expected = parameterCount(this.bundle.manifest[part]);
+    if (blob.length !== expected * 4) {
+      throw new StateError(`the stored ${part.replace("_", " ")} holds ${blob.length / 4} values, this bundle's has ${expected}`,
         "personalize again for this bundle");
     }
-    const weights: Record<string, { data: Float32Array }> = {};
-    for (const name of expected) {
-      const data = arrays[name].data;
-      if (!(data instanceof Float32Array) || !data.every(Number.isFinite)) {
-        throw new StateError(`the stored ${part.replace("_", " ")} weights are not finite float32`, "personalize again");
-      }
-      weights[name] = { data };
-    }
-    return flatten(weights, spec);
+    const params = new Float32Array(blob.slice().buffer);
+    if (!params.every(Number.isFinite)) throw new StateError(`the stored ${part.replace("_", " ")} weights contain NaN or infinity`, "personalize again");
+    return params;
   }
 
   // samples -------------------------------------------------------------
@@ -260,8 +249,8 @@ export class DeviceRuntime {
       const report = { ...trained.report, damaged_samples_skipped: this.state.damagedSamples };
       let id: number;
       try {
-        id = await this.state.savePersonalization(this.bundle.bundleId, packWeights(trained.le, this.bundle, "local_expert"),
-          packWeights(trained.gn, this.bundle, "gating_network"), trained.threshold, report, generation);
+        id = await this.state.savePersonalization(this.bundle.bundleId, bytesOf(trained.le), bytesOf(trained.gn),
+          trained.threshold, report, generation);
       } catch (error) {
         if (!(error instanceof SamplesChanged)) throw error;
         const newer = this.state.personalization;
@@ -404,6 +393,11 @@ export class DeviceRuntime {
     await this.releaseActive();
     await this.ge.release();
   }
+}
+
+/** A float32 vector's bytes, little-endian (as every platform the SDK runs on stores them). */
+function bytesOf(values: Float32Array): Uint8Array {
+  return new Uint8Array(values.buffer.slice(values.byteOffset, values.byteOffset + values.byteLength));
 }
 
 function argmax(logits: Float32Array, classes: number, rows: number): Int32Array {

@@ -8,7 +8,7 @@
  */
 
 import { canonicalOf } from "./json.js";
-import { fromBase64, hex, sha256Sync, verifyEd25519 } from "./crypto.js";
+import { fromBase64, sha256Hex, verifyEd25519 } from "./crypto.js";
 import { BundleError, SigningKeyError } from "./errors.js";
 
 const encoder = new TextEncoder();
@@ -32,8 +32,8 @@ export interface BundleSignature {
   statements: Statement[];
 }
 
-export function publicKey(raw: Uint8Array): PublicKey {
-  return { raw, id: hex(sha256Sync(raw)) };
+export async function publicKey(raw: Uint8Array): Promise<PublicKey> {
+  return { raw, id: await sha256Hex(raw) };
 }
 
 function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
@@ -47,7 +47,7 @@ function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
 const SPKI_PREFIX = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
 
 /** A trusted key as an app holds it: the PEM text of `signing.pub`, or the raw 32 bytes. */
-export function parsePublicKey(key: string | Uint8Array, where = "a trusted key"): PublicKey {
+export async function parsePublicKey(key: string | Uint8Array, where = "a trusted key"): Promise<PublicKey> {
   if (typeof key !== "string") {
     if (key.length !== 32) throw new SigningKeyError(`${where} is ${key.length} bytes; a raw Ed25519 public key is 32`);
     return publicKey(key);
@@ -68,20 +68,20 @@ export function parsePublicKey(key: string | Uint8Array, where = "a trusted key"
   return publicKey(der.slice(12));
 }
 
-function parseStatement(doc: unknown, where: string): Statement {
+async function parseStatement(doc: unknown, where: string): Promise<Statement> {
   if (typeof doc !== "object" || doc === null || typeof (doc as { statement?: unknown }).statement !== "object"
       || (doc as { statement?: unknown }).statement === null) {
     throw new BundleError(`${where}: a key statement is malformed`);
   }
   const { statement: body, issuer: issuerText, signature } = doc as { statement: Record<string, unknown>; issuer: unknown; signature: unknown };
-  const issuer = publicKey(fromBase64(issuerText, `${where}: a statement's issuer`));
+  const issuer = await publicKey(fromBase64(issuerText, `${where}: a statement's issuer`));
   const message = concat(STATEMENT_CONTEXT, encoder.encode(canonicalOf(body)));
-  if (!verifyEd25519(fromBase64(signature, `${where}: a statement's signature`), message, issuer.raw)) {
+  if (!(await verifyEd25519(fromBase64(signature, `${where}: a statement's signature`), message, issuer.raw))) {
     throw new BundleError(`${where}: a key statement's signature does not verify (it was altered)`,
       "get the bundle from its publisher again");
   }
   if (body.type === "endorse") {
-    const key = publicKey(fromBase64(body.key, `${where}: an endorsed key`));
+    const key = await publicKey(fromBase64(body.key, `${where}: an endorsed key`));
     if (key.raw.length !== 32 || key.id !== body.keyid) {
       throw new BundleError(`${where}: an endorsement names a key that is not the one it carries`);
     }
@@ -94,13 +94,13 @@ function parseStatement(doc: unknown, where: string): Statement {
 }
 
 /** Check `signature.json` (parsed) against the manifest's exact bytes, and every statement against its issuer. */
-export function verifySignature(manifestBytes: Uint8Array, doc: unknown, where: string): BundleSignature {
+export async function verifySignature(manifestBytes: Uint8Array, doc: unknown, where: string): Promise<BundleSignature> {
   if (typeof doc !== "object" || doc === null || Array.isArray(doc)) throw new BundleError(`${where} is not a JSON object`);
   const fields = doc as Record<string, unknown>;
-  const signer = publicKey(fromBase64(fields.public_key, `${where}: public_key`));
+  const signer = await publicKey(fromBase64(fields.public_key, `${where}: public_key`));
   if (signer.raw.length !== 32) throw new BundleError(`${where}: public_key is not an Ed25519 key`);
   const signature = fromBase64(fields.signature, `${where}: signature`);
-  if (!verifyEd25519(signature, concat(MANIFEST_CONTEXT, manifestBytes), signer.raw)) {
+  if (!(await verifyEd25519(signature, concat(MANIFEST_CONTEXT, manifestBytes), signer.raw))) {
     throw new BundleError(
       `${where}: the signature does not match manifest.json: the manifest was changed after it was signed ` +
         "(or the signature belongs to another bundle)",
@@ -109,5 +109,7 @@ export function verifySignature(manifestBytes: Uint8Array, doc: unknown, where: 
   }
   const statements = fields.statements ?? [];
   if (!Array.isArray(statements)) throw new BundleError(`${where}: statements must be a list`);
-  return { signer, statements: statements.map((s) => parseStatement(s, where)) };
+  const parsed: Statement[] = [];
+  for (const s of statements) parsed.push(await parseStatement(s, where));
+  return { signer, statements: parsed };
 }

@@ -6,7 +6,7 @@
  *
  * Layout: `state.json` (small; points at everything else) and records
  * `samples/<n>` (one per `addSamples` call) and `personalization/<n>/le`,
- * `.../gn` (the trained weights, `.npz` as Python stores them). Every record's
+ * `.../gn` (the trained weights: float32, the manifest's parameter order). Every record's
  * sha256 is in `state.json`: a damaged record is skipped (samples) or set
  * aside (a personalization: GE answers alone), never trusted. A commit writes
  * its records first and `state.json` last, so a failed write leaves the
