@@ -11,7 +11,7 @@ export type { Evaluation, Expert, ImageInput, LabelInput, OpenOptions, Predictio
 export { MemoryStore, IndexedDbStore } from "./store.js";
 export type { Store } from "./store.js";
 export type { OrtModule } from "./programs.js";
-export type { PersonalizeConfig, ProgressFn } from "./mixture.js";
+export type { PersonalizeConfig, ProgressFn } from "./config.js";
 export { DEFAULT_LIMITS } from "./limits.js";
 export type { Limits } from "./limits.js";
 export {

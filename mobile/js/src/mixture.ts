@@ -17,60 +17,11 @@
 
 import { PersonalizationError, SampleError } from "./errors.js";
 import type { Bundle } from "./bundle.js";
-import { ForwardPart, type GlobalExpert, type ProgramOptions, StepTrainer } from "./programs.js";
+import type { PersonalizeConfig, ProgressFn } from "./config.js";
+import { ForwardPart, gateFromLogits, type GlobalExpert, type ProgramOptions } from "./programs.js";
+import { StepTrainer } from "./trainer.js";
+import { parseNpz, type NpyArray } from "./npy.js";
 import { NumpyRandom } from "./rng.js";
-
-export type ProgressFn = (stage: string, done: number, total: number) => void;
-
-/** How LE and GN are trained: the bundle's `personalize` defaults, any of them overridable. */
-export interface PersonalizeConfig {
-  le_epochs: number;
-  le_max_steps: number;
-  le_learning_rate: number;
-  batch_size: number;
-  replay_weight: number;
-  augment_copies: number;
-  augment_until: number;
-  gn_steps: number;
-  gn_learning_rate: number;
-  gate_generic_share: number;
-  max_seconds: number;
-  seed: number;
-}
-
-export const DEFAULT_CONFIG: PersonalizeConfig = {
-  le_epochs: 150, le_max_steps: 6000, le_learning_rate: 1e-2, batch_size: 128, replay_weight: 0.3,
-  augment_copies: 4, augment_until: 20000, gn_steps: 200, gn_learning_rate: 1e-2, gate_generic_share: 0.1,
-  max_seconds: 60, seed: 0,
-};
-
-export function personalizeConfig(bundleDefaults: Record<string, unknown>, overrides: Partial<PersonalizeConfig> = {}): PersonalizeConfig {
-  const cfg: Record<string, unknown> = { ...DEFAULT_CONFIG };
-  for (const [key, value] of Object.entries({ ...bundleDefaults, ...overrides })) {
-    if (!(key in DEFAULT_CONFIG)) {
-      if (key in overrides) {
-        throw new PersonalizationError(`unknown personalize setting ${JSON.stringify(key)}`, `known: ${Object.keys(DEFAULT_CONFIG).join(", ")}`);
-      }
-      continue; // a newer bundle's setting this SDK does not use
-    }
-    if (typeof value !== "number" || !Number.isFinite(value)) {
-      throw new PersonalizationError(`personalize.${key} must be a finite number, got ${JSON.stringify(value)}`);
-    }
-    cfg[key] = value;
-  }
-  const c = cfg as unknown as PersonalizeConfig;
-  for (const key of ["le_epochs", "le_max_steps", "le_learning_rate", "batch_size", "gn_steps", "gn_learning_rate", "max_seconds"] as const) {
-    if (!(c[key] > 0)) throw new PersonalizationError(`personalize.${key} must be positive, got ${c[key]}`);
-  }
-  if (!(c.gate_generic_share >= 0 && c.gate_generic_share < 1)) {
-    throw new PersonalizationError(`personalize.gate_generic_share must be in [0, 1), got ${c.gate_generic_share}`);
-  }
-  if (!(c.augment_copies >= 0 && c.augment_until >= 0 && c.replay_weight >= 0)) {
-    throw new PersonalizationError("personalize.augment_copies, augment_until and replay_weight must be >= 0");
-  }
-  if (!Number.isSafeInteger(c.seed) || c.seed < 0) throw new PersonalizationError(`personalize.seed must be a non-negative integer, got ${c.seed}`);
-  return c;
-}
 
 /** Python's round(): halves to even. */
 export function roundHalfEven(x: number): number {
@@ -141,18 +92,6 @@ export function jitter(images: Uint8Array, n: number, h: number, w: number, copi
       }
     }
   }
-  return out;
-}
-
-export function sigmoid32(x: number): number {
-  const f = Math.fround;
-  return f(1 / f(1 + f(Math.exp(f(-x)))));
-}
-
-/** P(LE should answer) per row, from GN's two-class logits [0, s]. */
-export function gateFromLogits(logits: Float32Array): Float32Array {
-  const out = new Float32Array(logits.length / 2);
-  for (let i = 0; i < out.length; i++) out[i] = sigmoid32(Math.fround(logits[2 * i + 1] - logits[2 * i]));
   return out;
 }
 
@@ -358,7 +297,6 @@ function gather(table: { data: Float32Array; dim: number }, rows: number[]): { d
 }
 
 function replayImages(bundle: Bundle): { images: Uint8Array; count: number } {
-  // imported here, not at the top: npy's parser is shared with the state store
   const file = bundle.manifest.replay.file;
   const archive = parseNpzCached(bundle, file);
   const x = archive.x;
@@ -369,7 +307,6 @@ function replayImages(bundle: Bundle): { images: Uint8Array; count: number } {
   return { images: x.data, count: x.shape[0] };
 }
 
-import { parseNpz, type NpyArray } from "./npy.js";
 const npzCache = new WeakMap<Bundle, Record<string, NpyArray>>();
 function parseNpzCached(bundle: Bundle, file: string): Record<string, NpyArray> {
   let parsed = npzCache.get(bundle);

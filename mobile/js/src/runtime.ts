@@ -18,12 +18,9 @@ import type * as Ort from "onnxruntime-common";
 import { Bundle, type BundleSource } from "./bundle.js";
 import { BundleError, PersonalizationError, SampleError, StateError } from "./errors.js";
 import { checkLimit, resolveLimits, type Limits } from "./limits.js";
-import {
-  gateFromLogits, personalizeConfig, trainMixture, type PersonalizeConfig, type ProgressFn,
-} from "./mixture.js";
-import { applyPatches } from "./patching.js";
+import { personalizeConfig, type PersonalizeConfig, type ProgressFn } from "./config.js";
 import { asGreyFloat, preprocessingFrom, type Preprocessing } from "./preprocess.js";
-import { ForwardPart, GlobalExpert, parameterCount, type OrtModule, type ProgramOptions } from "./programs.js";
+import { ForwardPart, gateFromLogits, GlobalExpert, parameterCount, type OrtModule, type ProgramOptions } from "./programs.js";
 import { parsePublicKey } from "./signing.js";
 import { DeviceState, SamplesChanged, type PersonalizationRecord } from "./state.js";
 import type { Store } from "./store.js";
@@ -241,6 +238,8 @@ export class DeviceRuntime {
     const cfg = personalizeConfig(this.bundle.manifest.personalize, options.overrides);
     const [, h, w] = this.bundle.manifest.input.shape;
     const started = Date.now();
+    // Loaded on first use: an app that only predicts at startup never loads the training code.
+    const { trainMixture } = await import("./mixture.js");
     for (let attempt = 1; attempt <= PERSONALIZE_ATTEMPTS; attempt++) {
       await this.state.refresh();
       const { images, labels, generation } = await this.state.loadSamples(h, w);
@@ -361,6 +360,7 @@ export class DeviceRuntime {
       return out;
     };
     const patches = new TextDecoder().decode(this.bundle.file(template.patches));
+    const { applyPatches } = await import("./patching.js");
     return applyPatches(this.bundle.file(template.program), patches, {
       local_expert: unflat(this.active.leParams, "local_expert"), gating_network: unflat(this.active.gnParams, "gating_network"),
     }, this.active.record.threshold, template.program);
