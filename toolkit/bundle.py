@@ -201,7 +201,13 @@ class Bundle:
             doc = parse_json(signature_bytes, f"{source}/{SIGNATURE}", limits)
             signature = verify_signature(manifest_bytes, doc, f"{source}/{SIGNATURE}")
         data = parse_json(manifest_bytes, where, limits)
-        return Manifest.from_dict(data, where), hashlib.sha256(canonical_json(data)).hexdigest(), signature
+        manifest = Manifest.from_dict(data, where)
+        try:
+            digest = hashlib.sha256(canonical_json(data)).hexdigest()
+        except (ValueError, UnicodeEncodeError) as exc:   # NaN or 1e400 (not JSON), a lone surrogate
+            raise BundleError(f"{where} holds a value with no canonical JSON form: {exc}",
+                              hint="the bundle is damaged or was not written by edgetailor; re-export it") from None
+        return manifest, digest, signature
 
     @staticmethod
     def _verify_files(root: Path, manifest: Manifest, source: Path, strict: bool = False,

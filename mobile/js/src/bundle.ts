@@ -16,7 +16,7 @@ import { sha256Hex } from "./crypto.js";
 import { BundleError, LimitError } from "./errors.js";
 import { canonicalJson, parseBundleJson } from "./json.js";
 import { checkLimit, type Limits } from "./limits.js";
-import { checkManifest, formatFiles, type Manifest } from "./manifest.js";
+import { checkManifest, checkRelativePath, formatFiles, type Manifest } from "./manifest.js";
 import { verifySignature, type BundleSignature } from "./signing.js";
 
 export const MANIFEST = "manifest.json";
@@ -29,48 +29,54 @@ export type BundleSource = Uint8Array | ArrayBuffer | URL | string;
 export type TrustCheck = (manifest: Manifest, signature: BundleSignature | null, source: string) => void | Promise<void>;
 
 export interface Members {
-  names: string[];
+  /** The named members that exist, inflated (a missing one is left out). */
   read(names: string[]): Promise<Record<string, Uint8Array>>;
 }
 
+/**
+ * A zip's members, checked from its central directory before any is inflated
+ * (as `_ZipBundle._check_members` does in Python): plain relative names, no
+ * duplicates, the member count, every member's size, and its compression
+ * ratio. Members are inflated only when asked for, the manifest and the
+ * signature within `maxManifestBytes`. fflate inflates a member to the size
+ * its header declares, never more; the sha256 of every listed file catches a
+ * header that lies.
+ */
 function zipMembers(bytes: Uint8Array, source: string, limits: Limits): Members {
-  const infos = new Map<string, UnzipFileInfo>();
-  const seen = new Set<string>();
-  let listed: Record<string, Uint8Array>;
+  const sizes = new Map<string, number>();
   try {
-    listed = unzipSync(bytes, {
+    unzipSync(bytes, {
       filter(info) {
-        if (seen.has(info.name)) throw new BundleError(`${source} holds ${JSON.stringify(info.name)} twice`, "the zip was tampered with; export it again");
-        seen.add(info.name);
-        checkLimit(limits, "maxBundleMembers", seen.size, `${source} members`);
-        checkLimit(limits, "maxBundleBytes", info.originalSize, `${source}: member ${info.name} (bytes)`);
-        if (info.originalSize > limits.maxCompressionRatio * Math.max(info.size, 1) && info.originalSize > 1 << 16) {
-          throw new BundleError(`${source}: member ${info.name} claims to inflate ${Math.round(info.originalSize / Math.max(info.size, 1))}x, ` +
-            `over the limit maxCompressionRatio = ${limits.maxCompressionRatio} (a zip bomb?)`, "get the bundle from its publisher again");
+        const name = info.name.endsWith("/") ? info.name.slice(0, -1) : info.name;
+        checkRelativePath(name, `${source} (a zip member)`);
+        if (sizes.has(name)) throw new BundleError(`${source} holds ${JSON.stringify(name)} twice`, "the zip was tampered with; export it again");
+        sizes.set(name, info.originalSize);
+        checkLimit(limits, "maxBundleMembers", sizes.size, `${source} holds members`);
+        const small = name === MANIFEST || name === SIGNATURE;
+        checkLimit(limits, small ? "maxManifestBytes" : "maxBundleBytes", info.originalSize, `${source}/${name} (bytes)`);
+        if (info.originalSize > 1 << 20) {
+          const ratio = Math.round((10 * info.originalSize) / Math.max(info.size, 1)) / 10;
+          checkLimit(limits, "maxCompressionRatio", ratio, `${source}: member ${name} inflates`);
         }
-        infos.set(info.name, info);
-        return info.name === MANIFEST || info.name === SIGNATURE;
+        return false; // nothing is inflated while the directory is checked
       },
     });
   } catch (error) {
     if (error instanceof BundleError || error instanceof LimitError) throw error;
-    throw new BundleError(`${source} is neither a bundle directory nor a readable .zip bundle: ${(error as Error).message}`);
+    throw new BundleError(`${source} is neither a bundle directory nor a readable .zip bundle: ${(error as Error).message}`,
+      "copy or export the bundle again");
   }
-  const total = [...infos.values()].reduce((sum, info) => sum + info.originalSize, 0);
-  checkLimit(limits, "maxBundleBytes", total, `${source} (bytes, inflated)`);
+  const total = [...sizes.values()].reduce((sum, n) => sum + n, 0);
+  checkLimit(limits, "maxBundleBytes", total, `${source} unpacks to (bytes)`);
   return {
-    names: [...infos.keys()],
     async read(names) {
-      const wanted = new Set(names);
-      const out: Record<string, Uint8Array> = {};
-      for (const name of names) if (listed[name]) out[name] = listed[name];
-      let rest: Record<string, Uint8Array>;
+      const wanted = new Set(names.filter((name) => sizes.has(name)));
+      if (!wanted.size) return {};
       try {
-        rest = unzipSync(bytes, { filter: (info) => wanted.has(info.name) && !(info.name in out) });
+        return unzipSync(bytes, { filter: (info) => wanted.has(info.name) });
       } catch (error) {
-        throw new BundleError(`${source} is a corrupt zip: ${(error as Error).message}`);
+        throw new BundleError(`${source} is a corrupt zip: ${(error as Error).message}`, "copy or export the bundle again");
       }
-      return { ...rest, ...out };
     },
   };
 }
@@ -78,7 +84,7 @@ function zipMembers(bytes: Uint8Array, source: string, limits: Limits): Members 
 /** Reads the members of a bundle on the local file system: registered by `@edgetailor/sdk/node`. */
 export interface LocalBundleReader {
   directory(path: string, source: string, limits: Limits): Promise<Members | null>; // null: not a directory
-  file(path: string): Promise<Uint8Array>;
+  file(path: string, limits: Limits): Promise<Uint8Array>; // checks the size before reading
 }
 
 let localReader: LocalBundleReader | null = null;
@@ -90,6 +96,35 @@ let localReader: LocalBundleReader | null = null;
  */
 export function setLocalBundleReader(reader: LocalBundleReader): void {
   localReader = reader;
+}
+
+/** A download's body, refused as soon as it passes the limit (a missing or lying Content-Length). */
+async function readCapped(response: Response, limits: Limits, where: string): Promise<Uint8Array> {
+  if (!response.body) {
+    const bytes = new Uint8Array(await response.arrayBuffer());
+    checkLimit(limits, "maxBundleBytes", bytes.length, `${where} (bytes)`);
+    return bytes;
+  }
+  const reader = response.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    total += value.length;
+    if (total > limits.maxBundleBytes) {
+      await reader.cancel();
+      checkLimit(limits, "maxBundleBytes", total, `${where} (bytes, so far)`);
+    }
+    chunks.push(value);
+  }
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, at);
+    at += chunk.length;
+  }
+  return out;
 }
 
 async function openSource(source: BundleSource, limits: Limits): Promise<{ members: Members; where: string }> {
@@ -109,9 +144,7 @@ async function openSource(source: BundleSource, limits: Limits): Promise<{ membe
     if (!response.ok) throw new BundleError(`could not download the bundle from ${text}: HTTP ${response.status}`, "check the URL");
     const declared = Number(response.headers.get("content-length") ?? "0");
     checkLimit(limits, "maxBundleBytes", declared, `${text} (bytes)`);
-    const bytes = new Uint8Array(await response.arrayBuffer());
-    checkLimit(limits, "maxBundleBytes", bytes.length, `${text} (bytes)`);
-    return { members: zipMembers(bytes, text, limits), where: text };
+    return { members: zipMembers(await readCapped(response, limits, text), text, limits), where: text };
   }
   if (!localReader) {
     throw new BundleError(`cannot open the path ${text}: paths need Node and \`import "@edgetailor/sdk/node"\``,
@@ -119,9 +152,7 @@ async function openSource(source: BundleSource, limits: Limits): Promise<{ membe
   }
   const directory = await localReader.directory(text, text, limits);
   if (directory) return { members: directory, where: text };
-  const bytes = await localReader.file(text);
-  checkLimit(limits, "maxBundleBytes", bytes.length, `${text} (bytes)`);
-  return { members: zipMembers(bytes, text, limits), where: text };
+  return { members: zipMembers(await localReader.file(text, limits), text, limits), where: text };
 }
 
 export class Bundle {
@@ -194,7 +225,7 @@ async function verifyFiles(members: Members, manifest: Manifest, source: string,
         problems.set(name, "is missing");
         continue;
       }
-      const size = manifest.sizes[name];
+      const size = Object.hasOwn(manifest.sizes, name) ? manifest.sizes[name] : undefined;
       if (size !== undefined && bytes.length !== size) {
         problems.set(name, `is ${bytes.length.toLocaleString("en")} bytes, the manifest says ${size.toLocaleString("en")}`);
         continue;
@@ -213,7 +244,8 @@ async function verifyFiles(members: Members, manifest: Manifest, source: string,
     throw new BundleError(`${source}: ${name} ${why}; a signed bundle must be exactly what its publisher signed`, hint);
   }
   for (const [fmt, entry] of Object.entries(manifest.formats)) {
-    const unlisted = formatFiles(manifest, fmt).filter((f) => !(f in manifest.files) || entry.files?.[f] !== manifest.files[f]);
+    const unlisted = formatFiles(manifest, fmt).filter((f) => !Object.hasOwn(manifest.files, f)
+      || !Object.hasOwn(entry.files ?? {}, f) || entry.files[f] !== manifest.files[f]);
     if (unlisted.length) {
       throw new BundleError(`${source}/${MANIFEST}: format ${JSON.stringify(fmt)} references files it does not hash consistently: ${unlisted.join(", ")}`,
         "the bundle is damaged; re-export it");
@@ -226,7 +258,7 @@ async function verifyFiles(members: Members, manifest: Manifest, source: string,
     const bad = formatFiles(manifest, fmt).filter((f) => problems.has(f)).map((f) => `${f} ${problems.get(f)}`);
     if (bad.length) damaged[fmt] = bad.join("; ");
   }
-  if (!(FORMAT in manifest.formats)) {
+  if (!Object.hasOwn(manifest.formats, FORMAT)) {
     throw new BundleError(`${source} has no ${FORMAT} files (it carries: ${Object.keys(manifest.formats).join(", ")})`,
       `the SDK runs ONNX programs; re-export with \`edgetailor export bundle --formats ${[...Object.keys(manifest.formats), FORMAT].join(",")}\``);
   }

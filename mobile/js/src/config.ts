@@ -30,11 +30,19 @@ export const DEFAULT_CONFIG: PersonalizeConfig = {
   max_seconds: 60, seed: 0,
 };
 
-export function personalizeConfig(bundleDefaults: Record<string, unknown>, overrides: Partial<PersonalizeConfig> = {}): PersonalizeConfig {
+const COUNTS = ["le_epochs", "le_max_steps", "batch_size", "augment_copies", "augment_until", "gn_steps", "seed"] as const;
+
+/**
+ * The settings for one personalization: the bundle's defaults with `overrides`,
+ * refused before any work when one is unknown, not a number, out of range, or
+ * makes a batch larger than the bundle's step programs take (`maxBatch`).
+ */
+export function personalizeConfig(bundleDefaults: Record<string, unknown>, overrides: Partial<PersonalizeConfig> = {},
+                                  maxBatch?: { le: number; gn: number }): PersonalizeConfig {
   const cfg: Record<string, unknown> = { ...DEFAULT_CONFIG };
   for (const [key, value] of Object.entries({ ...bundleDefaults, ...overrides })) {
-    if (!(key in DEFAULT_CONFIG)) {
-      if (key in overrides) {
+    if (!Object.hasOwn(DEFAULT_CONFIG, key)) {
+      if (Object.hasOwn(overrides, key)) {
         throw new PersonalizationError(`unknown personalize setting ${JSON.stringify(key)}`, `known: ${Object.keys(DEFAULT_CONFIG).join(", ")}`);
       }
       continue; // a newer bundle's setting this SDK does not use
@@ -54,6 +62,15 @@ export function personalizeConfig(bundleDefaults: Record<string, unknown>, overr
   if (!(c.augment_copies >= 0 && c.augment_until >= 0 && c.replay_weight >= 0)) {
     throw new PersonalizationError("personalize.augment_copies, augment_until and replay_weight must be >= 0");
   }
-  if (!Number.isSafeInteger(c.seed) || c.seed < 0) throw new PersonalizationError(`personalize.seed must be a non-negative integer, got ${c.seed}`);
+  for (const key of COUNTS) {
+    if (!Number.isSafeInteger(c[key]) || c[key] < 0) throw new PersonalizationError(`personalize.${key} must be a whole number >= 0, got ${c[key]}`);
+  }
+  if (maxBatch) {
+    const le = c.batch_size + Math.round(c.batch_size * c.replay_weight);
+    if (le > maxBatch.le || 2 * Math.floor(c.batch_size / 2) > maxBatch.gn) {
+      throw new PersonalizationError(`personalize.batch_size ${c.batch_size} makes batches of up to ${le} rows; this bundle's step programs take ` +
+        `${maxBatch.le} (LE, with replay) and ${maxBatch.gn} (GN)`, "lower personalize.batch_size to the bundle's default or below");
+    }
+  }
   return c;
 }

@@ -7,7 +7,7 @@
  */
 
 export { DeviceRuntime } from "./runtime.js";
-export type { Evaluation, Expert, ImageInput, LabelInput, OpenOptions, Prediction } from "./runtime.js";
+export type { Evaluation, Expert, ImageBatch, ImageInput, LabelInput, OpenOptions, Pixels, Prediction } from "./runtime.js";
 export { MemoryStore, IndexedDbStore } from "./store.js";
 export type { Store } from "./store.js";
 export type { OrtModule } from "./programs.js";

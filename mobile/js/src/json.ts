@@ -59,7 +59,10 @@ function pythonString(s: string): string {
     else if (c === 0x08) out += "\\b";
     else if (c === 0x0c) out += "\\f";
     else if (c < 0x20) out += "\\u" + c.toString(16).padStart(4, "0");
-    else out += s[i];
+    else if (c >= 0xd800 && c <= 0xdfff && !(c <= 0xdbff && (s.charCodeAt(i + 1) & 0xfc00) === 0xdc00)) {
+      if (c >= 0xdc00 && i > 0 && (s.charCodeAt(i - 1) & 0xfc00) === 0xd800) out += s[i]; // a pair's second half
+      else throw new BundleError("a string holds a lone surrogate, which UTF-8 cannot encode", "the bundle is damaged; re-export it");
+    } else out += s[i];
   }
   return out + '"';
 }
@@ -124,7 +127,11 @@ export function canonicalJson(text: string): string {
     if (c === '"') return pythonString(stringToken());
     const start = at;
     while (at < text.length && !",]} \t\n\r".includes(text[at])) at++;
-    return text.slice(start, at);
+    const literal = text.slice(start, at);
+    if (/^-?\d/.test(literal) && !Number.isFinite(Number(literal))) {
+      throw new BundleError(`a number (${literal.slice(0, 20)}) has no canonical JSON form`, "the bundle is damaged or was not written by edgetailor; re-export it");
+    }
+    return literal;
   };
   return value();
 }

@@ -1,7 +1,8 @@
 /**
- * Limits checked before bytes are allocated: the same names and defaults as
- * the Python runtime's `toolkit/limits.py`, so a bundle or a sample set that
- * one client refuses, the other refuses too. Override any of them with the
+ * Limits checked before bytes are allocated: those of the Python runtime's
+ * `toolkit/limits.py` that apply to what the SDK reads (bundles, JSON, images
+ * passed in; it reads no data files), with the same defaults, so a bundle one
+ * client refuses, the other refuses too. Override any of them with the
  * `limits` option of `DeviceRuntime.open`.
  */
 

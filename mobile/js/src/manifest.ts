@@ -53,6 +53,24 @@ export interface Manifest {
 export const PARTS = ["local_expert", "gating_network"] as const;
 export type PartName = (typeof PARTS)[number];
 
+/**
+ * An ISO 8601 time as Python's `parse_time` reads it (`datetime.fromisoformat`,
+ * "Z" for UTC; no offset means UTC, never the device's local time), in ms;
+ * NaN when it is not one. `Date.parse` would accept other forms, and read an
+ * offset-less time in local time.
+ */
+export function parseTime(text: string): number {
+  const m = /^(\d{4})-?(\d{2})-?(\d{2})(?:[T ](\d{2})(?::?(\d{2})(?::?(\d{2})(?:[.,](\d{1,6}))?)?)?)?(Z|[+-]\d{2}(?::?\d{2})?)?$/.exec(text);
+  if (!m) return NaN;
+  const [, y, mo, d, h = "0", mi = "0", sec = "0", frac = "0", zone] = m;
+  const utc = Date.UTC(+y, +mo - 1, +d, +h, +mi, +sec, Math.floor(Number(`0.${frac}`) * 1000));
+  if (new Date(utc).getUTCDate() !== +d || +h > 23 || +mi > 59 || +sec > 59) return NaN;
+  if (!zone || zone === "Z") return utc;
+  const sign = zone[0] === "-" ? -1 : 1;
+  const digits = zone.slice(1).replace(":", "");
+  return utc - sign * (Number(digits.slice(0, 2)) * 60 + Number(digits.slice(2) || "0")) * 60_000;
+}
+
 /** Python's `check_relative_path`: a path the manifest names must stay inside the bundle. */
 export function checkRelativePath(name: unknown, where: string): string {
   if (typeof name !== "string" || !name || name.startsWith("/") || name.startsWith("\\") || name.includes("\\")
@@ -95,7 +113,8 @@ export function checkManifest(data: unknown, where: string): Manifest {
   }
   need(isObject(m.input) && Array.isArray((m.input as Record<string, unknown>).shape), where, "input.shape is missing");
   const input = m.input as Record<string, unknown>;
-  need((input.shape as unknown[]).length === 3 && (input.shape as unknown[]).every(isPositiveInt), where, "input.shape must be [C, H, W]");
+  need((input.shape as unknown[]).length === 3 && (input.shape as unknown[]).every(isPositiveInt) && (input.shape as number[])[0] === 1,
+    where, "input.shape must be [1, H, W] (one grey channel)");
   for (const k of ["scale", "mean", "std"]) need(Number.isFinite(input[k]), where, `input.${k} is missing`);
   need((input.std as number) > 0 && (input.scale as number) > 0, where, "input.scale and input.std must be positive");
   need(Array.isArray(m.labels) && m.labels.length >= 2 && m.labels.every((l) => typeof l === "string"), where, "labels must be two or more names");
@@ -118,7 +137,7 @@ export function checkManifest(data: unknown, where: string): Manifest {
     const r = m.release as Record<string, unknown>;
     need(isObject(r) && typeof r.name === "string" && Number.isSafeInteger(r.version), where, "release needs a name and an integer version");
     if (r.expires !== undefined) {
-      need(typeof r.expires === "string" && !Number.isNaN(Date.parse(r.expires as string)), where,
+      need(typeof r.expires === "string" && !Number.isNaN(parseTime(r.expires as string)), where,
         `release.expires ${JSON.stringify(r.expires)} is not an ISO 8601 time`);
     }
   }

@@ -18,16 +18,11 @@
 import { PersonalizationError, SampleError } from "./errors.js";
 import type { Bundle } from "./bundle.js";
 import type { PersonalizeConfig, ProgressFn } from "./config.js";
-import { ForwardPart, gateFromLogits, type GlobalExpert, type ProgramOptions } from "./programs.js";
+import { argmax, ForwardPart, gateFromLogits, type GlobalExpert, type ProgramOptions } from "./programs.js";
 import { StepTrainer } from "./trainer.js";
 import { parseNpz, type NpyArray } from "./npy.js";
+import { roundHalfEven } from "./preprocess.js";
 import { NumpyRandom } from "./rng.js";
-
-/** Python's round(): halves to even. */
-export function roundHalfEven(x: number): number {
-  const r = Math.round(x);
-  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
-}
 
 export function augmentedCopies(cfg: PersonalizeConfig, nSamples: number): number {
   return Math.trunc(Math.min(cfg.augment_copies, Math.max(0, Math.floor(cfg.augment_until / Math.max(1, nSamples)) - 1)));
@@ -95,28 +90,22 @@ export function jitter(images: Uint8Array, n: number, h: number, w: number, copi
   return out;
 }
 
-/** `np.quantile(values, q)` (linear interpolation, NumPy's lerp). */
+/**
+ * `np.quantile(values, q)` of float32 values: linear interpolation with
+ * NumPy's lerp, in float32 as NumPy 2 computes it (a Python float `q` is a
+ * weak scalar), so the calibrated threshold is Python's to the bit.
+ */
 export function quantile(values: Float32Array, q: number): number {
-  const sorted = Float64Array.from(values).sort();
+  const f = Math.fround;
+  const sorted = Float32Array.from(values).sort();
   const index = q * (sorted.length - 1);
   const below = Math.floor(index);
   const above = Math.min(below + 1, sorted.length - 1);
-  const t = index - below;
+  const t = f(index - below);
   const a = sorted[below];
   const b = sorted[above];
-  const diff = b - a;
-  return t >= 0.5 ? b - diff * (1 - t) : a + diff * t;
-}
-
-function argmaxRows(logits: Float32Array, classes: number, rows: number, offset = 0): Int32Array {
-  const out = new Int32Array(rows);
-  for (let i = 0; i < rows; i++) {
-    const base = (offset + i) * classes;
-    let best = 0;
-    for (let c = 1; c < classes; c++) if (logits[base + c] > logits[base + best]) best = c;
-    out[i] = best;
-  }
-  return out;
+  const diff = f(b - a);
+  return t >= 0.5 ? f(b - f(diff * f(1 - t))) : f(a + f(diff * t));
 }
 
 export interface TrainedMixture {
@@ -178,11 +167,17 @@ export async function trainMixture(bundle: Bundle, ge: GlobalExpert, options: Pr
   const gnTable = geOut.features[gnTap];
   const labelsAll = new Int32Array(nUser + nReplay);
   for (let c = 0; c <= copies; c++) labelsAll.set(labels, c * n);
-  labelsAll.set(argmaxRows(logitsAll, classes, nReplay, nUser), nUser);
+  labelsAll.set(argmax(logitsAll, classes, nReplay, nUser), nUser);
 
   // Local Expert: user batches with replay mixed in at cfg.replay_weight.
   const le = await StepTrainer.open(bundle, "local_expert", options, [leTable.dim, classes]);
-  const gn = await StepTrainer.open(bundle, "gating_network", options, [gnTable.dim]);
+  let gn: StepTrainer;
+  try {
+    gn = await StepTrainer.open(bundle, "gating_network", options, [gnTable.dim]);
+  } catch (error) {
+    await le.release();
+    throw error;
+  }
   try {
     le.setLearningRate(cfg.le_learning_rate);
     const perBatch = Math.min(cfg.batch_size, nUser);
@@ -259,7 +254,13 @@ export async function trainMixture(bundle: Bundle, ge: GlobalExpert, options: Pr
     const gnParams = gn.params;
     const leParams = le.params;
     const gnPart = await ForwardPart.open(bundle, "gating_network", options, gnParams);
-    const lePart = await ForwardPart.open(bundle, "local_expert", options, leParams);
+    let lePart: ForwardPart;
+    try {
+      lePart = await ForwardPart.open(bundle, "local_expert", options, leParams);
+    } catch (error) {
+      await gnPart.release();
+      throw error;
+    }
     let threshold = Number(manifest.gating_network.threshold ?? 0.5);
     try {
       if (heldOut.length) {
@@ -331,8 +332,8 @@ export interface Learned {
 export function whatWasLearned(labels: Int32Array, geLogits: Float32Array, leLogits: Float32Array, useLe: boolean[],
                                classes: number, names: string[]): Learned {
   const n = labels.length;
-  const ge = argmaxRows(geLogits, classes, n);
-  const lePred = argmaxRows(leLogits, classes, n);
+  const ge = argmax(geLogits, classes, n);
+  const lePred = argmax(leLogits, classes, n);
   let geRight = 0, right = 0, fixed = 0, broken = 0, routed = 0;
   const perLabel: Learned["labels"] = {};
   for (let i = 0; i < n; i++) {

@@ -21,7 +21,6 @@ async function directoryMembers(dir: string, source: string, limits: Limits): Pr
   if (!info.isDirectory()) return null;
   const root = await realpath(dir);
   return {
-    names: [],
     async read(names) {
       const out: Record<string, Uint8Array> = {};
       for (const name of names) {
@@ -45,7 +44,13 @@ async function directoryMembers(dir: string, source: string, limits: Limits): Pr
   };
 }
 
-setLocalBundleReader({ directory: directoryMembers, file: async (path) => new Uint8Array(await readFile(path)) });
+setLocalBundleReader({
+  directory: directoryMembers,
+  async file(path, limits) {
+    checkLimit(limits, "maxBundleBytes", (await stat(path)).size, `${path} (bytes)`);
+    return new Uint8Array(await readFile(path));
+  },
+});
 
 /**
  * A store in a directory, one file per key. `put` writes a temporary file,
@@ -86,7 +91,12 @@ export class NodeFileStore implements Store {
       throw error;
     }
     await handle.close();
-    await rename(temporary, path);
+    try {
+      await rename(temporary, path);
+    } catch (error) {
+      await rm(temporary, { force: true });
+      throw error;
+    }
     await syncDirectory(dirname(path));
   }
 
@@ -107,12 +117,26 @@ export class NodeFileStore implements Store {
       for (const entry of entries) {
         const full = join(dir, entry.name);
         if (entry.isDirectory()) await walk(full);
-        else if (entry.isFile() && !entry.name.includes(".partial-")) out.push(relative(this.dir, full).split(sep).join("/"));
+        else if (entry.isFile() && entry.name.includes(".partial-")) await removeIfAbandoned(full, entry.name);
+        else if (entry.isFile()) out.push(relative(this.dir, full).split(sep).join("/"));
       }
     };
     await walk(this.dir);
     return out;
   }
+}
+
+/** A temporary left by a writer that died (its process is gone) is removed; a live writer's is left alone. */
+async function removeIfAbandoned(path: string, name: string): Promise<void> {
+  const pid = Number(/\.partial-(\d+)-/.exec(name)?.[1]);
+  let alive = false;
+  try {
+    process.kill(pid, 0);
+    alive = pid !== process.pid || Date.now() - (await stat(path)).mtimeMs < 3_600_000;
+  } catch (error) {
+    alive = (error as NodeJS.ErrnoException).code === "EPERM"; // exists, but not ours to signal
+  }
+  if (!alive) await rm(path, { force: true });
 }
 
 async function syncDirectory(dir: string): Promise<void> {

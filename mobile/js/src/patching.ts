@@ -14,6 +14,26 @@ interface PatchTable {
   values: Record<string, Record<string, { elements: number[]; offsets: number[] }>>;
 }
 
+/** As Python's `PatchTable.check`: one element per offset, every offset inside the file, no two values on the same bytes. */
+function checkTable(table: PatchTable, where: string): void {
+  const spans = [...table.threshold];
+  for (const params of Object.values(table.values)) {
+    for (const [name, { elements, offsets }] of Object.entries(params)) {
+      if (!Array.isArray(elements) || !Array.isArray(offsets) || elements.length !== offsets.length
+          || elements.some((e) => !Number.isSafeInteger(e) || e < 0)) {
+        throw new BundleError(`the patch table of ${where}: ${name} has ${elements?.length} elements for ${offsets?.length} offsets`,
+          "the bundle is damaged; re-export it");
+      }
+      spans.push(...offsets);
+    }
+  }
+  if (spans.some((o) => !Number.isSafeInteger(o) || o < 0 || o > table.size - 4)) {
+    throw new BundleError(`the patch table of ${where} points outside it`, "the bundle is damaged; re-export it");
+  }
+  spans.sort((a, b) => a - b);
+  if (spans.some((o, i) => i > 0 && o - spans[i - 1] < 4)) throw new BundleError(`the patch table of ${where} has two values overlapping`, "the bundle is damaged; re-export it");
+}
+
 export function applyPatches(template: Uint8Array, tableText: string, weights: Record<string, Record<string, Float32Array>>,
                              threshold: number, where: string): Uint8Array {
   let table: PatchTable;
@@ -22,9 +42,11 @@ export function applyPatches(template: Uint8Array, tableText: string, weights: R
   } catch (error) {
     throw new BundleError(`the patch table of ${where} is not JSON: ${(error as Error).message}`, "the bundle is damaged; re-export it");
   }
-  if (table.version !== 1 || !Number.isSafeInteger(table.size) || typeof table.values !== "object" || !Array.isArray(table.threshold)) {
+  if (table.version !== 1 || (table as { dtype?: unknown }).dtype !== "float32" || !Number.isSafeInteger(table.size)
+      || typeof table.values !== "object" || !Array.isArray(table.threshold)) {
     throw new BundleError(`the patch table of ${where} is not one this SDK reads (version ${table.version})`, "re-export the bundle");
   }
+  checkTable(table, where);
   if (template.length !== table.size) {
     throw new BundleError(`${where} has ${template.length} bytes, its patch table was made for ${table.size}`, "the bundle is damaged; re-export it");
   }

@@ -52,7 +52,8 @@ export interface Preprocessing {
 const f32 = Math.fround;
 
 /** Round half to even, as `np.rint` and Python's `round`. */
-function roundHalfEven(x: number): number {
+/** Python's round() and NumPy's rint: halves to even. */
+export function roundHalfEven(x: number): number {
   const r = Math.round(x); // ties go up
   return r - x === 0.5 && r % 2 !== 0 ? r - 1 : r;
 }

@@ -155,3 +155,15 @@ export function gateFromLogits(logits: Float32Array): Float32Array {
   for (let i = 0; i < out.length; i++) out[i] = sigmoid32(Math.fround(logits[2 * i + 1] - logits[2 * i]));
   return out;
 }
+
+/** The first largest logit of each row (NumPy's argmax). */
+export function argmax(logits: Float32Array, classes: number, rows: number, offset = 0): Int32Array {
+  const out = new Int32Array(rows);
+  for (let i = 0; i < rows; i++) {
+    const base = (offset + i) * classes;
+    let best = 0;
+    for (let c = 1; c < classes; c++) if (logits[base + c] > logits[base + best]) best = c;
+    out[i] = best;
+  }
+  return out;
+}

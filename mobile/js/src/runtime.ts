@@ -16,11 +16,13 @@
 
 import type * as Ort from "onnxruntime-common";
 import { Bundle, type BundleSource } from "./bundle.js";
-import { BundleError, PersonalizationError, SampleError, StateError } from "./errors.js";
+import { BackendError, BundleError, PersonalizationError, SampleError, StateError } from "./errors.js";
 import { checkLimit, resolveLimits, type Limits } from "./limits.js";
 import { personalizeConfig, type PersonalizeConfig, type ProgressFn } from "./config.js";
 import { asGreyFloat, preprocessingFrom, type Preprocessing } from "./preprocess.js";
-import { ForwardPart, gateFromLogits, GlobalExpert, parameterCount, type OrtModule, type ProgramOptions } from "./programs.js";
+import {
+  argmax, ForwardPart, gateFromLogits, GlobalExpert, parameterCount, parameterOrder, type OrtModule, type ProgramOptions,
+} from "./programs.js";
 import { parsePublicKey } from "./signing.js";
 import { DeviceState, SamplesChanged, type PersonalizationRecord } from "./state.js";
 import type { Store } from "./store.js";
@@ -29,11 +31,11 @@ import { TrustPolicy } from "./trust.js";
 export type Expert = "GE" | "LE";
 
 /** Images: N of the bundle's input size as a flat typed array, or N of any one size with their shape. */
-export type ImageInput =
-  | Uint8Array | Uint8ClampedArray | Uint16Array | Float32Array | Float64Array
-  | { data: Uint8Array | Uint8ClampedArray | Uint16Array | Float32Array | Float64Array; width: number; height: number; channels?: number };
+export type Pixels = Uint8Array | Uint8ClampedArray | Uint16Array | Float32Array | Float64Array;
+export interface ImageBatch { data: Pixels; width: number; height: number; channels?: number }
+export type ImageInput = Pixels | ImageBatch;
 
-export type LabelInput = ArrayLike<string | number>;
+export type LabelInput = ArrayLike<string | number | bigint>;
 
 export interface OpenOptions {
   ort: OrtModule;
@@ -76,20 +78,20 @@ interface Active {
 
 export class DeviceRuntime {
   readonly warnings: string[];
-  personalizationProblem: string | null = null;
+  private problem: string | null = null;
   private active: Active | null = null;
-  private readonly preprocessing: Preprocessing;
+  private closed = false;
 
-  private constructor(readonly bundle: Bundle, private readonly state: DeviceState, private readonly ge: GlobalExpert,
-                      private readonly options: ProgramOptions, private readonly limits: Limits, warnings: string[]) {
+  private constructor(readonly bundle: Bundle, private state: DeviceState, private readonly ge: GlobalExpert,
+                      private readonly preprocessing: Preprocessing, private readonly options: ProgramOptions,
+                      private readonly limits: Limits, warnings: string[]) {
     this.warnings = warnings;
-    this.preprocessing = preprocessingFrom(bundle.manifest.input.preprocess);
   }
 
   /** Open the state, decide whether the bundle may run (trust), then open and check the bundle and load GE. */
   static async open(source: BundleSource, options: OpenOptions): Promise<DeviceRuntime> {
     if (!options?.ort?.InferenceSession || !options.ort.Tensor) {
-      throw new StateError("DeviceRuntime.open needs { ort }: the onnxruntime module your app ships",
+      throw new BackendError("DeviceRuntime.open needs { ort }: the onnxruntime module your app ships",
         'import * as ort from "onnxruntime-web" (or -node, or -react-native) and pass it');
     }
     if (!options.store) throw new StateError("DeviceRuntime.open needs { store }", "e.g. new IndexedDbStore(), new NodeFileStore(dir) or new MemoryStore()");
@@ -99,15 +101,33 @@ export class DeviceRuntime {
     const policy = new TrustPolicy(state, keys, options.now);
     const bundle = await Bundle.open(source, limits, policy.check);
     await policy.accept(bundle.manifest, bundle.manifestDigest, bundle.signature !== null, bundle.source);
+    await state.checkLabels(bundle.labels);
+    const warnings = [...policy.warnings, ...[state.problem, state.trustProblem && `${state.trustProblem}: only bundles signed by the ` +
+      "keys given now as trustedKeys open"].filter((w): w is string => Boolean(w))];
     const programOptions: ProgramOptions = { ort: options.ort, sessionOptions: options.sessionOptions };
+    const preprocessing = preprocessingFrom(bundle.manifest.input.preprocess);
     const ge = await GlobalExpert.open(bundle, programOptions);
-    const runtime = new DeviceRuntime(bundle, state, ge, programOptions, limits, policy.warnings);
+    const runtime = new DeviceRuntime(bundle, state, ge, preprocessing, programOptions, limits, warnings);
     await runtime.loadPersonalization();
     return runtime;
   }
 
+  /**
+   * Rebuild a damaged store's index from its sample records (each image checked
+   * against its sha256); the personalization is dropped, the trust memory kept.
+   * Open the runtime again afterwards. `reset()` repairs by itself.
+   */
+  static async repair(store: Store): Promise<{ samples: number; damagedRecords: number }> {
+    return DeviceState.repair(store);
+  }
+
   get labels(): string[] {
     return this.bundle.labels;
+  }
+
+  /** Why GE answers alone although a personalization is stored (damaged, or trained with another bundle), or null. */
+  get personalizationProblem(): string | null {
+    return this.problem;
   }
 
   get personalized(): boolean {
@@ -120,28 +140,30 @@ export class DeviceRuntime {
 
   private async loadPersonalization(): Promise<void> {
     await this.releaseActive();
-    this.personalizationProblem = null;
+    this.problem = null;
     let loaded;
     try {
       loaded = await this.state.loadPersonalization();
     } catch (error) {
       // never lock the user out: GE answers alone and says why
-      this.personalizationProblem = `${(error as Error).message}; GE answers alone until you personalize again`;
+      this.problem = `${(error as Error).message}; GE answers alone until you personalize again`;
       return;
     }
     if (!loaded) return;
     if (loaded.record.bundleId !== this.bundle.bundleId) {
-      this.personalizationProblem = `it was trained with another bundle (id ${loaded.record.bundleId}, this one is ${this.bundle.bundleId}); personalize again to use this bundle`;
+      this.problem = `it was trained with another bundle (id ${loaded.record.bundleId}, this one is ${this.bundle.bundleId}); personalize again to use this bundle`;
       return;
     }
+    let le: ForwardPart | null = null;
     try {
       const leParams = this.unpack(loaded.le, "local_expert");
       const gnParams = this.unpack(loaded.gn, "gating_network");
-      const le = await ForwardPart.open(this.bundle, "local_expert", this.options, leParams);
+      le = await ForwardPart.open(this.bundle, "local_expert", this.options, leParams);
       const gn = await ForwardPart.open(this.bundle, "gating_network", this.options, gnParams);
       this.active = { record: loaded.record, le, gn, leParams, gnParams };
     } catch (error) {
-      this.personalizationProblem = (error as Error).message;
+      await le?.release();
+      this.problem = (error as Error).message;
     }
   }
 
@@ -159,11 +181,14 @@ export class DeviceRuntime {
 
   // samples -------------------------------------------------------------
   /** Any images -> the uint8 samples GE reads (N*H*W), by the bundle's preprocessing. Blank images are refused. */
-  prepare(images: ImageInput): { samples: Uint8Array; count: number } {
+  prepare(images: ImageInput, labelsHint?: number): { samples: Uint8Array; count: number } {
+    this.checkOpen();
     const [, h, w] = this.bundle.manifest.input.shape;
-    const batch = ArrayBuffer.isView(images) ? { data: images, width: w, height: h, channels: 1 } : images;
-    if (!batch || !ArrayBuffer.isView(batch.data)) {
-      throw new SampleError("images must be a typed array (N*H*W) or { data, width, height, channels }");
+    const typed = (x: unknown): boolean => ArrayBuffer.isView(x) && !(x instanceof DataView) && typeof (x as { length?: unknown }).length === "number";
+    const batch: ImageBatch = typed(images) ? { data: images as Pixels, width: w, height: h, channels: 1 } : images as ImageBatch;
+    if (!batch || !typed(batch.data)) {
+      throw new SampleError("images must be a typed array (N*H*W) or { data, width, height, channels }",
+        "e.g. Uint8Array of N 28x28 images, or a canvas's ImageData as { data, width, height, channels: 4 }");
     }
     const channels = batch.channels ?? 1;
     if (![1, 3, 4].includes(channels)) throw new SampleError(`channels must be 1, 3 or 4, got ${channels}`);
@@ -177,6 +202,11 @@ export class DeviceRuntime {
         `${channels > 1 ? `x${channels}` : ""} images`, ArrayBuffer.isView(images)
         ? `a flat array holds N images of this bundle's input size (${h}x${w}); for other sizes pass { data, width, height }`
         : "check width, height and channels");
+    }
+    if (!ArrayBuffer.isView(images) && batch.channels === undefined && batch.data.length === batch.width * batch.height * 4
+        && labelsHint !== undefined && labelsHint !== 4) {
+      throw new SampleError(`${batch.data.length} values of ${batch.height}x${batch.width} read as 4 grey images, but ${labelsHint} label(s) were given`,
+        "a canvas's ImageData is RGBA: pass { data, width, height, channels: 4 }");
     }
     const count = batch.data.length / per;
     checkLimit(this.limits, "maxSamples", count, "images in one call");
@@ -201,7 +231,10 @@ export class DeviceRuntime {
     const unknown = new Set<string>();
     for (let i = 0; i < n; i++) {
       const label = labels[i];
-      if (typeof label === "string") {
+      if (typeof label === "bigint") {
+        if (label >= 0n && label < BigInt(names.length)) out[i] = Number(label);
+        else unknown.add(String(label));
+      } else if (typeof label === "string") {
         const k = index.get(label);
         if (k === undefined) unknown.add(JSON.stringify(label));
         else out[i] = k;
@@ -215,9 +248,9 @@ export class DeviceRuntime {
     return out;
   }
 
-  /** Prepare, validate and store labelled samples; returns how many were stored. */
+  /** Prepare, validate and store labelled samples; returns how many were new (the same image and label is kept once). */
   async addSamples(images: ImageInput, labels: LabelInput): Promise<number> {
-    const { samples, count } = this.prepare(images);
+    const { samples, count } = this.prepare(images, labels?.length);
     const indices = this.labelIndices(labels, count);
     const [, h, w] = this.bundle.manifest.input.shape;
     return this.state.addSamples(samples, indices, h, w);
@@ -235,7 +268,10 @@ export class DeviceRuntime {
    * personalization of the same samples (`superseded`).
    */
   async personalize(options: { onProgress?: ProgressFn; overrides?: Partial<PersonalizeConfig> } = {}): Promise<Record<string, unknown>> {
-    const cfg = personalizeConfig(this.bundle.manifest.personalize, options.overrides);
+    this.checkOpen();
+    if (this.state.readOnly) throw new StateError(`cannot personalize: ${this.state.problem}`, "call reset() or DeviceRuntime.repair(store) first");
+    const cfg = personalizeConfig(this.bundle.manifest.personalize, options.overrides,
+      { le: this.bundle.manifest.local_expert.max_batch, gn: this.bundle.manifest.gating_network.max_batch });
     const [, h, w] = this.bundle.manifest.input.shape;
     const started = Date.now();
     // Loaded on first use: an app that only predicts at startup never loads the training code.
@@ -315,7 +351,7 @@ export class DeviceRuntime {
   }
 
   async evaluate(images: ImageInput, labels: LabelInput): Promise<Evaluation> {
-    const { samples, count } = this.prepare(images);
+    const { samples, count } = this.prepare(images, labels?.length);
     const truth = this.labelIndices(labels, count);
     const { geLogits, logits, classes, useLe } = await this.answer(samples, count);
     const predicted = argmax(logits, classes, count);
@@ -352,7 +388,7 @@ export class DeviceRuntime {
     const unflat = (flat: Float32Array, part: "local_expert" | "gating_network") => {
       const out: Record<string, Float32Array> = {};
       let at = 0;
-      for (const name of Object.keys(spec[part].parameters).sort()) {
+      for (const name of parameterOrder(spec[part])) {
         const size = spec[part].parameters[name].reduce((a, b) => a * b, 1);
         out[name] = flat.subarray(at, at + size);
         at += size;
@@ -369,12 +405,18 @@ export class DeviceRuntime {
   // housekeeping --------------------------------------------------------
   /** Forget the personalization (and the samples, with deleteSamples): back to GE alone. */
   async reset(options: { deleteSamples?: boolean } = {}): Promise<void> {
+    this.checkOpen();
+    if (this.state.readOnly) {   // a damaged index is rebuilt first, keeping every intact sample
+      await DeviceState.repair(this.state.store);
+      this.state = await DeviceState.open(this.state.store);
+      await this.state.checkLabels(this.labels);
+    }
     await this.state.clearPersonalization(Boolean(options.deleteSamples));
-    await this.state.sweep();
     await this.loadPersonalization();
   }
 
-  status(): Record<string, unknown> {
+  status(): { bundle: string; bundleId: string; signedBy: string | null; warnings: string[]; samples: number;
+              personalized: boolean; personalization: Record<string, unknown> | null; personalizationProblem: string | null } {
     return { bundle: this.bundle.source, bundleId: this.bundle.bundleId, signedBy: this.bundle.signerId,
       warnings: this.warnings, samples: this.sampleCount(), personalized: this.personalized,
       personalization: this.active?.record.report ?? null, personalizationProblem: this.personalizationProblem };
@@ -390,24 +432,20 @@ export class DeviceRuntime {
   }
 
   async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
     await this.releaseActive();
     await this.ge.release();
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new StateError("this runtime is closed", "open it again with DeviceRuntime.open");
   }
 }
 
 /** A float32 vector's bytes, little-endian (as every platform the SDK runs on stores them). */
 function bytesOf(values: Float32Array): Uint8Array {
   return new Uint8Array(values.buffer.slice(values.byteOffset, values.byteOffset + values.byteLength));
-}
-
-function argmax(logits: Float32Array, classes: number, rows: number): Int32Array {
-  const out = new Int32Array(rows);
-  for (let i = 0; i < rows; i++) {
-    let best = 0;
-    for (let c = 1; c < classes; c++) if (logits[i * classes + c] > logits[i * classes + best]) best = c;
-    out[i] = best;
-  }
-  return out;
 }
 
 function softmax(logits: Float32Array, classes: number, rows: number): Float32Array {

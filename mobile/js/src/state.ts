@@ -1,25 +1,34 @@
 /**
  * The device's state on a `Store`: the user's samples, the active
- * personalization and the trust memory (pinned and revoked keys, the newest
- * release accepted per name), as the Python runtime keeps them in SQLite
- * (`device/store.py`).
+ * personalization, and what the device trusts (pinned and revoked keys, the
+ * newest release accepted per name), as the Python runtime keeps them in
+ * SQLite (`device/store.py`).
  *
- * Layout: `state.json` (small; points at everything else) and records
- * `samples/<n>` (one per `addSamples` call) and `personalization/<n>/le`,
- * `.../gn` (the trained weights: float32, the manifest's parameter order). Every record's
- * sha256 is in `state.json`: a damaged record is skipped (samples) or set
- * aside (a personalization: GE answers alone), never trusted. A commit writes
- * its records first and `state.json` last, so a failed write leaves the
- * previous state, and a `samplesGeneration` counter lets a personalization
- * notice samples added while it trained (compare-and-swap).
+ * Records: `samples/<n>` (one per `addSamples` call that added something;
+ * self-describing: count, size, labels, each image's sha256, the images),
+ * `personalization/<n>/le` and `.../gn` (float32 weights, the manifest's
+ * order), and two small indexes written last: `state.json` (which records
+ * are live, each with its sha256) and `trust.json` (kept apart, so that
+ * damage to one never loses the other's revocations).
+ *
+ * Every change runs under one lock per store, re-reads the indexes, writes
+ * its records, and commits by replacing the index: a failed write leaves the
+ * previous state, and a personalization trained on samples that changed
+ * meanwhile is not committed (compare-and-swap on `samplesGeneration`). A
+ * damaged record is skipped (samples) or set aside (a personalization: GE
+ * answers alone). A damaged `state.json` opens read-only until `repair()`
+ * rebuilds it from the sample records.
  */
 
-import { sha256Hex } from "./crypto.js";
+import { hex, sha256, sha256Hex } from "./crypto.js";
 import { StateError } from "./errors.js";
 import type { Store } from "./store.js";
 
 const STATE = "state.json";
+const TRUST = "trust.json";
 const FORMAT = "edgetailor-sdk-state";
+const SAMPLE_MAGIC = 0x31535445; // "ETS1", little-endian
+const RECORD = /^(samples\/\d{6}|personalization\/\d{6}\/(le|gn))$/; // the only keys the state ever writes or sweeps
 
 interface SampleRecord {
   key: string;
@@ -42,65 +51,127 @@ export interface PersonalizationRecord {
 interface StateDocument {
   format: string;
   version: number;
+  labels: string[] | null; // the bundle's labels the samples' indices refer to
   nextId: number;
   samples: SampleRecord[];
   samplesGeneration: number;
   personalization: PersonalizationRecord | null;
+}
+
+interface TrustDocument {
+  format: string;
+  version: number;
   trusted: Record<string, { key: string; why: string }>; // key id -> base64 raw key
   revoked: Record<string, string>; // key id -> revoked by
-  trustPinned: boolean;
+  pinned: boolean; // ever trusted a key: then only signed bundles open
   releases: Record<string, { version: number; digest: string }>;
 }
 
-function emptyState(): StateDocument {
-  return { format: FORMAT, version: 1, nextId: 1, samples: [], samplesGeneration: 0, personalization: null,
-    trusted: {}, revoked: {}, trustPinned: false, releases: {} };
-}
+const emptyState = (): StateDocument => ({
+  format: FORMAT, version: 1, labels: null, nextId: 1, samples: [], samplesGeneration: 0, personalization: null,
+});
+const emptyTrust = (): TrustDocument => ({
+  format: FORMAT, version: 1, trusted: Object.create(null), revoked: Object.create(null), pinned: false,
+  releases: Object.create(null),
+});
 
 export class SamplesChanged extends Error {}
 
+/** One queue per store object: every runtime on it takes turns to change it. */
+const locks = new WeakMap<Store, Promise<unknown>>();
+
+function exclusive<T>(store: Store, work: () => Promise<T>): Promise<T> {
+  const previous = locks.get(store) ?? Promise.resolve();
+  const next = previous.then(work, work);
+  locks.set(store, next.catch(() => undefined));
+  return next;
+}
+
+/** JSON of a record (objects without prototypes: names from a bundle can never reach Object.prototype). */
+function parseIndex<T>(bytes: Uint8Array, what: string): T {
+  const value = JSON.parse(new TextDecoder().decode(bytes), (_, v) =>
+    v && typeof v === "object" && !Array.isArray(v) ? Object.assign(Object.create(null), v) : v);
+  if (value?.format !== FORMAT || value.version !== 1) throw new Error(`${what} is not an edgetailor SDK record`);
+  return value as T;
+}
+
+async function readIndex<T>(store: Store, key: string, empty: () => T): Promise<{ doc: T; problem: string | null }> {
+  const bytes = await store.get(key);
+  if (!bytes) return { doc: empty(), problem: null };
+  try {
+    return { doc: parseIndex<T>(bytes, key), problem: null };
+  } catch (error) {
+    return { doc: empty(), problem: `${key} is damaged (${(error as Error).message})` };
+  }
+}
+
+function sampleRecord(images: Uint8Array, labels: Int32Array, digests: Uint8Array, height: number, width: number): Uint8Array {
+  const n = labels.length;
+  const out = new Uint8Array(16 + 4 * n + 32 * n + images.length);
+  const view = new DataView(out.buffer);
+  [SAMPLE_MAGIC, n, height, width].forEach((v, i) => view.setUint32(4 * i, v, true));
+  for (let i = 0; i < n; i++) view.setInt32(16 + 4 * i, labels[i], true);
+  out.set(digests, 16 + 4 * n);
+  out.set(images, 16 + 36 * n);
+  return out;
+}
+
+function readSampleRecord(bytes: Uint8Array): { labels: Int32Array; digests: Uint8Array; images: Uint8Array; height: number; width: number } | null {
+  if (bytes.length < 16) return null;
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const [magic, n, height, width] = [0, 1, 2, 3].map((i) => view.getUint32(4 * i, true));
+  if (magic !== SAMPLE_MAGIC || bytes.length !== 16 + 36 * n + n * height * width) return null;
+  const labels = new Int32Array(n);
+  for (let i = 0; i < n; i++) labels[i] = view.getInt32(16 + 4 * i, true);
+  return { labels, digests: bytes.subarray(16 + 4 * n, 16 + 36 * n), images: bytes.subarray(16 + 36 * n), height, width };
+}
+
 export class DeviceState {
   damagedSamples = 0;
+  private known: { generation: number; keys: Set<string> } | null = null; // digest+label of every stored sample
 
-  private constructor(readonly store: Store, private doc: StateDocument) {}
+  private constructor(readonly store: Store, private doc: StateDocument, private trustDoc: TrustDocument,
+                      readonly problem: string | null) {}
 
+  /** Open the state; a damaged `state.json` opens read-only (GE alone) and says why. */
   static async open(store: Store): Promise<DeviceState> {
-    return new DeviceState(store, await DeviceState.read(store));
+    const state = await readIndex(store, STATE, emptyState);
+    const trust = await readIndex(store, TRUST, emptyTrust);
+    // damaged trust memory stays locked: only signed bundles, from the keys the app pins again
+    if (trust.problem) trust.doc.pinned = true;
+    const problems = [state.problem, trust.problem].filter(Boolean);
+    const opened = new DeviceState(store, state.doc, trust.doc, state.problem
+      ? `${problems.join("; ")}: GE answers alone, and nothing can be stored until repair() rebuilds it from the sample records`
+      : null);
+    opened.trustProblem = trust.problem;
+    if (!state.problem) await exclusive(store, () => opened.sweepLocked());
+    return opened;
   }
 
-  private static async read(store: Store): Promise<StateDocument> {
-    const bytes = await store.get(STATE);
-    if (!bytes) return emptyState();
-    let doc: StateDocument;
-    try {
-      doc = JSON.parse(new TextDecoder().decode(bytes)) as StateDocument;
-    } catch (error) {
-      throw new StateError(`the device state (${STATE}) is damaged: ${(error as Error).message}`,
-        `the samples are intact in samples/*; delete ${STATE} from the store to start afresh (then give trustedKeys again)`);
-    }
-    if (doc.format !== FORMAT || doc.version !== 1) {
-      throw new StateError(`${STATE} is not an edgetailor SDK state (format ${JSON.stringify(doc.format)}, version ${doc.version})`,
-        "give the runtime a store of its own");
-    }
-    return doc;
+  trustProblem: string | null = null;
+
+  get readOnly(): boolean {
+    return this.problem !== null;
   }
 
-  /** Re-read state.json (another runtime on the same store may have committed). */
+  private async reload(): Promise<void> {
+    const state = await readIndex(this.store, STATE, emptyState);
+    if (state.problem) throw new StateError(`the device state changed under this runtime and is now damaged: ${state.problem}`, "call repair()");
+    this.doc = state.doc;
+    const trust = await readIndex(this.store, TRUST, emptyTrust);
+    if (!trust.problem) this.trustDoc = trust.doc;
+  }
+
+  /** Re-read the indexes (another runtime on the same store may have committed). */
   async refresh(): Promise<void> {
-    this.doc = await DeviceState.read(this.store);
+    if (!this.readOnly) await exclusive(this.store, () => this.reload());
   }
 
-  private async commit(doc: StateDocument): Promise<void> {
-    try {
-      await this.store.put(STATE, new TextEncoder().encode(JSON.stringify(doc)));
-    } catch (error) {
-      throw new StateError(`could not write the device state: ${(error as Error).message}`,
-        "free some space and try again; what was stored before is intact");
-    }
-    this.doc = doc;
+  private writable(): void {
+    if (this.problem) throw new StateError(`cannot change the state: ${this.problem}`, "call repair(): it keeps every intact sample");
   }
 
-  private async putRecord(key: string, bytes: Uint8Array): Promise<string> {
+  private async put(key: string, bytes: Uint8Array): Promise<string> {
     try {
       await this.store.put(key, bytes);
     } catch (error) {
@@ -110,8 +181,30 @@ export class DeviceState {
     return sha256Hex(bytes);
   }
 
+  private async commit(doc: StateDocument): Promise<void> {
+    await this.put(STATE, new TextEncoder().encode(JSON.stringify(doc)));
+    this.doc = doc;
+  }
+
   private copy(): StateDocument {
-    return structuredClone(this.doc);
+    return JSON.parse(JSON.stringify(this.doc)) as StateDocument;
+  }
+
+  // labels ----------------------------------------------------------------
+  /** The samples' label indices refer to the bundle's labels: a bundle with other labels must not read them. */
+  async checkLabels(labels: string[]): Promise<void> {
+    const stored = this.doc.labels;
+    if (stored && JSON.stringify(stored) !== JSON.stringify(labels)) {
+      throw new StateError(`this store holds samples for labels ${JSON.stringify(stored)}, but the bundle knows ${JSON.stringify(labels)}`,
+        "use a store of its own for this bundle");
+    }
+    if (!stored && !this.readOnly) {
+      await exclusive(this.store, async () => {
+        await this.reload();
+        if (this.doc.labels) return this.checkLabels(labels);
+        await this.commit({ ...this.copy(), labels });
+      });
+    }
   }
 
   // samples ---------------------------------------------------------------
@@ -123,45 +216,89 @@ export class DeviceState {
     return this.doc.samples.reduce((sum, s) => sum + s.count, 0);
   }
 
-  /** Store prepared samples (uint8 N*H*W) and their label indices as one record; then point state.json at it. */
-  async addSamples(images: Uint8Array, labels: Int32Array, height: number, width: number): Promise<number> {
-    const doc = this.copy();
-    const key = `samples/${String(doc.nextId++).padStart(6, "0")}`;
-    const record = new Uint8Array(labels.length * 4 + images.length);
-    record.set(new Uint8Array(Int32Array.from(labels).buffer), 0);
-    record.set(images, labels.length * 4);
-    const sha256 = await this.putRecord(key, record);
-    doc.samples.push({ key, count: labels.length, height, width, sha256 });
-    doc.samplesGeneration++;
-    await this.commit(doc);
-    return labels.length;
+  private async knownSamples(): Promise<Set<string>> {
+    if (this.known?.generation !== this.doc.samplesGeneration) {
+      const keys = new Set<string>();
+      for (const s of this.doc.samples) {
+        const record = await this.readSamples(s);
+        if (!record) continue;
+        for (let i = 0; i < record.labels.length; i++) keys.add(`${hex(record.digests.subarray(32 * i, 32 * i + 32))}:${record.labels[i]}`);
+      }
+      this.known = { generation: this.doc.samplesGeneration, keys };
+    }
+    return this.known.keys;
   }
 
-  /** Every readable sample; damaged records are skipped and counted in `damagedSamples`. */
-  async loadSamples(height: number, width: number): Promise<{ images: Uint8Array; labels: Int32Array; generation: number }> {
+  private async readSamples(s: SampleRecord) {
+    const bytes = await this.store.get(s.key);
+    if (!bytes || (await sha256Hex(bytes)) !== s.sha256) return null;
+    const record = readSampleRecord(bytes);
+    return record && record.labels.length === s.count && record.height === s.height && record.width === s.width ? record : null;
+  }
+
+  /** Store prepared samples (uint8 N*H*W) with label indices; the same image with the same label is stored once. Returns how many were new. */
+  async addSamples(images: Uint8Array, labels: Int32Array, height: number, width: number): Promise<number> {
+    this.writable();
     const pixels = height * width;
-    const parts: { images: Uint8Array; labels: Int32Array }[] = [];
-    this.damagedSamples = 0;
-    for (const s of this.doc.samples) {
-      const bytes = await this.store.get(s.key);
-      if (!bytes || bytes.length !== s.count * (4 + pixels) || s.height !== height || s.width !== width
-          || (await sha256Hex(bytes)) !== s.sha256) {
-        this.damagedSamples += s.count;
-        continue;
+    const digests = await Promise.all(Array.from(labels, (_, i) => sha256(images.subarray(i * pixels, (i + 1) * pixels))));
+    return exclusive(this.store, async () => {
+      await this.reload();
+      const known = await this.knownSamples();
+      const fresh: number[] = [];
+      const seen = new Set<string>();
+      labels.forEach((label, i) => {
+        const key = `${hex(digests[i])}:${label}`;
+        if (!known.has(key) && !seen.has(key)) {
+          seen.add(key);
+          fresh.push(i);
+        }
+      });
+      if (!fresh.length) return 0;
+      const kept = new Uint8Array(fresh.length * pixels);
+      const keptDigests = new Uint8Array(fresh.length * 32);
+      fresh.forEach((i, j) => {
+        kept.set(images.subarray(i * pixels, (i + 1) * pixels), j * pixels);
+        keptDigests.set(digests[i], 32 * j);
+      });
+      const doc = this.copy();
+      const key = `samples/${String(doc.nextId++).padStart(6, "0")}`;
+      const record = sampleRecord(kept, Int32Array.from(fresh, (i) => labels[i]), keptDigests, height, width);
+      const sha = await this.put(key, record);
+      doc.samples.push({ key, count: fresh.length, height, width, sha256: sha });
+      doc.samplesGeneration++;
+      await this.commit(doc);
+      for (const k of seen) known.add(k);
+      this.known = { generation: doc.samplesGeneration, keys: known };
+      return fresh.length;
+    });
+  }
+
+  /** Every intact sample; damaged records are skipped and counted in `damagedSamples`. */
+  async loadSamples(height: number, width: number): Promise<{ images: Uint8Array; labels: Int32Array; generation: number }> {
+    return exclusive(this.store, async () => {
+      if (!this.readOnly) await this.reload();
+      const pixels = height * width;
+      const parts: { images: Uint8Array; labels: Int32Array }[] = [];
+      this.damagedSamples = 0;
+      for (const s of this.doc.samples) {
+        const record = await this.readSamples(s);
+        if (!record || record.height !== height || record.width !== width) {
+          this.damagedSamples += s.count;
+          continue;
+        }
+        parts.push(record);
       }
-      const labels = new Int32Array(bytes.slice(0, s.count * 4).buffer);
-      parts.push({ images: bytes.subarray(s.count * 4), labels });
-    }
-    const total = parts.reduce((sum, p) => sum + p.labels.length, 0);
-    const images = new Uint8Array(total * pixels);
-    const labels = new Int32Array(total);
-    let at = 0;
-    for (const p of parts) {
-      images.set(p.images, at * pixels);
-      labels.set(p.labels, at);
-      at += p.labels.length;
-    }
-    return { images, labels, generation: this.doc.samplesGeneration };
+      const total = parts.reduce((sum, p) => sum + p.labels.length, 0);
+      const images = new Uint8Array(total * pixels);
+      const labels = new Int32Array(total);
+      let at = 0;
+      for (const p of parts) {
+        images.set(p.images, at * pixels);
+        labels.set(p.labels, at);
+        at += p.labels.length;
+      }
+      return { images, labels, generation: this.doc.samplesGeneration };
+    });
   }
 
   // personalization -------------------------------------------------------
@@ -175,49 +312,62 @@ export class DeviceState {
     if (!record) return null;
     const le = await this.store.get(record.le.key);
     const gn = await this.store.get(record.gn.key);
-    if (!le || !gn || (await sha256Hex(le)) !== record.le.sha256 || (await sha256Hex(gn)) !== record.gn.sha256) {
+    if (!le || !gn || (await sha256Hex(le)) !== record.le.sha256 || (await sha256Hex(gn)) !== record.gn.sha256
+        || !Number.isFinite(record.threshold)) {
       throw new StateError(`the stored personalization ${record.id} is damaged or missing`,
         "personalize again (the samples are kept), or reset()");
     }
     return { record, le, gn };
   }
 
-  /** Commit a personalization trained on samples of `generation`; throws SamplesChanged if samples were added since. */
+  /** Commit a personalization trained on samples of `generation`; throws SamplesChanged if samples changed since. */
   async savePersonalization(bundleId: string, le: Uint8Array, gn: Uint8Array, threshold: number,
                             report: Record<string, unknown>, generation: number): Promise<number> {
-    await this.refresh();
-    if (this.doc.samplesGeneration !== generation) throw new SamplesChanged();
-    const doc = this.copy();
-    const id = doc.nextId++;
-    const base = `personalization/${String(id).padStart(6, "0")}`;
-    const leSha = await this.putRecord(`${base}/le`, le);
-    const gnSha = await this.putRecord(`${base}/gn`, gn);
-    const previous = doc.personalization;
-    doc.personalization = { id, bundleId, le: { key: `${base}/le`, sha256: leSha }, gn: { key: `${base}/gn`, sha256: gnSha },
-      threshold, samplesGeneration: generation, report };
-    await this.commit(doc);
-    if (previous) await this.deleteQuietly(previous.le.key, previous.gn.key);
-    return id;
+    this.writable();
+    if (!Number.isFinite(threshold)) throw new StateError(`refusing to store a personalization with gate threshold ${threshold}`, "personalize again");
+    return exclusive(this.store, async () => {
+      await this.reload();
+      if (this.doc.samplesGeneration !== generation) throw new SamplesChanged();
+      const doc = this.copy();
+      const id = doc.nextId++;
+      const base = `personalization/${String(id).padStart(6, "0")}`;
+      const leSha = await this.put(`${base}/le`, le);
+      const gnSha = await this.put(`${base}/gn`, gn);
+      const previous = doc.personalization;
+      doc.personalization = { id, bundleId, le: { key: `${base}/le`, sha256: leSha }, gn: { key: `${base}/gn`, sha256: gnSha },
+        threshold, samplesGeneration: generation, report };
+      await this.commit(doc);
+      if (previous) await this.deleteQuietly(previous.le.key, previous.gn.key);
+      return id;
+    });
   }
 
   async clearPersonalization(deleteSamples: boolean): Promise<void> {
-    const doc = this.copy();
-    const stale = doc.personalization ? [doc.personalization.le.key, doc.personalization.gn.key] : [];
-    doc.personalization = null;
-    if (deleteSamples) {
-      stale.push(...doc.samples.map((s) => s.key));
-      doc.samples = [];
-      doc.samplesGeneration++;
-    }
-    await this.commit(doc);
-    await this.deleteQuietly(...stale);
+    this.writable();
+    await exclusive(this.store, async () => {
+      await this.reload();
+      const doc = this.copy();
+      doc.personalization = null;
+      if (deleteSamples) {
+        doc.samples = [];
+        doc.samplesGeneration++;
+      }
+      await this.commit(doc);
+      await this.sweepLocked();
+    });
   }
 
-  /** Records no longer referenced (left by a failed commit or an old personalization). */
-  async sweep(): Promise<void> {
-    const live = new Set([STATE, ...this.doc.samples.map((s) => s.key)]);
+  /** Delete the state's own records that no index names (a failed commit's, a replaced personalization's). */
+  private async sweepLocked(): Promise<void> {
+    const live = new Set(this.doc.samples.map((s) => s.key));
     if (this.doc.personalization) live.add(this.doc.personalization.le.key).add(this.doc.personalization.gn.key);
-    await this.deleteQuietly(...(await this.store.keys()).filter((k) => !live.has(k)));
+    let keys: string[];
+    try {
+      keys = await this.store.keys();
+    } catch {
+      return; // tidying is optional
+    }
+    await this.deleteQuietly(...keys.filter((k) => RECORD.test(k) && !live.has(k)));
   }
 
   private async deleteQuietly(...keys: string[]): Promise<void> {
@@ -230,37 +380,96 @@ export class DeviceState {
     }
   }
 
+  /**
+   * Rebuild `state.json` from the sample records in the store, each checked
+   * image by image against its sha256; the personalization is dropped
+   * (personalize again). What the device trusts lives in `trust.json`, untouched.
+   */
+  static async repair(store: Store): Promise<{ samples: number; damagedRecords: number }> {
+    return exclusive(store, async () => {
+      const doc = emptyState();
+      let damagedRecords = 0;
+      let nextId = 1;
+      const old = await store.get(STATE);
+      let labels: string[] | null = null;
+      try {
+        if (old) labels = parseIndex<StateDocument>(old, STATE).labels;
+      } catch {
+        // the names are lost with the index; the next open records the bundle's
+      }
+      for (const key of (await store.keys()).filter((k) => /^samples\/\d{6}$/.test(k)).sort()) {
+        nextId = Math.max(nextId, Number(key.slice(8)) + 1);
+        const bytes = await store.get(key);
+        const record = bytes && readSampleRecord(bytes);
+        let intact = Boolean(record);
+        for (let i = 0; record && intact && i < record.labels.length; i++) {
+          const image = record.images.subarray(i * record.height * record.width, (i + 1) * record.height * record.width);
+          intact = hex(await sha256(image)) === hex(record.digests.subarray(32 * i, 32 * i + 32));
+        }
+        if (!record || !intact || !bytes) {
+          damagedRecords++;
+          continue;
+        }
+        doc.samples.push({ key, count: record.labels.length, height: record.height, width: record.width, sha256: await sha256Hex(bytes) });
+      }
+      for (const key of await store.keys()) {
+        const match = /^personalization\/(\d{6})\//.exec(key);
+        if (match) nextId = Math.max(nextId, Number(match[1]) + 1);
+      }
+      doc.labels = labels;
+      doc.nextId = nextId;
+      doc.samplesGeneration = 1;
+      await store.put(STATE, new TextEncoder().encode(JSON.stringify(doc)));
+      return { samples: doc.samples.reduce((sum, s) => sum + s.count, 0), damagedRecords };
+    });
+  }
+
   // trust memory ----------------------------------------------------------
   trustedKeys(): Record<string, string> {
-    return Object.fromEntries(Object.entries(this.doc.trusted).map(([id, v]) => [id, v.key]));
+    return Object.fromEntries(Object.entries(this.trustDoc.trusted).map(([id, v]) => [id, v.key]));
   }
 
   revokedKeys(): Set<string> {
-    return new Set(Object.keys(this.doc.revoked));
+    return new Set(Object.keys(this.trustDoc.revoked));
   }
 
   get trustPinned(): boolean {
-    return this.doc.trustPinned;
+    return this.trustDoc.pinned;
   }
 
   acceptedRelease(name: string): { version: number; digest: string } | null {
-    return this.doc.releases[name] ?? null;
+    return Object.hasOwn(this.trustDoc.releases, name) ? this.trustDoc.releases[name] : null;
   }
 
-  /** Remember trust changes (keys pinned, endorsed or revoked; a release accepted) in one commit. */
+  /**
+   * Remember what the device learned to trust, merged into the stored record
+   * (keys and revocations only accumulate; a release's version only rises),
+   * so that two runtimes never undo each other's revocations. A state that
+   * cannot be written keeps them for this run only, as Python's read-only state does.
+   */
   async rememberTrust(change: { trust?: [string, string, string][]; revoke?: [string, string][];
                                 release?: [string, number, string] }): Promise<void> {
+    const apply = (doc: TrustDocument) => {
+      for (const [id, key, why] of change.trust ?? []) {
+        if (!Object.hasOwn(doc.trusted, id)) doc.trusted[id] = { key, why };
+        doc.pinned = true;
+      }
+      for (const [id, by] of change.revoke ?? []) if (!Object.hasOwn(doc.revoked, id)) doc.revoked[id] = by;
+      if (change.release) {
+        const [name, version, digest] = change.release;
+        const accepted = Object.hasOwn(doc.releases, name) ? doc.releases[name] : null;
+        if (!accepted || version > accepted.version) doc.releases[name] = { version, digest };
+      }
+    };
     if (!change.trust?.length && !change.revoke?.length && !change.release) return;
-    const doc = this.copy();
-    for (const [id, key, why] of change.trust ?? []) {
-      doc.trusted[id] = { key, why };
-      doc.trustPinned = true;
-    }
-    for (const [id, by] of change.revoke ?? []) doc.revoked[id] = by;
-    if (change.release) {
-      const [name, version, digest] = change.release;
-      doc.releases[name] = { version, digest };
-    }
-    await this.commit(doc);
+    apply(this.trustDoc);
+    if (this.readOnly || this.trustProblem) return;
+    await exclusive(this.store, async () => {
+      const stored = await readIndex(this.store, TRUST, emptyTrust);
+      if (stored.problem) return;
+      apply(stored.doc);
+      await this.put(TRUST, new TextEncoder().encode(JSON.stringify(stored.doc)));
+      this.trustDoc = stored.doc;
+    });
   }
 }

@@ -45,11 +45,11 @@ export class MemoryStore implements Store {
 export class IndexedDbStore implements Store {
   private database: Promise<IDBDatabase> | null = null;
 
-  constructor(readonly name = "edgetailor", private readonly factory?: IDBFactory) {}
+  constructor(readonly name = "edgetailor") {}
 
   private db(): Promise<IDBDatabase> {
     this.database ??= new Promise((resolve, reject) => {
-      const factory = this.factory ?? globalThis.indexedDB;
+      const factory = (globalThis as { indexedDB?: IDBFactory }).indexedDB;
       if (!factory) {
         reject(new Error("IndexedDB is not available here; use NodeFileStore in Node, or your own Store"));
         return;
@@ -59,6 +59,7 @@ export class IndexedDbStore implements Store {
       request.onsuccess = () => resolve(request.result);
       request.onerror = () => reject(request.error);
     });
+    this.database.catch(() => (this.database = null)); // a failed open is tried again next time
     return this.database;
   }
 

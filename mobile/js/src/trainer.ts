@@ -41,13 +41,13 @@ export class StepTrainer {
   static async open(bundle: Bundle, part: PartName, options: ProgramOptions, dims: number[]): Promise<StepTrainer> {
     const spec = bundle.manifest[part];
     const file = trainingFiles(bundle, part).step;
-    const trainer = new StepTrainer(options, await openSession(options, bundle.file(file), file, 1), spec, part, dims);
     const initial = parseNpy(bundle.file(spec.initial_parameters), spec.initial_parameters);
     const expected = parameterCount(spec);
     if (initial.data.length !== expected || !(initial.data instanceof Float32Array)) {
       throw new BackendError(`${spec.initial_parameters} holds ${initial.data.length} values, ${part} has ${expected} parameters`,
         "the bundle is damaged; re-export it");
     }
+    const trainer = new StepTrainer(options, await openSession(options, bundle.file(file), file, 1), spec, part, dims);
     trainer.params = Float32Array.from(initial.data);
     trainer.m = new Float32Array(expected);
     trainer.v = new Float32Array(expected);

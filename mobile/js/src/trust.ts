@@ -10,7 +10,7 @@
  */
 
 import { TrustError } from "./errors.js";
-import type { Manifest } from "./manifest.js";
+import { parseTime, type Manifest } from "./manifest.js";
 import { fromBase64, toBase64 } from "./crypto.js";
 import type { BundleSignature, PublicKey } from "./signing.js";
 import type { DeviceState } from "./state.js";
@@ -108,7 +108,7 @@ export class TrustPolicy {
       }
       return;
     }
-    if (release.expires && this.now().getTime() >= Date.parse(release.expires)) {
+    if (release.expires && this.now().getTime() >= parseTime(release.expires)) {
       throw new TrustError(`${source} (${release.name} version ${release.version}) expired at ${release.expires}`,
         "get the current bundle from its publisher");
     }
@@ -129,7 +129,8 @@ export class TrustPolicy {
         throw new TrustError(`${source} claims to be ${release.name} version ${release.version}, but this state accepted a different bundle under that version`,
           "a publisher never reuses a version; get the bundle from its publisher again");
       }
-      if (!accepted || accepted.version !== release.version || accepted.digest !== digest) remembered = [release.name, release.version, digest];
+      // the highest version only: an unsigned twin of the current version never displaces the signed one
+      if (!accepted || release.version > accepted.version) remembered = [release.name, release.version, digest];
     }
     if (remembered) await this.state.rememberTrust({ release: remembered });
   }

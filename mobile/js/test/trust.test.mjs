@@ -71,6 +71,10 @@ test("refuses oversized and malformed input before inflating it", { skip: skipWi
   const deep = rezip(bundleBytes(), (f) => { delete f["signature.json"]; f["manifest.json"] = new TextEncoder().encode("[".repeat(100) + "]".repeat(100)); });
   await assert.rejects(DeviceRuntime.open(deep, { ort, store: new MemoryStore() }), /maxJsonDepth/);
   await assert.rejects(DeviceRuntime.open(bundleBytes(), { store: new MemoryStore() }), /needs \{ ort \}/);
+  const escaping = rezip(bundleBytes(), (f) => { f["../evil.sh"] = new Uint8Array([1]); });
+  await assert.rejects(open(escaping), /not a plain relative path/);
+  const hugeManifest = rezip(bundleBytes(), (f) => { f["manifest.json"] = new Uint8Array(3 << 20).fill(32); });
+  await assert.rejects(open(hugeManifest), (e) => e instanceof LimitError && /maxManifestBytes/.test(e.message));
   await assert.rejects(open(bundleBytes(), new MemoryStore(), { trustedKeys: ["not a key"] }), /not a PEM public key/);
 });
 
