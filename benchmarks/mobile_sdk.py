@@ -14,7 +14,9 @@ onnxruntime-node (scripts/bench.mjs), each in a fresh process, ``--rounds``
 times interleaved (this machine's speed drifts within minutes; medians
 compare fairly). Then the SDK in Chromium with onnxruntime-web (WASM), by the
 browser test (`npm run test:browser`), and the SDK's minified size
-(`npm run bundle`, esbuild, onnxruntime not included).
+(`npm run bundle`, esbuild, onnxruntime not included): what an app loads at
+startup, and the chunks it loads on first use (training, the export, and
+@noble's crypto where WebCrypto lacks Ed25519).
 
 Targets (issue 15): predictions agree on >= 98 % and user accuracies within
 1 point; personalizing 100 samples takes <= 1.5x Python's time in Node and
@@ -169,6 +171,9 @@ def main() -> int:
     python_s = statistics.median(r["py_seconds"] for r in rows)
     warm = statistics.median(r["js_open_warm"] for r in rows)
     chromium_s = browser["personalize_seconds"] if browser else None
+    lazy = size.get("lazy_chunks", {})
+    noble = sum(b for name, b in lazy.items() if "ed25519" in name or "sha2" in name)
+    training = sum(lazy.values()) - noble
     targets = [
         ("predictions agree >= 98 %", f"{overall_agree:.4f} (lowest user {min(r['agree'] for r in rows):.3f})",
          overall_agree >= 0.98),
@@ -180,7 +185,10 @@ def main() -> int:
         ("open and verify <= 300 ms in Node",
          f"{1000 * open_first:.0f} ms first open in a fresh process (slowest user); {1000 * warm:.0f} ms warm",
          open_first <= 0.3),
-        ("SDK <= 60 KB minified", f"{size['bytes'] / 1024:.1f} KB ({size['gzip_bytes'] / 1024:.1f} KB gzipped)",
+        ("SDK <= 60 KB minified",
+         f"{size['bytes'] / 1024:.1f} KB at startup ({size['own_bytes'] / 1024:.1f} KB the SDK's own code, the rest "
+         f"fflate; {size['gzip_bytes'] / 1024:.1f} KB gzipped); on first use +{training / 1024:.1f} KB training, "
+         f"export and repair, +{noble / 1024:.1f} KB @noble where WebCrypto lacks Ed25519",
          size["bytes"] <= 60 * 1024),
     ]
     print()

@@ -118,7 +118,8 @@ export class DeviceRuntime {
    * Open the runtime again afterwards. `reset()` repairs by itself.
    */
   static async repair(store: Store): Promise<{ samples: number; damagedRecords: number }> {
-    return DeviceState.repair(store);
+    const { repairState } = await import("./repair.js"); // loaded only when a store needs it
+    return repairState(store);
   }
 
   get labels(): string[] {
@@ -407,7 +408,7 @@ export class DeviceRuntime {
   async reset(options: { deleteSamples?: boolean } = {}): Promise<void> {
     this.checkOpen();
     if (this.state.readOnly) {   // a damaged index is rebuilt first, keeping every intact sample
-      await DeviceState.repair(this.state.store);
+      await DeviceRuntime.repair(this.state.store);
       this.state = await DeviceState.open(this.state.store);
       await this.state.checkLabels(this.labels);
     }

@@ -16,7 +16,7 @@
  * previous state, and a personalization trained on samples that changed
  * meanwhile is not committed (compare-and-swap on `samplesGeneration`). A
  * damaged record is skipped (samples) or set aside (a personalization: GE
- * answers alone). A damaged `state.json` opens read-only until `repair()`
+ * answers alone). A damaged `state.json` opens read-only until `repair.ts`
  * rebuilds it from the sample records.
  */
 
@@ -24,7 +24,7 @@ import { hex, sha256, sha256Hex } from "./crypto.js";
 import { StateError } from "./errors.js";
 import type { Store } from "./store.js";
 
-const STATE = "state.json";
+export const STATE = "state.json";
 const TRUST = "trust.json";
 const FORMAT = "edgetailor-sdk-state";
 const SAMPLE_MAGIC = 0x31535445; // "ETS1", little-endian
@@ -48,7 +48,7 @@ export interface PersonalizationRecord {
   report: Record<string, unknown>;
 }
 
-interface StateDocument {
+export interface StateDocument {
   format: string;
   version: number;
   labels: string[] | null; // the bundle's labels the samples' indices refer to
@@ -67,7 +67,7 @@ interface TrustDocument {
   releases: Record<string, { version: number; digest: string }>;
 }
 
-const emptyState = (): StateDocument => ({
+export const emptyState = (): StateDocument => ({
   format: FORMAT, version: 1, labels: null, nextId: 1, samples: [], samplesGeneration: 0, personalization: null,
 });
 const emptyTrust = (): TrustDocument => ({
@@ -80,7 +80,7 @@ export class SamplesChanged extends Error {}
 /** One queue per store object: every runtime on it takes turns to change it. */
 const locks = new WeakMap<Store, Promise<unknown>>();
 
-function exclusive<T>(store: Store, work: () => Promise<T>): Promise<T> {
+export function exclusive<T>(store: Store, work: () => Promise<T>): Promise<T> {
   const previous = locks.get(store) ?? Promise.resolve();
   const next = previous.then(work, work);
   locks.set(store, next.catch(() => undefined));
@@ -88,7 +88,7 @@ function exclusive<T>(store: Store, work: () => Promise<T>): Promise<T> {
 }
 
 /** JSON of a record (objects without prototypes: names from a bundle can never reach Object.prototype). */
-function parseIndex<T>(bytes: Uint8Array, what: string): T {
+export function parseIndex<T>(bytes: Uint8Array, what: string): T {
   const value = JSON.parse(new TextDecoder().decode(bytes), (_, v) =>
     v && typeof v === "object" && !Array.isArray(v) ? Object.assign(Object.create(null), v) : v);
   if (value?.format !== FORMAT || value.version !== 1) throw new Error(`${what} is not an edgetailor SDK record`);
@@ -116,7 +116,7 @@ function sampleRecord(images: Uint8Array, labels: Int32Array, digests: Uint8Arra
   return out;
 }
 
-function readSampleRecord(bytes: Uint8Array): { labels: Int32Array; digests: Uint8Array; images: Uint8Array; height: number; width: number } | null {
+export function readSampleRecord(bytes: Uint8Array): { labels: Int32Array; digests: Uint8Array; images: Uint8Array; height: number; width: number } | null {
   if (bytes.length < 16) return null;
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const [magic, n, height, width] = [0, 1, 2, 3].map((i) => view.getUint32(4 * i, true));
@@ -378,50 +378,6 @@ export class DeviceState {
         // an unreferenced record costs space only; the next sweep retries
       }
     }
-  }
-
-  /**
-   * Rebuild `state.json` from the sample records in the store, each checked
-   * image by image against its sha256; the personalization is dropped
-   * (personalize again). What the device trusts lives in `trust.json`, untouched.
-   */
-  static async repair(store: Store): Promise<{ samples: number; damagedRecords: number }> {
-    return exclusive(store, async () => {
-      const doc = emptyState();
-      let damagedRecords = 0;
-      let nextId = 1;
-      const old = await store.get(STATE);
-      let labels: string[] | null = null;
-      try {
-        if (old) labels = parseIndex<StateDocument>(old, STATE).labels;
-      } catch {
-        // the names are lost with the index; the next open records the bundle's
-      }
-      for (const key of (await store.keys()).filter((k) => /^samples\/\d{6}$/.test(k)).sort()) {
-        nextId = Math.max(nextId, Number(key.slice(8)) + 1);
-        const bytes = await store.get(key);
-        const record = bytes && readSampleRecord(bytes);
-        let intact = Boolean(record);
-        for (let i = 0; record && intact && i < record.labels.length; i++) {
-          const image = record.images.subarray(i * record.height * record.width, (i + 1) * record.height * record.width);
-          intact = hex(await sha256(image)) === hex(record.digests.subarray(32 * i, 32 * i + 32));
-        }
-        if (!record || !intact || !bytes) {
-          damagedRecords++;
-          continue;
-        }
-        doc.samples.push({ key, count: record.labels.length, height: record.height, width: record.width, sha256: await sha256Hex(bytes) });
-      }
-      for (const key of await store.keys()) {
-        const match = /^personalization\/(\d{6})\//.exec(key);
-        if (match) nextId = Math.max(nextId, Number(match[1]) + 1);
-      }
-      doc.labels = labels;
-      doc.nextId = nextId;
-      doc.samplesGeneration = 1;
-      await store.put(STATE, new TextEncoder().encode(JSON.stringify(doc)));
-      return { samples: doc.samples.reduce((sum, s) => sum + s.count, 0), damagedRecords };
-    });
   }
 
   // trust memory ----------------------------------------------------------
