@@ -367,7 +367,10 @@ export class DeviceState {
     } catch {
       return; // tidying is optional
     }
-    await this.deleteQuietly(...keys.filter((k) => RECORD.test(k) && !live.has(k)));
+    // Only ids below the committed nextId: a record with a higher id may be another runtime's commit in flight.
+    // (A failed commit's records keep their id, and the next commit reuses it, overwriting them.)
+    const committed = (k: string) => Number(/\d{6}/.exec(k)?.[0]) < this.doc.nextId;
+    await this.deleteQuietly(...keys.filter((k) => RECORD.test(k) && committed(k) && !live.has(k)));
   }
 
   private async deleteQuietly(...keys: string[]): Promise<void> {
