@@ -18,7 +18,7 @@
 import { PersonalizationError, SampleError } from "./errors.js";
 import type { Bundle } from "./bundle.js";
 import type { PersonalizeConfig, ProgressFn } from "./config.js";
-import { argmax, ForwardPart, gateFromLogits, type GlobalExpert, type ProgramOptions } from "./programs.js";
+import { argmax, ForwardPart, gateFromLogits, gather, type GlobalExpert, type ProgramOptions } from "./programs.js";
 import { StepTrainer } from "./trainer.js";
 import { parseNpz, type NpyArray } from "./npy.js";
 import { roundHalfEven } from "./preprocess.js";
@@ -267,9 +267,10 @@ export async function trainMixture(bundle: Bundle, ge: GlobalExpert, options: Pr
         const generic = gateFromLogits(await gnPart.run([gather(gnTable, heldOut)], heldOut.length));
         threshold = Math.min(0.99, Math.max(threshold, quantile(generic, 1 - cfg.gate_generic_share)));
       }
-      const first = Array.from({ length: n }, (_, i) => i); // the originals are the first rows
-      const leLogits = await lePart.run([gather(leTable, first), { data: logitsAll.subarray(0, n * classes), dim: classes }], n);
-      const gate = gateFromLogits(await gnPart.run([gather(gnTable, first)], n));
+      // the originals are the tables' first n rows
+      const first = (t: { data: Float32Array; dim: number }) => ({ data: t.data.subarray(0, n * t.dim), dim: t.dim });
+      const leLogits = await lePart.run([first(leTable), { data: logitsAll.subarray(0, n * classes), dim: classes }], n);
+      const gate = gateFromLogits(await gnPart.run([first(gnTable)], n));
       const useLe = Array.from(gate, (g) => g > Math.fround(threshold));
       const learned = whatWasLearned(labels, logitsAll.subarray(0, n * classes), leLogits, useLe, classes, bundle.labels);
       const report = {
@@ -290,12 +291,6 @@ export async function trainMixture(bundle: Bundle, ge: GlobalExpert, options: Pr
 }
 
 const round3 = (x: number) => Math.round(x * 1000) / 1000;
-
-function gather(table: { data: Float32Array; dim: number }, rows: number[]): { data: Float32Array; dim: number } {
-  const out = new Float32Array(rows.length * table.dim);
-  rows.forEach((r, i) => out.set(table.data.subarray(r * table.dim, (r + 1) * table.dim), i * table.dim));
-  return { data: out, dim: table.dim };
-}
 
 function replayImages(bundle: Bundle): { images: Uint8Array; count: number } {
   const file = bundle.manifest.replay.file;

@@ -155,11 +155,13 @@ function fmaExact(a: number, b: number, c: number): number {
 }
 
 /** numpy's pairwise summation (`np.add.reduce` over a contiguous run of n
- * values): 8 accumulators per block of at most 128, blocks halved recursively. */
-function pairwise64(a: Float64Array, start: number, n: number, stride: number): number {
+ * values): 8 accumulators per block of at most 128, blocks halved recursively.
+ * `round` is applied after every addition: identity for float64 arrays,
+ * Math.fround for float32 ones (numpy sums those with float32 accumulators). */
+function pairwise(a: Float64Array | Float32Array, start: number, n: number, stride: number, round: (x: number) => number): number {
   if (n < 8) {
     let res = 0;
-    for (let i = 0; i < n; i++) res += a[start + i * stride];
+    for (let i = 0; i < n; i++) res = round(res + a[start + i * stride]);
     return res;
   }
   if (n <= 128) {
@@ -169,44 +171,22 @@ function pairwise64(a: Float64Array, start: number, n: number, stride: number): 
     let i = 8;
     for (; i < end; i += 8) {
       const k = start + i * stride;
-      r0 += a[k]; r1 += a[k + stride]; r2 += a[k + 2 * stride]; r3 += a[k + 3 * stride];
-      r4 += a[k + 4 * stride]; r5 += a[k + 5 * stride]; r6 += a[k + 6 * stride]; r7 += a[k + 7 * stride];
+      r0 = round(r0 + a[k]); r1 = round(r1 + a[k + stride]); r2 = round(r2 + a[k + 2 * stride]); r3 = round(r3 + a[k + 3 * stride]);
+      r4 = round(r4 + a[k + 4 * stride]); r5 = round(r5 + a[k + 5 * stride]);
+      r6 = round(r6 + a[k + 6 * stride]); r7 = round(r7 + a[k + 7 * stride]);
     }
-    let res = r0 + r1 + (r2 + r3) + (r4 + r5 + (r6 + r7));
-    for (; i < n; i++) res += a[start + i * stride];
+    let res = round(round(round(r0 + r1) + round(r2 + r3)) + round(round(r4 + r5) + round(r6 + r7)));
+    for (; i < n; i++) res = round(res + a[start + i * stride]);
     return res;
   }
   let n2 = Math.floor(n / 2);
   n2 -= n2 % 8;
-  return pairwise64(a, start, n2, stride) + pairwise64(a, start + n2 * stride, n - n2, stride);
+  return round(pairwise(a, start, n2, stride, round) + pairwise(a, start + n2 * stride, n - n2, stride, round));
 }
 
-/** pairwise64 in float32, as numpy sums a float32 array (float32 accumulators). */
-function pairwise32(a: Float32Array, start: number, n: number, stride: number): number {
-  if (n < 8) {
-    let res = 0;
-    for (let i = 0; i < n; i++) res = f32(res + a[start + i * stride]);
-    return res;
-  }
-  if (n <= 128) {
-    let r0 = a[start], r1 = a[start + stride], r2 = a[start + 2 * stride], r3 = a[start + 3 * stride];
-    let r4 = a[start + 4 * stride], r5 = a[start + 5 * stride], r6 = a[start + 6 * stride], r7 = a[start + 7 * stride];
-    const end = n - (n % 8);
-    let i = 8;
-    for (; i < end; i += 8) {
-      const k = start + i * stride;
-      r0 = f32(r0 + a[k]); r1 = f32(r1 + a[k + stride]); r2 = f32(r2 + a[k + 2 * stride]); r3 = f32(r3 + a[k + 3 * stride]);
-      r4 = f32(r4 + a[k + 4 * stride]); r5 = f32(r5 + a[k + 5 * stride]);
-      r6 = f32(r6 + a[k + 6 * stride]); r7 = f32(r7 + a[k + 7 * stride]);
-    }
-    let res = f32(f32(f32(r0 + r1) + f32(r2 + r3)) + f32(f32(r4 + r5) + f32(r6 + r7)));
-    for (; i < n; i++) res = f32(res + a[start + i * stride]);
-    return res;
-  }
-  let n2 = Math.floor(n / 2);
-  n2 -= n2 % 8;
-  return f32(pairwise32(a, start, n2, stride) + pairwise32(a, start + n2 * stride, n - n2, stride));
-}
+const exact = (x: number): number => x;
+const pairwise64 = (a: Float64Array, start: number, n: number, stride: number): number => pairwise(a, start, n, stride, exact);
+const pairwise32 = (a: Float32Array, start: number, n: number, stride: number): number => pairwise(a, start, n, stride, f32);
 
 /** `x.reshape(H', fh, W', fw).mean(axis=(1, 3))` of the top left (outH*fh) x
  * (outW*fw) of an image whose rows are `stride` apart. numpy adds each block

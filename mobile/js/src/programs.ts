@@ -167,3 +167,10 @@ export function argmax(logits: Float32Array, classes: number, rows: number, offs
   }
   return out;
 }
+
+/** The given rows of a table of `dim` values per row, as a new table (the inputs of a forward program). */
+export function gather(table: { data: Float32Array; dim: number }, rows: number[]): { data: Float32Array; dim: number } {
+  const out = new Float32Array(rows.length * table.dim);
+  rows.forEach((r, i) => out.set(table.data.subarray(r * table.dim, (r + 1) * table.dim), i * table.dim));
+  return { data: out, dim: table.dim };
+}

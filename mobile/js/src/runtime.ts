@@ -21,7 +21,7 @@ import { checkLimit, resolveLimits, type Limits } from "./limits.js";
 import { personalizeConfig, type PersonalizeConfig, type ProgressFn } from "./config.js";
 import { asGreyFloat, preprocessingFrom, type Preprocessing } from "./preprocess.js";
 import {
-  argmax, ForwardPart, gateFromLogits, GlobalExpert, parameterCount, parameterOrder, type OrtModule, type ProgramOptions,
+  argmax, ForwardPart, gateFromLogits, gather, GlobalExpert, parameterCount, parameterOrder, type OrtModule, type ProgramOptions,
 } from "./programs.js";
 import { parsePublicKey } from "./signing.js";
 import { DeviceState, SamplesChanged, type PersonalizationRecord } from "./state.js";
@@ -330,12 +330,8 @@ export class DeviceRuntime {
       const rows: number[] = [];
       for (let i = 0; i < count; i++) if ((useLe[i] = gate[i] > threshold)) rows.push(i);
       if (rows.length) {
-        const pick = (t: { data: Float32Array; dim: number }) => {
-          const data = new Float32Array(rows.length * t.dim);
-          rows.forEach((r, j) => data.set(t.data.subarray(r * t.dim, (r + 1) * t.dim), j * t.dim));
-          return { data, dim: t.dim };
-        };
-        const leLogits = await this.active.le.run([pick(out.features[leTap]), pick({ data: out.logits, dim: classes })], rows.length);
+        const leLogits = await this.active.le.run([gather(out.features[leTap], rows),
+          gather({ data: out.logits, dim: classes }, rows)], rows.length);
         rows.forEach((r, j) => logits.set(leLogits.subarray(j * classes, (j + 1) * classes), r * classes));
       }
     }

@@ -193,18 +193,19 @@ export class DeviceState {
   // labels ----------------------------------------------------------------
   /** The samples' label indices refer to the bundle's labels: a bundle with other labels must not read them. */
   async checkLabels(labels: string[]): Promise<void> {
-    const stored = this.doc.labels;
-    if (stored && JSON.stringify(stored) !== JSON.stringify(labels)) {
-      throw new StateError(`this store holds samples for labels ${JSON.stringify(stored)}, but the bundle knows ${JSON.stringify(labels)}`,
-        "use a store of its own for this bundle");
-    }
-    if (!stored && !this.readOnly) {
-      await exclusive(this.store, async () => {
-        await this.reload();
-        if (this.doc.labels) return this.checkLabels(labels);
-        await this.commit({ ...this.copy(), labels });
-      });
-    }
+    const check = (stored: string[] | null) => {
+      if (stored && JSON.stringify(stored) !== JSON.stringify(labels)) {
+        throw new StateError(`this store holds samples for labels ${JSON.stringify(stored)}, but the bundle knows ${JSON.stringify(labels)}`,
+          "use a store of its own for this bundle");
+      }
+    };
+    check(this.doc.labels);
+    if (this.doc.labels || this.readOnly) return;
+    await exclusive(this.store, async () => {
+      await this.reload();
+      check(this.doc.labels);
+      if (!this.doc.labels) await this.commit({ ...this.copy(), labels });
+    });
   }
 
   // samples ---------------------------------------------------------------

@@ -8,6 +8,7 @@ import { join } from "node:path";
 import * as ort from "onnxruntime-node";
 import { DeviceRuntime, MemoryStore, SampleError } from "../dist/index.js";
 import { NodeFileStore } from "../dist/node.js";
+import { normalize } from "../dist/programs.js";
 import { FIXTURES, bundleBytes, loadSamples, publicKey, skipWithoutFixtures } from "./helpers.mjs";
 
 const python = () => JSON.parse(readFileSync(FIXTURES.python, "utf8"));
@@ -77,9 +78,7 @@ test("the exported personalized program answers as predict does", { skip: skipWi
   const program = await rt.exportPersonalized();
   const session = await ort.InferenceSession.create(program);
   const { samples, count } = rt.prepare(s.testX);
-  const x = new Float32Array(count * 784);
-  const spec = rt.bundle.manifest.input;
-  for (let i = 0; i < x.length; i++) x[i] = Math.fround(Math.fround(Math.fround(samples[i] / Math.fround(1 / spec.scale)) - Math.fround(spec.mean)) / Math.fround(spec.std));
+  const x = normalize(samples, rt.bundle.manifest.input, new Float32Array(count * 784));
   const out = await session.run({ image: new ort.Tensor("float32", x, [count, 1, 28, 28]) });
   const p = await rt.predict(s.testX);
   const expert = Array.from(out.expert.data, (e) => (e > 0.5 ? "LE" : "GE"));
