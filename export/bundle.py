@@ -26,7 +26,8 @@ from torch import nn
 from edgetailor.toolkit import atomic
 from edgetailor.toolkit.bundle import Bundle, write_manifest, zip_bundle
 from edgetailor.toolkit.config import ExpertConfig, PersonalizeConfig, from_dict
-from edgetailor.toolkit.errors import CheckpointError, ExportError
+from edgetailor.toolkit.data import LabeledImages
+from edgetailor.toolkit.errors import CheckpointError, ConfigError, ExportError
 from edgetailor.toolkit.formats import DEFAULT_FORMATS, FORMATS, STEPS, check_extra_training, check_formats
 from edgetailor.toolkit.manifest import (FormatEntry, GlobalExpertSpec, Manifest, ReleaseSpec, ReplaySpec,
                                          TrainablePartSpec)
@@ -126,6 +127,23 @@ def bundle_parts(bundle: Bundle) -> dict[str, TrainablePart]:
     return {part.key: part for part in parts}
 
 
+def balanced_replay(replay: LabeledImages, size: int) -> LabeledImages:
+    """The first ``size // classes`` replay glyphs of each class, in their original order.
+
+    Deterministic rather than sampled, so that the same checkpoint and size
+    always ship the same glyphs; balanced, so that GE's answers on the replay
+    (what keeps LE agreeing with GE on generic input) cover every class. A
+    class with fewer glyphs contributes all it has."""
+    n_classes = len(replay.label_names)
+    if size < n_classes:
+        raise ConfigError(f"a replay size of {size} cannot hold one glyph of each of the {n_classes} classes",
+                          hint=f"give --replay-size {n_classes} or more (the checkpoint has {len(replay)} replay "
+                               "glyphs)")
+    per_class = size // n_classes
+    chosen = np.concatenate([np.flatnonzero(replay.labels == c)[:per_class] for c in range(n_classes)])
+    return replay.subset(np.sort(chosen))
+
+
 def _compression_summary(compression: dict[str, Any] | None) -> dict[str, Any] | None:
     """What the bundle says about how its GE was compressed."""
     if not compression:
@@ -140,7 +158,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
                   formats: list[str] | tuple[str, ...] | None = None,
                   extra_training: list[str] | tuple[str, ...] = (), signing_key: str | Path | None = None,
                   name: str | None = None, version: int | None = None,
-                  expires: datetime | None = None) -> Path:
+                  expires: datetime | None = None, replay_size: int | None = None) -> Path:
     """Write the bundle directory ``out`` (and ``out.zip``); returns the directory.
 
     ``experts``/``personalize`` default to the recipe the GE was trained with.
@@ -155,6 +173,9 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
     refuses an older version of the same name: by default the output folder's
     name and the UTC time as YYYYMMDDHHMMSS, which grows with every export.
     ``expires`` makes devices refuse the bundle after that moment.
+    ``replay_size`` ships a class-balanced subset of the checkpoint's replay
+    glyphs (``balanced_replay``) instead of all of them, for devices whose flash
+    cannot hold them; the checks of the exported GE still run on all of them.
     """
     say = progress or (lambda _msg: None)
     key = load_signing_key(signing_key) if signing_key is not None else None   # a bad key fails before any work
@@ -162,6 +183,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
     model_dir = Path(model_dir)
     ckpt = GECheckpoint.load(model_dir)
     meta = ckpt.meta
+    shipped_replay = ckpt.replay if replay_size is None else balanced_replay(ckpt.replay, replay_size)
     if formats is None:
         formats = [f for f in DEFAULT_FORMATS if not meta.quantized or f in meta.compression["files"]]
         if len(formats) < len(DEFAULT_FORMATS):
@@ -217,7 +239,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
             np.save(buffer, part.flat_parameters().numpy().astype(np.float32))
             atomic.write_bytes(staging / part.directory / "initial.npy", buffer.getvalue())
         replay = io.BytesIO()
-        np.savez_compressed(replay, x=ckpt.replay.images, y=ckpt.replay.labels)
+        np.savez_compressed(replay, x=shipped_replay.images, y=shipped_replay.labels)
         atomic.write_bytes(staging / "replay.npz", replay.getvalue())
         le, gn = le_part.module, gn_part.module
         manifest = Manifest(
@@ -243,7 +265,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
                 parameters=gn_part.parameters(), max_batch=gn_part.max_batch, params=count_params(gn),
                 initial_parameters="gn/initial.npy", optimizer=gn_part.optimizer.to_dict(),
                 macs=count_macs(gn, (torch.zeros(1, gn_dim),)), threshold=experts.gate_threshold),
-            replay=ReplaySpec(file="replay.npz", count=len(ckpt.replay)),
+            replay=ReplaySpec(file="replay.npz", count=len(shipped_replay)),
             personalize=asdict(personalize), personalized_model=personalized,
             release=release,
         )

@@ -90,6 +90,8 @@ class OnnxExporter:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # exact int8 arithmetic on x86 without VNNI, as the device runs it (device/backends/ort.py)
+        options.add_session_config_entry("session.x64quantprecision", "1")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         if all_outputs:
             return lambda x: session.run(None, {"image": np.ascontiguousarray(x, dtype=np.float32)})

@@ -348,6 +348,13 @@ def _release_options(fn):
     return fn
 
 
+def _trusted_keys_option_for_export(fn):
+    return click.option("--trusted-keys", multiple=True, type=click.Path(exists=True, path_type=Path),
+                        help="Publisher public key (.pub) or a folder of them; repeatable. The bundle must be signed "
+                             "by one of them (or a key they endorse). Without it, a signed bundle's signature is "
+                             "checked but not who made it.")(fn)
+
+
 def _expiry(days: float | None):
     from datetime import datetime, timedelta, timezone
 
@@ -453,11 +460,15 @@ def keys_revoke(signing_key: Path, revoked: Path) -> None:
               help="Comma-separated training kinds to add for parity checks and devices that still run them: "
                    + ", ".join(f"{kind} ({fmt})" for kind, fmt in EXTRA_TRAINING.items())
                    + ". ort-training needs onnxruntime-training installed (in a venv without onnxruntime).")
+@click.option("--replay-size", type=click.IntRange(1),
+              help="Ship a class-balanced subset of the checkpoint's replay glyphs: the first N // classes of each "
+                   "class. Default: all of them. Microcontrollers need fewer (300 glyphs of 28x28 are 235 KB; "
+                   "`export firmware` codes them to about 90 KB).")
 @click.option("--no-zip", is_flag=True, help="Write only the directory.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @_release_options
-def export_bundle_cmd(model: Path, out: Path, formats: str | None, extra_training: str, no_zip: bool,
-                      overwrite: bool, signing_key: Path | None, name: str | None, version: int | None,
+def export_bundle_cmd(model: Path, out: Path, formats: str | None, extra_training: str, replay_size: int | None,
+                      no_zip: bool, overwrite: bool, signing_key: Path | None, name: str | None, version: int | None,
                       expires_days: float | None) -> None:
     """Write a device bundle: GE in each format, LE's and GN's training step
     as plain inference programs in each format (so any runtime's inference
@@ -483,7 +494,7 @@ def export_bundle_cmd(model: Path, out: Path, formats: str | None, extra_trainin
                     "generate --out keys/`", fg="yellow", err=True)
     path = export_bundle(model, out, make_zip=not no_zip, overwrite=overwrite, formats=chosen, extra_training=extra,
                          progress=lambda msg: click.echo(f"  {msg}", err=True), signing_key=signing_key,
-                         name=name, version=version, expires=_expiry(expires_days))
+                         name=name, version=version, expires=_expiry(expires_days), replay_size=replay_size)
     manifest = Manifest.from_json((path / "manifest.json").read_text())
     rows = [{"format": name, "runtime": entry.runtime, "files": len(entry.files),
              "KiB": sum((path / f).stat().st_size for f in entry.files) / 1024}
@@ -499,6 +510,87 @@ def export_bundle_cmd(model: Path, out: Path, formats: str | None, extra_trainin
     click.echo(f"  GE {ge.params:,} params, {ge.macs:,} MACs; LE+GN {le.params + gn.params:,} params "
                f"({(le.params + gn.params) / ge.params:.2%}), {le.macs + gn.macs:,} MACs "
                f"({(le.macs + gn.macs) / ge.macs:.2%})")
+
+
+@export.command("firmware")
+@click.option("--bundle", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Bundle directory or .zip (from `edgetailor export bundle`; it must carry the onnx format).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="C project directory to write.")
+@click.option("--int8/--fp32", "int8", default=None,
+              help="Insist on the int8 kernels (a GE from `server compress --recipe int8`) or the float ones. "
+                   "Default: follow the bundle's GE.")
+@click.option("--max-samples", type=click.IntRange(1), default=200, show_default=True,
+              help="The most samples one on-device personalization takes (ET_MAX_SAMPLES).")
+@_trusted_keys_option_for_export
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export_firmware_cmd(bundle: Path, out: Path, int8: bool | None, max_samples: int, trusted_keys: tuple[Path, ...],
+                        overwrite: bool) -> None:
+    """Write a C project that runs the bundle on a microcontroller: GE's
+    inference and LE/GN personalization in plain C99, no malloc.
+
+    \b
+    OUT/libedgetailor/   the C library (the same math as the Python device runtime)
+    OUT/example/         a host program: personalize on TRAIN, evaluate on TEST
+    OUT/cortex-m4/       the same on a Cortex-M4, run under QEMU (`make qemu`)
+    OUT/model/           edgetailor_model.c/.h: the bundle's GE layers, LE's and
+                         GN's initial weights, defaults and replay glyphs as const
+                         data; model.json summarises them
+
+    \b
+    Then, with sample files from `edgetailor export firmware-samples`:
+      make -C OUT host
+      cd OUT && ./example-host TRAIN.etsm TEST.etsm
+      make -C OUT qemu TRAIN=TRAIN.etsm TEST=TEST.etsm
+
+    GE must be a LeNet-style chain of Conv, Relu, MaxPool, Flatten and Gemm,
+    fp32 or int8 (QDQ); the layers are checked against onnxruntime on the
+    replay glyphs before anything is written."""
+    from edgetailor.export.firmware import export_firmware
+    from edgetailor.toolkit.tables import format_table
+
+    if out.exists() and not overwrite:
+        raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
+    report = export_firmware(bundle, out, int8=int8, trusted_keys=list(trusted_keys), max_samples=max_samples,
+                             overwrite=overwrite, progress=lambda msg: click.echo(f"  {msg}", err=True))
+    for note in report.notes:
+        click.secho(f"note: {note}", fg="yellow", err=True)
+    click.echo(format_table(report.rows(), [("part", "flash", "<"), ("bytes", "bytes", ",d")]))
+    click.echo(f"C project written to {out} (bundle {report.bundle_id}, {'int8' if report.quantized else 'fp32'} "
+               f"GE; largest activation pair {report.max_activation:,} values)")
+    click.echo(f"  next: make -C {out} host, then in {out}: ./example-host TRAIN.etsm TEST.etsm; or "
+               f"make -C {out} qemu TRAIN=... TEST=... (sample files: `edgetailor export firmware-samples`)")
+
+
+@export.command("firmware-samples")
+@click.option("--samples", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Labelled samples: .npz (x, y), MNIST/EMNIST IDX images file, or a folder per label (each image is "
+                   "prepared by the bundle's preprocessing, as `device personalize` prepares it).")
+@click.option("--bundle", required=True, type=click.Path(exists=True, path_type=Path),
+              help="The bundle the firmware was exported from: its preprocessing, input size and labels.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Sample file to write, e.g. train.etsm.")
+@click.option("--skip-bad", is_flag=True, help="Leave out blank or unreadable images (each named in a warning) "
+                                                "instead of refusing the whole set.")
+@_trusted_keys_option_for_export
+def export_firmware_samples_cmd(samples: Path, bundle: Path, out: Path, skip_bad: bool,
+                                trusted_keys: tuple[Path, ...]) -> None:
+    """Write samples as the firmware reads them (et_samples_open): a 20-byte
+    header ("ETSM", version, height, width, labels, count, CRC-32), then one
+    record per sample of [label index][height x width pixels], already
+    prepared, so the device does no image processing.
+
+    \b
+      edgetailor export firmware-samples --samples mine.npz --bundle b.zip --out train.etsm
+      edgetailor export firmware-samples --samples test.npz --bundle b.zip --out test.etsm
+      make -C OUT host && cd OUT && ./example-host ../train.etsm ../test.etsm"""
+    from edgetailor.export.firmware_samples import export_firmware_samples
+
+    report = export_firmware_samples(samples, bundle, out, trusted_keys=list(trusted_keys), skip_bad=skip_bad)
+    for note in report.notes:
+        click.secho(f"warning: {note}", fg="yellow", err=True)
+    counts = ", ".join(f"{label}: {n}" for label, n in report.class_counts.items() if n)
+    click.echo(f"wrote {out} ({report.count} samples of {report.height}x{report.width}, {report.size:,} bytes; "
+               f"{counts})")
 
 
 # --------------------------------------------------------------------- device

@@ -101,11 +101,11 @@ export function quantile(values: Float32Array, q: number): number {
   const index = q * (sorted.length - 1);
   const below = Math.floor(index);
   const above = Math.min(below + 1, sorted.length - 1);
-  const t = f(index - below);
+  const t = index - below; // NumPy 2 keeps the weight in float64 and casts it, and 1 - it, to float32
   const a = sorted[below];
   const b = sorted[above];
   const diff = f(b - a);
-  return t >= 0.5 ? f(b - f(diff * f(1 - t))) : f(a + f(diff * t));
+  return t >= 0.5 ? f(b - f(diff * f(1 - t))) : f(a + f(diff * f(t)));
 }
 
 export interface TrainedMixture {

@@ -23,9 +23,17 @@ export interface ProgramOptions {
   sessionOptions?: Ort.InferenceSession.SessionOptions;
 }
 
+/**
+ * An int8 GE on x86 without VNNI: onnxruntime's fast U8S8 kernels saturate pairs of products to 16 bits
+ * (a `server compress` int8 LeNet's logits moved by up to 27 grid units). `x64quantprecision` asks for exact
+ * U8U8 arithmetic there, as the Python runtime and the firmware compute; elsewhere it changes nothing, and a
+ * binding that does not read `extra` yet ignores it.
+ */
+const EXACT_INT8 = { session: { x64quantprecision: "1" } };
+
 export async function openSession(options: ProgramOptions, bytes: Uint8Array, what: string, threads: number) {
   try {
-    return await options.ort.InferenceSession.create(bytes, { intraOpNumThreads: threads, interOpNumThreads: 1, ...options.sessionOptions });
+    return await options.ort.InferenceSession.create(bytes, { intraOpNumThreads: threads, interOpNumThreads: 1, extra: EXACT_INT8, ...options.sessionOptions });
   } catch (error) {
     const message = String((error as Error).message ?? error).split("\n")[0].slice(0, 300);
     const hint = /opset|ir.?version/i.test(message)
