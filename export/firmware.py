@@ -651,6 +651,9 @@ def export_firmware(bundle_path: str | Path, out: str | Path, int8: bool | None 
         parts = _le_gn(manifest, bundle)
         defaults = _defaults(manifest)
         glyphs = _replay(manifest, bundle, ge.in_hw)
+        if len(glyphs) < 3:   # GN holds a third out to calibrate the gate (et_personalize refuses fewer)
+            raise ExportError(f"the bundle carries {len(glyphs)} replay glyphs; the firmware needs at least 3",
+                              hint="re-export the bundle with a larger --replay-size")
         say(f"checking the layers against onnxruntime on {len(glyphs)} replay glyphs")
         check = check_against_onnxruntime(ge, ge_file, manifest.input, manifest.global_expert.outputs["logits"],
                                           taps, glyphs)

@@ -490,7 +490,12 @@ class _Compiler:
                 grid = np.float64(layer.in_quant.scale) * layer.weight_scale.astype(np.float64)
                 if layer.bias_q is None:
                     real = layer._bias_real if layer._bias_real is not None else np.zeros(layer.out_shape[0])
-                    layer.bias_q = np.rint(real.astype(np.float64) / grid).astype(np.int32)
+                    q = np.rint(real.astype(np.float64) / grid)
+                    if not np.all(np.abs(q) < 2**31):
+                        raise ExportError(f"GE layer {layer.node!r}: a bias does not fit the int32 grid of its "
+                                          "input and weight scales", hint="re-quantize GE with `edgetailor server "
+                                                                          "compress --recipe int8`")
+                    layer.bias_q = q.astype(np.int32)
                 layer.multiplier = (grid / np.float64(layer.out_quant.scale)).astype(np.float32)
             previous = layer.out_quant
 
