@@ -11,7 +11,9 @@ written in the flat format ``et_samples_open`` reads one record at a time
     6  u16 height, u16 width, u16 n_labels
    12  u32 count
    16  u32 crc32        zlib.crc32 of every record
-   20  count records of [u8 label][height*width u8 pixels, row-major, white ink on black]
+   20  u32 labels_crc32 zlib.crc32 of the bundle's label names joined by "\n" (UTF-8): a file made for
+                        another bundle with as many labels, or another label order, is refused
+   24  count records of [u8 label][height*width u8 pixels, row-major, white ink on black]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from edgetailor.export.firmware import open_bundle
 
 MAGIC = b"ETSM"
 VERSION = 1
-HEADER = struct.Struct("<4sHHHHII")    # 20 bytes: ET_SAMPLES_HEADER_BYTES
+HEADER = struct.Struct("<4sHHHHIII")    # 24 bytes: ET_SAMPLES_HEADER_BYTES
 MAX_LABELS = 256                  # a record's label is one byte
 
 
@@ -46,8 +48,14 @@ class SamplesReport:
     notes: list[str] = field(default_factory=list)
 
 
-def firmware_samples_bytes(images: np.ndarray, labels: np.ndarray, n_labels: int) -> bytes:
-    """The sample file of uint8 images (N, H, W) with label indices below ``n_labels``."""
+def labels_crc32(label_names: Iterable[str]) -> int:
+    """What binds a sample file to its bundle's labels (et_samples_open computes the same from the model)."""
+    return zlib.crc32("\n".join(label_names).encode("utf-8"))
+
+
+def firmware_samples_bytes(images: np.ndarray, labels: np.ndarray, label_names: list[str]) -> bytes:
+    """The sample file of uint8 images (N, H, W) with label indices into ``label_names`` (the bundle's)."""
+    n_labels = len(label_names)
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.ndim != 3 or len(images) != len(labels):
         raise ExportError(f"samples must be uint8 (N, H, W) with one label each, got {images.dtype} {images.shape} "
@@ -64,7 +72,7 @@ def firmware_samples_bytes(images: np.ndarray, labels: np.ndarray, n_labels: int
     records[:, 0] = labels
     records[:, 1:] = images.reshape(n, -1)
     body = records.tobytes()
-    return HEADER.pack(MAGIC, VERSION, height, width, n_labels, n, zlib.crc32(body)) + body
+    return HEADER.pack(MAGIC, VERSION, height, width, n_labels, n, zlib.crc32(body), labels_crc32(label_names)) + body
 
 
 def read_firmware_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +83,7 @@ def read_firmware_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     hint = "write it again with `edgetailor export firmware-samples`"
     if len(data) < HEADER.size:
         raise DataFormatError(f"{path} is {len(data)} bytes, shorter than a sample file's header", hint=hint)
-    magic, version, height, width, n_labels, count, crc = HEADER.unpack_from(data)
+    magic, version, height, width, n_labels, count, crc, _labels_crc = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise DataFormatError(f"{path} is not a firmware sample file (magic {magic!r}, expected {MAGIC!r})", hint=hint)
     if version != VERSION:
@@ -109,7 +117,7 @@ def export_firmware_samples(samples: str | Path, bundle_path: str | Path, out: s
     if data.images.shape[1:] != (height, width):
         raise ExportError(f"the bundle's preprocessing makes {data.images.shape[1]}x{data.images.shape[2]} samples, "
                           f"but its GE reads {height}x{width}", hint="re-export the bundle")
-    blob = firmware_samples_bytes(data.images, data.labels, len(labels))
+    blob = firmware_samples_bytes(data.images, data.labels, labels)
     out = Path(out)
     atomic.write_bytes(out, blob)
     counts = np.bincount(data.labels, minlength=len(labels))

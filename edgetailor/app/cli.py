@@ -348,6 +348,9 @@ def _release_options(fn):
     return fn
 
 
+FIRMWARE_CODE_BYTES = 40 * 1024
+
+
 def _trusted_keys_option_for_export(fn):
     return click.option("--trusted-keys", multiple=True, type=click.Path(exists=True, path_type=Path),
                         help="Publisher public key (.pub) or a folder of them; repeatable. The bundle must be signed "
@@ -557,8 +560,18 @@ def export_firmware_cmd(bundle: Path, out: Path, int8: bool | None, max_samples:
     click.echo(format_table(report.rows(), [("part", "flash", "<"), ("bytes", "bytes", ",d")]))
     click.echo(f"C project written to {out} (bundle {report.bundle_id}, {'int8' if report.quantized else 'fp32'} "
                f"GE; largest activation pair {report.max_activation:,} values)")
-    click.echo(f"  next: make -C {out} host, then in {out}: ./example-host TRAIN.etsm TEST.etsm; or "
-               f"make -C {out} qemu TRAIN=... TEST=... (sample files: `edgetailor export firmware-samples`)")
+    # the library, the example and libm add about 40 KB of code on a Cortex-M4 (benchmarks/firmware.py: 124 KB
+    # for the int8 LeNet-5's 84 KB of model data)
+    image_kb = (report.flash_bytes + FIRMWARE_CODE_BYTES) / 1024
+    click.echo(f"  a Cortex-M4 image will take about {image_kb:,.0f} KB of flash (model data plus ~40 KB of code)")
+    if image_kb > 256:
+        flash_kb = 1 << (int(image_kb) - 1).bit_length()   # the next power of two, as parts come
+        click.secho(f"  that is over `make cortex-m4`'s default 256 KB: link with FLASH_KB={flash_kb}"
+                    + ("" if report.quantized else ", or make an int8 GE (`edgetailor server compress --recipe int8`), "
+                                                       "4x smaller"), fg="yellow", err=True)
+    click.echo(f"  next: make -C {out} host && {out}/example-host TRAIN.etsm TEST.etsm; "
+               f"make -C {out} qemu TRAIN=$PWD/TRAIN.etsm TEST=$PWD/TEST.etsm (absolute paths: make -C runs in "
+               f"{out}); sample files come from `edgetailor export firmware-samples`")
 
 
 @export.command("firmware-samples")
@@ -571,11 +584,13 @@ def export_firmware_cmd(bundle: Path, out: Path, int8: bool | None, max_samples:
               help="Sample file to write, e.g. train.etsm.")
 @click.option("--skip-bad", is_flag=True, help="Leave out blank or unreadable images (each named in a warning) "
                                                 "instead of refusing the whole set.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @_trusted_keys_option_for_export
-def export_firmware_samples_cmd(samples: Path, bundle: Path, out: Path, skip_bad: bool,
+def export_firmware_samples_cmd(samples: Path, bundle: Path, out: Path, skip_bad: bool, overwrite: bool,
                                 trusted_keys: tuple[Path, ...]) -> None:
-    """Write samples as the firmware reads them (et_samples_open): a 20-byte
-    header ("ETSM", version, height, width, labels, count, CRC-32), then one
+    """Write samples as the firmware reads them (et_samples_open): a 24-byte
+    header ("ETSM", version, height, width, labels, count, CRC-32, and a CRC-32
+    of the bundle's label names, so a file for another bundle is refused), then one
     record per sample of [label index][height x width pixels], already
     prepared, so the device does no image processing.
 
@@ -585,6 +600,8 @@ def export_firmware_samples_cmd(samples: Path, bundle: Path, out: Path, skip_bad
       make -C OUT host && cd OUT && ./example-host ../train.etsm ../test.etsm"""
     from edgetailor.export.firmware_samples import export_firmware_samples
 
+    if out.exists() and not overwrite:
+        raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
     report = export_firmware_samples(samples, bundle, out, trusted_keys=list(trusted_keys), skip_bad=skip_bad)
     for note in report.notes:
         click.secho(f"warning: {note}", fg="yellow", err=True)

@@ -26,7 +26,7 @@
 static uint64_t arena_memory[(ET_ARENA_BYTES + 7u) / 8u];
 
 static const char usage[] =
-    "usage: example TRAIN_FILE TEST_FILE [options]\n"
+    "usage: example-host TRAIN_FILE TEST_FILE [options]    (on a board: make qemu TRAIN=... TEST=... ARGS=...)\n"
     "  Personalizes the exported GE on TRAIN_FILE's samples and prints one JSON line with the accuracy on\n"
     "  TEST_FILE before and after. Both files come from `edgetailor export firmware-samples`.\n"
     "options:\n"
@@ -37,7 +37,9 @@ static const char usage[] =
     "  --scratch FILE      scratch storage for GE's rows (default: edgetailor-scratch.bin)\n"
     "  --dump FILE         write each test sample's GE logits and routed answer (float32 x labels, float32 gate,\n"
     "                      u8 answer, u8 used LE, 2 bytes padding)\n"
-    "  --quiet             no progress on standard error\n";
+    "  --quiet             no progress on standard error\n"
+    "Relative paths are relative to the directory the example runs in. It writes the scratch file and the two\n"
+    "state files there (about 1.6 KB of scratch per training input; remove them when done).\n";
 
 /* ------------------------------------------------------------ formatting */
 
@@ -130,20 +132,19 @@ static int fail(const char *what, et_status status) {
     put(&l, "error: ");
     put(&l, what);
     put(&l, ": ");
-    put(&l, et_status_message(status));
-    if (et_last_error()[0]) {
-        put(&l, " (");
-        put(&l, et_last_error());
-        put(&l, ")");
-    }
+    put(&l, et_last_error()[0] ? et_last_error() : et_status_message(status));
     put(&l, "\n");
     platform_error(l.text);
     return 1;
 }
 
-static int usage_error(const char *message) {
+static int usage_error(const char *message, const char *argument) {
     platform_error("error: ");
     platform_error(message);
+    if (argument) {
+        platform_error(": ");
+        platform_error(argument);
+    }
     platform_error("\n");
     platform_error(usage);
     return 2;
@@ -220,7 +221,7 @@ static int open_samples(const char *path, et_samples *samples, void **file) {
     if (!*file) {
         platform_error("error: cannot open ");
         platform_error(path);
-        platform_error("\n");
+        platform_error(" (a relative path is relative to the directory the example runs in)\n");
         return 1;
     }
     size = platform_size(*file);
@@ -261,27 +262,27 @@ int example_main(void) {
         } else if (!strcmp(a, "--quiet")) {
             quiet = 1;
         } else if (!strcmp(a, "--seed") || !strcmp(a, "--le-epochs") || !strcmp(a, "--gn-steps")) {
-            if (i + 1 >= argc || parse_uint(argv[i + 1], &value)) return usage_error("an option needs a number");
+            if (i + 1 >= argc || parse_uint(argv[i + 1], &value)) return usage_error("this option needs a number", a);
             if (!strcmp(a, "--seed")) config.seed = value;
-            else if (value == 0 || value > 1000000u) return usage_error("--le-epochs and --gn-steps take 1 to 1000000");
+            else if (value == 0 || value > 1000000u) return usage_error("this option takes 1 to 1000000", a);
             else if (!strcmp(a, "--le-epochs")) config.le_epochs = (uint32_t)value;
             else config.gn_steps = (uint32_t)value;
             i++;
         } else if (!strcmp(a, "--state") || !strcmp(a, "--scratch") || !strcmp(a, "--dump")) {
-            if (i + 1 >= argc) return usage_error("an option needs a value");
+            if (i + 1 >= argc) return usage_error("this option needs a value", a);
             if (!strcmp(a, "--state")) state = argv[++i];
             else if (!strcmp(a, "--scratch")) scratch_path = argv[++i];
             else dump_path = argv[++i];
         } else if (a[0] == '-' && a[1] == '-') {
-            return usage_error("unknown option");
+            return usage_error("unknown option", a);
         } else if (n_positional < 2) {
             positional[n_positional++] = a;
         } else {
-            return usage_error("too many arguments");
+            return usage_error("too many arguments", a);
         }
     }
-    if (n_positional != 2) return usage_error("give a TRAIN_FILE and a TEST_FILE");
-    if (strlen(state) + 3 > sizeof slot_path[0]) return usage_error("--state is too long");
+    if (n_positional != 2) return usage_error("give a TRAIN_FILE and a TEST_FILE", NULL);
+    if (strlen(state) + 3 > sizeof slot_path[0]) return usage_error("--state is too long", state);
     for (i = 0; i < 2; i++) {
         strcpy(slot_path[i], state);
         strcat(slot_path[i], i ? ".1" : ".0");
@@ -298,7 +299,8 @@ int example_main(void) {
         put_uint(&m, train.count);
         put(&m, " samples needs a larger arena than this build's ");
         put_uint(&m, sizeof arena_memory);
-        put(&m, " bytes; export with a larger --max-samples, or use fewer samples\n");
+        put(&m, " bytes; export the project again with a larger `edgetailor export firmware --max-samples`, or use "
+                "fewer samples\n");
         platform_error(m.text);
         return 1;
     }
@@ -306,9 +308,15 @@ int example_main(void) {
     slots.files[0] = platform_open(slot_path[0], PLATFORM_UPDATE);
     slots.files[1] = platform_open(slot_path[1], PLATFORM_UPDATE);
     if (dump_path) dump = platform_open(dump_path, PLATFORM_CREATE);
-    if (!scratch_file || !slots.files[0] || !slots.files[1] || (dump_path && !dump)) {
-        platform_error("error: cannot create the scratch, state or dump files (is the directory writable?)\n");
-        return 1;
+    {
+        const char *missing = !scratch_file ? scratch_path : !slots.files[0] ? slot_path[0]
+                            : !slots.files[1] ? slot_path[1] : (dump_path && !dump) ? dump_path : NULL;
+        if (missing) {
+            platform_error("error: cannot create ");
+            platform_error(missing);
+            platform_error(" (is its directory there and writable? see --scratch, --state, --dump)\n");
+            return 1;
+        }
     }
 
     counted_start = platform_instructions();

@@ -32,7 +32,7 @@ def write_samples(path: Path, bundle: Path, images: np.ndarray, labels: np.ndarr
     with Bundle.open(bundle) as opened:
         manifest = opened.manifest
     prepared = prepare_images(images, manifest.input.preprocessing()).images
-    path.write_bytes(firmware_samples_bytes(prepared, labels.astype(np.int64), len(manifest.labels)))
+    path.write_bytes(firmware_samples_bytes(prepared, labels.astype(np.int64), list(manifest.labels)))
     return path
 
 

@@ -202,10 +202,12 @@ def test_the_quantized_input_table_is_onnx_quantizelinear():
 def test_sample_file_round_trips_and_refuses_damage(tmp_path):
     rng = np.random.default_rng(4)
     images, labels = rng.integers(0, 256, (7, 28, 28)).astype(np.uint8), rng.integers(0, 10, 7)
-    blob = firmware_samples_bytes(images, labels, 10)
-    magic, version, height, width, n_labels, count, crc = HEADER.unpack_from(blob)
+    names = [str(i) for i in range(10)]
+    blob = firmware_samples_bytes(images, labels, names)
+    magic, version, height, width, n_labels, count, crc, labels_crc = HEADER.unpack_from(blob)
     assert (magic, version, height, width, n_labels, count) == (b"ETSM", 1, 28, 28, 10, 7)
-    assert len(blob) == 20 + 7 * (1 + 784) and crc == zlib.crc32(blob[20:])
+    assert len(blob) == 24 + 7 * (1 + 784) and crc == zlib.crc32(blob[24:])
+    assert labels_crc == zlib.crc32("\n".join(names).encode()) != zlib.crc32("\n".join(names[::-1]).encode())
     path = tmp_path / "s.etsm"
     path.write_bytes(blob)
     got_images, got_labels = read_firmware_samples(path)

@@ -170,9 +170,11 @@ typedef struct {
  *   6  u16 height, u16 width, u16 n_labels
  *  12  u32 count
  *  16  u32 crc32 of the records
- *  20  count records of [u8 label][height*width u8 pixels, row-major, white ink on black]
+ *  20  u32 crc32 of the bundle's label names joined by "\n": a file made for another bundle with as
+ *      many labels, or with another label order, is refused
+ *  24  count records of [u8 label][height*width u8 pixels, row-major, white ink on black]
  */
-#define ET_SAMPLES_HEADER_BYTES 20u
+#define ET_SAMPLES_HEADER_BYTES 24u
 
 typedef struct {
     et_reader reader;

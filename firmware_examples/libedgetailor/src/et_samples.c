@@ -13,7 +13,7 @@ et_status et_samples_open(et_samples *samples, const et_model *model, et_reader 
     if (!samples || !model || !reader.read) return et_fail(ET_ERR_ARGUMENT, "et_samples_open: a NULL argument");
     memset(samples, 0, sizeof *samples);
     if (size < ET_SAMPLES_HEADER_BYTES)
-        return et_fail_n(ET_ERR_SAMPLES, "the sample file is ", (long)size, " bytes, shorter than its 20-byte header");
+        return et_fail_n(ET_ERR_SAMPLES, "the sample file is ", (long)size, " bytes, shorter than its 24-byte header");
     if (reader.read(reader.context, 0, header, sizeof header))
         return et_fail(ET_ERR_IO, "reading the sample file's header failed");
     if (memcmp(header, "ETSM", 4) != 0)
@@ -26,6 +26,17 @@ et_status et_samples_open(et_samples *samples, const et_model *model, et_reader 
     samples->n_labels = (uint16_t)le16(header + 10);
     samples->count = le32(header + 12);
     want_crc = le32(header + 16);
+    {
+        uint32_t names = 0;
+        uint16_t k;
+        for (k = 0; k < model->n_classes; k++) {
+            if (k) names = et_crc32(names, "\n", 1);
+            names = et_crc32(names, model->labels[k], strlen(model->labels[k]));
+        }
+        if (le32(header + 20) != names)
+            return et_fail(ET_ERR_SAMPLES, "the sample file was made for a bundle with other labels (or another "
+                                           "order); export them with this bundle");
+    }
     if (samples->height != model->in_h || samples->width != model->in_w)
         return et_fail_n(ET_ERR_SAMPLES, "the samples are not this GE's input size (width ", samples->width,
                          "); export them with this bundle");

@@ -12,10 +12,11 @@
 #include "edgetailor_model.h"
 #include "et_internal.h"
 
-static int failures;
+static int failures, checks;
 
 #define CHECK(condition)                                                               \
     do {                                                                               \
+        checks++;                                                                      \
         if (!(condition)) {                                                            \
             fprintf(stderr, "FAIL %s:%d: %s (%s)\n", __FILE__, __LINE__, #condition,   \
                     et_last_error());                                                  \
@@ -155,6 +156,12 @@ static uint32_t sample_file(uint8_t *out, uint32_t count, int label_shift) {
     }
     crc = et_crc32(0, out + ET_SAMPLES_HEADER_BYTES, count * record);
     memcpy(out + 16, &crc, 4);
+    crc = 0;
+    for (i = 0; i < et_model_data.n_classes; i++) {
+        if (i) crc = et_crc32(crc, "\n", 1);
+        crc = et_crc32(crc, et_model_data.labels[i], strlen(et_model_data.labels[i]));
+    }
+    memcpy(out + 20, &crc, 4);
     return ET_SAMPLES_HEADER_BYTES + count * record;
 }
 
@@ -181,6 +188,12 @@ static void test_samples(void) {
     file[4] = 1;
     file[ET_SAMPLES_HEADER_BYTES + 5] ^= 1;
     CHECK(et_samples_open(&samples, &et_model_data, (et_reader){&f, memory_read}, size) == ET_ERR_SAMPLES);
+    /* another bundle's labels (as many, another order) */
+    size = sample_file(file, 12, 0);
+    file[20] ^= 0x5a;
+    CHECK(et_samples_open(&samples, &et_model_data, (et_reader){&f, memory_read}, size) == ET_ERR_SAMPLES);
+    CHECK(strstr(et_last_error(), "other labels") != NULL);
+    file[20] ^= 0x5a;
     /* a label outside the bundle's labels (with a matching CRC) */
     size = sample_file(file, 12, ET_MODEL_CLASSES - 3);
     CHECK(et_samples_open(&samples, &et_model_data, (et_reader){&f, memory_read}, size) == ET_ERR_SAMPLES);
@@ -320,9 +333,9 @@ int main(void) {
     test_personalize_errors();
     test_model_checks();
     if (failures) {
-        fprintf(stderr, "%d check(s) failed\n", failures);
+        fprintf(stderr, "%d of %d checks failed\n", failures, checks);
         return 1;
     }
-    printf("libedgetailor: all checks passed\n");
+    printf("libedgetailor: all %d checks passed\n", checks);
     return 0;
 }
