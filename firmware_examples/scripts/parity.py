@@ -93,13 +93,9 @@ def run_example(project: Path, train: Path, test: Path, workdir: Path, *, qemu: 
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     result = json.loads(lines[-1])
-    result["dump"] = read_dump(dump, len(result.get("labels", [])) or _classes_of(project))
+    result["dump"] = read_dump(dump, len(json.loads((project / "model" / "model.json").read_text())["labels"]))
     result["wall_seconds"] = wall
     return result
-
-
-def _classes_of(project: Path) -> int:
-    return len(json.loads((project / "model" / "model.json").read_text())["labels"])
 
 
 def compare(python: dict, c: dict, truth: np.ndarray) -> dict:

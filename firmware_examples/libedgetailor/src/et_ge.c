@@ -309,10 +309,6 @@ et_status et_ge_run(const et_model *model, et_arena *arena, const uint8_t *image
         if (L->tap == ET_TAP_LE || L->tap == 2) copy_tap(model, ET_TAP_LE, buffer + (size_t)in_at * element, in_n, le_features);
         if (L->tap == ET_TAP_GN || L->tap == 2) copy_tap(model, ET_TAP_GN, buffer + (size_t)in_at * element, in_n, gn_features);
     }
-    if (in_n != model->n_classes) {
-        arena->used = mark;
-        return et_fail_n(ET_ERR_MODEL, "GE's last layer gives ", (long)in_n, " values, not one per label");
-    }
     if (model->quantized)
         for (i = 0; i < in_n; i++)
             logits[i] = (float)((int32_t)buffer[in_at + i] - model->logits_zero_point) * model->logits_scale;

@@ -28,8 +28,6 @@ static uint32_t row_floats(const et_model *model) {
     return model->tap_dim[ET_TAP_LE] + (taps_shared(model) ? 0u : model->tap_dim[ET_TAP_GN]) + model->n_classes;
 }
 
-static uint32_t gn_offset(const et_model *model) { return taps_shared(model) ? 0u : model->tap_dim[ET_TAP_LE]; }
-static uint32_t logits_offset(const et_model *model) { return row_floats(model) - model->n_classes; }
 
 /* mixture.augmented_copies */
 static uint32_t copies_for(const et_config *cfg, uint32_t n) {
@@ -111,10 +109,13 @@ static et_status check_config(const et_model *model, const et_config *c) {
     return ET_OK;
 }
 
+/* GE's rows in scratch storage, and where each part of a row is: worked out
+ * once, not per row in the training loops. */
 typedef struct {
     const et_model *model;
     et_scratch scratch;
-    uint32_t row_bytes;
+    uint32_t row_bytes, gn_at, logits_at;   /* bytes a row; floats into a row */
+    int shared;                             /* LE and GN read the same feature, stored once */
 } table;
 
 static et_status read_row(const table *t, uint32_t row, float *out) {
@@ -156,7 +157,7 @@ static int say(et_progress_fn progress, void *context, const char *stage, uint32
 
 /* GE's outputs for every training input, written to scratch; labels_all gets
  * the user's labels, then GE's own answers for the replay glyphs. */
-static et_status tabulate(const table *t, const et_config *cfg, const et_samples *samples, const plan *p,
+static et_status tabulate(const table *t, const et_samples *samples, const plan *p,
                           et_rng *rng, et_arena *arena, uint16_t *labels_all, et_progress_fn progress, void *ctx) {
     const et_model *model = t->model;
     const uint32_t pixels = (uint32_t)model->in_h * model->in_w, total = p->n * p->copies;
@@ -165,7 +166,6 @@ static et_status tabulate(const table *t, const et_config *cfg, const et_samples
     float *padded = (float *)et_arena_alloc(arena, et_jitter_arena_bytes(model));
     et_rng rotations = *rng, scales, shifts;
     uint32_t r, k;
-    (void)cfg;
     if (!row || !image || !warped || !padded) return et_fail(ET_ERR_ARENA, "the arena is too small for GE's rows");
     /* rng.uniform(-6, 6, total), then (0.95, 1.05, total), then (-1, 1, (total, 2)) */
     for (k = 0; k < total; k++) et_rng_next64(rng);
@@ -189,10 +189,9 @@ static et_status tabulate(const table *t, const et_config *cfg, const et_samples
         } else if ((status = et_replay_decode(model, r - p->n_user, image)) != ET_OK) {
             return status;
         }
-        status = et_ge_run(model, arena, input, row + logits_offset(model), row,
-                           taps_shared(model) ? NULL : row + gn_offset(model));
+        status = et_ge_run(model, arena, input, row + t->logits_at, row, t->shared ? NULL : row + t->gn_at);
         if (status != ET_OK) return status;
-        labels_all[r] = r < p->n_user ? label : argmax(row + logits_offset(model), model->n_classes);
+        labels_all[r] = r < p->n_user ? label : argmax(row + t->logits_at, model->n_classes);
         if (t->scratch.write(t->scratch.context, r * t->row_bytes, row, t->row_bytes))
             return et_fail_n(ET_ERR_IO, "writing training row ", (long)r, " to scratch storage failed");
         if ((r % 16u == 15u || r + 1 == p->rows) && say(progress, ctx, "features", r + 1, p->rows))
@@ -237,7 +236,7 @@ static et_status train_le(const table *t, const et_config *cfg, const plan *p, e
                 uint32_t index = j < last - first ? order[first + j] : p->n_user + et_rng_bounded(rng, p->n_replay - 1u);
                 et_status status = read_row(t, index, row);
                 if (status != ET_OK) return status;
-                total += et_le_backward(model, le, row, row + logits_offset(model), labels_all[index], scale, &work,
+                total += et_le_backward(model, le, row, row + t->logits_at, labels_all[index], scale, &work,
                                         grad);
             }
             et_adamw_step(&model->le_optimizer, cfg->le_learning_rate, ++t_step, n_params, le, grad, m, v);
@@ -291,7 +290,7 @@ static et_status train_gn(const table *t, const et_config *cfg, const plan *p, e
                                       : p->n_user + order[held + et_rng_bounded(&replay_picks, kept - 1u)];
             et_status status = read_row(t, index, row);
             if (status != ET_OK) return status;
-            total += et_gn_backward(model, gn, row + gn_offset(model), j < half ? 1u : 0u, scale, grad);
+            total += et_gn_backward(model, gn, row + t->gn_at, j < half ? 1u : 0u, scale, grad);
         }
         et_adamw_step(&model->gn_optimizer, cfg->gn_learning_rate, step + 1u, n_params, gn, grad, m, v);
         loss = total / (float)(2u * half);
@@ -312,7 +311,7 @@ static et_status train_gn(const table *t, const et_config *cfg, const plan *p, e
         for (j = 0; j < held; j++) {
             et_status status = read_row(t, p->n_user + order[j], row);
             if (status != ET_OK) return status;
-            scores[j] = et_sigmoid(et_gn_score(model, gn, row + gn_offset(model)));
+            scores[j] = et_sigmoid(et_gn_score(model, gn, row + t->gn_at));
         }
         q = quantile(scores, held, 1.0 - cfg->gate_generic_share);
         *threshold = (float)fmin(0.99, fmax((double)model->gate_threshold, (double)q));
@@ -361,9 +360,12 @@ et_status et_personalize(const et_model *model, const et_config *config, const e
     t.model = model;
     t.scratch = scratch;
     t.row_bytes = row_floats(model) * (uint32_t)sizeof(float);
+    t.shared = taps_shared(model);
+    t.gn_at = t.shared ? 0u : model->tap_dim[ET_TAP_LE];
+    t.logits_at = row_floats(model) - model->n_classes;
     et_rng_seed(&rng, config->seed);
     mark = arena->used;
-    status = tabulate(&t, config, samples, &p, &rng, arena, labels_all, progress, progress_context);
+    status = tabulate(&t, samples, &p, &rng, arena, labels_all, progress, progress_context);
     arena->used = mark;
     if (status == ET_OK) status = train_le(&t, config, &p, &rng, arena, labels_all, le, report, progress,
                                            progress_context);
