@@ -27,11 +27,11 @@ from edgetailor.toolkit import atomic
 from edgetailor.toolkit.bundle import Bundle, write_manifest, zip_bundle
 from edgetailor.toolkit.config import ExpertConfig, PersonalizeConfig, from_dict
 from edgetailor.toolkit.data import LabeledImages
-from edgetailor.toolkit.errors import CheckpointError, ConfigError, ExportError
+from edgetailor.toolkit.errors import CheckpointError, ConfigError, EdgetailorError, ExportError, ModelError
 from edgetailor.toolkit.formats import DEFAULT_FORMATS, FORMATS, STEPS, check_extra_training, check_formats
 from edgetailor.toolkit.manifest import (FormatEntry, GlobalExpertSpec, Manifest, ReleaseSpec, ReplaySpec,
                                          TrainablePartSpec)
-from edgetailor.toolkit.signing import load_signing_key, sign_bundle_dir
+from edgetailor.toolkit.signing import SigningKey, load_signing_key, sign_bundle_dir
 from edgetailor.server_side.checkpoint import GECheckpoint
 from edgetailor.server_side.cost import count_macs, count_params
 from edgetailor.server_side.experts import LE_DESIGNS, LogisticGate, local_expert
@@ -46,7 +46,7 @@ PARITY_TOLERANCE = 1e-4
 ProgressFn = Callable[[str], None]
 
 
-def export_ge(ckpt: GECheckpoint, model_dir: Path, format_name: str, path: Path) -> None:
+def export_ge(ckpt: GECheckpoint, model_dir: Path | None, format_name: str, path: Path) -> None:
     """GE in one deployable format, returning logits and every feature tap,
     checked against torch before it goes into a bundle.
 
@@ -59,7 +59,7 @@ def export_ge(ckpt: GECheckpoint, model_dir: Path, format_name: str, path: Path)
     taps = [t.name for t in ckpt.model.feature_taps]
     if quantized:
         source_name = ckpt.meta.compression["files"].get(format_name)
-        if source_name is None or not (model_dir / source_name).is_file():
+        if source_name is None or model_dir is None or not (model_dir / source_name).is_file():
             have = sorted(ckpt.meta.compression["files"])
             raise CheckpointError(f"{model_dir} is a quantized GE without a {format_name} model "
                                   f"(it has: {', '.join(have)})",
@@ -67,7 +67,16 @@ def export_ge(ckpt: GECheckpoint, model_dir: Path, format_name: str, path: Path)
                                        f"formats, or export the bundle with --formats {','.join(have)}")
         atomic.write_bytes(path, (model_dir / source_name).read_bytes())
     else:
-        exporter.export(ckpt.model, path, ckpt.normalize(ckpt.replay.images[:64]).numpy(), None)
+        try:
+            exporter.export(ckpt.model, path, ckpt.normalize(ckpt.replay.images[:64]).numpy(), None)
+        except EdgetailorError:
+            raise
+        except Exception as exc:  # a converter's own error on a user's op: name the format and the op
+            raise ModelError(f"{ckpt.meta.arch} cannot be exported to {format_name} ({FORMATS[format_name].runtime}): "
+                             f"{type(exc).__name__}: {first_lines(exc)}",
+                             hint=f"leave {format_name} out with --formats, or replace the op named above with one "
+                                  "the runtime has; docs/BRING_YOUR_OWN_MODEL.md lists what each format carries"
+                             ) from exc
     # Every replay glyph for the agreement of a quantized GE; a few suffice for fp32 parity.
     example = ckpt.normalize(ckpt.replay.images if quantized else ckpt.replay.images[:8])
     got = exporter.load(path, threads=1, all_outputs=True)(example.numpy())
@@ -88,6 +97,12 @@ def export_ge(ckpt: GECheckpoint, model_dir: Path, format_name: str, path: Path)
         diff = float(np.abs(g - w).max())
         if diff > PARITY_TOLERANCE:
             raise ExportError(f"the {format_name} export of GE output {name!r} differs from torch by {diff:.2e}")
+
+
+def first_lines(exc: BaseException, lines: int = 3, width: int = 600) -> str:
+    """The start of a converter's message: enough to name the op, not its whole stack."""
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines()[:lines] if line.strip())
+    return text[:width] + ("..." if len(text) > width else "")
 
 
 # A quantized GE's exported model answers like its torch twin (same integer
@@ -177,11 +192,23 @@ def export_bundle(model_dir: str | Path, out: str | Path, experts: ExpertConfig 
     glyphs (``balanced_replay``) instead of all of them, for devices whose flash
     cannot hold them; the checks of the exported GE still run on all of them.
     """
-    say = progress or (lambda _msg: None)
     key = load_signing_key(signing_key) if signing_key is not None else None   # a bad key fails before any work
-    release = ReleaseSpec.make(name or Path(out).name, version, expires)
     model_dir = Path(model_dir)
-    ckpt = GECheckpoint.load(model_dir)
+    return write_bundle(GECheckpoint.load(model_dir), out, model_dir, experts, personalize, make_zip, overwrite,
+                        progress, formats, extra_training, key, name, version, expires, replay_size)
+
+
+def write_bundle(ckpt: GECheckpoint, out: str | Path, model_dir: Path | None = None,
+                 experts: ExpertConfig | None = None, personalize: PersonalizeConfig | None = None,
+                 make_zip: bool = True, overwrite: bool = False, progress: ProgressFn | None = None,
+                 formats: list[str] | tuple[str, ...] | None = None, extra_training: list[str] | tuple[str, ...] = (),
+                 key: SigningKey | None = None, name: str | None = None, version: int | None = None,
+                 expires: datetime | None = None, replay_size: int | None = None) -> Path:
+    """``export_bundle`` of a GE already in memory: a loaded checkpoint, or a
+    user's model wrapped by ``export.user_model.bundle_from_model``.
+    ``model_dir`` is where a quantized GE's compressed files lie."""
+    say = progress or (lambda _msg: None)
+    release = ReleaseSpec.make(name or Path(out).name, version, expires)
     meta = ckpt.meta
     shipped_replay = ckpt.replay if replay_size is None else balanced_replay(ckpt.replay, replay_size)
     if formats is None:

@@ -97,6 +97,9 @@ class ExpertConfig:
     gn_feature_tap: str = ""
     gate_threshold: float = 0.5
     replay_size: int = 300
+    # A user's model with automatic taps (export.user_model): LE's design is
+    # the richest whose LE + GN parameters fit in this share of GE's.
+    le_gn_budget: float = 0.025
 
     def resolve_taps(self, model: Any) -> "ExpertConfig":
         """Fill empty taps with ``model``'s defaults and check that the named ones exist."""
@@ -134,6 +137,9 @@ class ExpertConfig:
         if not 0.0 < self.gate_threshold < 1.0:
             raise ConfigError(f"experts.gate_threshold must be in (0, 1), got {self.gate_threshold}")
         _positive(self, "replay_size")
+        if not 0.0 < self.le_gn_budget <= 1.0:
+            raise ConfigError(f"experts.le_gn_budget must be a share of GE's parameters in (0, 1], "
+                              f"got {self.le_gn_budget}")
 
 
 @dataclass

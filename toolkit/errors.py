@@ -78,6 +78,13 @@ class ExportError(EdgetailorError):
     default_hint = "nothing was written; see docs/upstream/ for known runtime defects, or export fewer --formats"
 
 
+class ModelError(EdgetailorError):
+    """A user's torch model that cannot be a GE: wrong outputs, an unknown tap, an input it does not take,
+    or an op or control flow the bundle's formats cannot carry; nothing is written."""
+
+    default_hint = "see docs/BRING_YOUR_OWN_MODEL.md for what a GE must return and how taps are named"
+
+
 class LimitError(EdgetailorError):
     """An input over a size limit (``toolkit.limits``), refused before its bytes were allocated."""
 

@@ -38,6 +38,19 @@ class InputSpec:
         return cls(shape=[1, *images.shape[1:]], scale=1.0 / 255.0, mean=float(scaled.mean()),
                    std=float(scaled.std()), preprocess=preprocess or DEFAULT.to_dict())
 
+    @classmethod
+    def for_glyphs(cls, mean: float = 0.0, std: float = 1.0, preprocess: dict[str, Any] | None = None) -> "InputSpec":
+        """The spec of a model trained on 28x28 glyphs made by ``preprocess``
+        (default glyph-v1), scaled to [0, 1] and then standardised with
+        ``mean`` and ``std``: 0 and 1 for torchvision's ``ToTensor()`` alone,
+        the two numbers of its ``Normalize`` otherwise."""
+        if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
+            raise ValueError(f"the input normalisation needs a finite mean and a std > 0, got {mean} and {std}")
+        preprocessing = from_spec(preprocess or DEFAULT.to_dict())
+        size = getattr(preprocessing, "canvas", 28)
+        return cls(shape=[1, size, size], scale=1.0 / 255.0, mean=float(mean), std=float(std),
+                   preprocess=preprocessing.to_dict())
+
     def preprocessing(self) -> Preprocessing:
         return from_spec(self.preprocess)
 

@@ -449,8 +449,30 @@ def keys_revoke(signing_key: Path, revoked: Path) -> None:
 
 
 @export.command("bundle")
-@click.option("--model", "model", required=True, type=click.Path(exists=True, path_type=Path),
-              help="GE checkpoint directory (from `edgetailor server pretrain`).")
+@click.option("--model", "model", type=click.Path(exists=True, path_type=Path),
+              help="GE checkpoint directory (from `edgetailor server pretrain`, `server compress` or "
+                   "`learngene expand`). Or bring your own model with --model-factory.")
+@click.option("--model-factory", help="Your own torch model as GE: MODULE:FUNCTION returning the nn.Module "
+                                      "(imported from the current folder too), with --weights and --replay. "
+                                      "See docs/BRING_YOUR_OWN_MODEL.md.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="--model-factory: the trained state_dict (torch.save(model.state_dict(), PATH)).")
+@click.option("--replay", "replay_path", type=click.Path(exists=True, path_type=Path),
+              help="--model-factory: generic labelled samples the device replays (npz, IDX or a folder per label; "
+                   "a few hundred, every label). Their label names are the bundle's unless --labels says.")
+@click.option("--labels", help="--model-factory: the model's outputs' label names in order, comma-separated.")
+@click.option("--taps", default="auto", show_default=True,
+              help="--model-factory: the features LE and GN read: auto, one submodule name for both, or "
+                   "LE_TAP,GN_TAP; NAME:input taps a module's input. An unknown name lists the candidates.")
+@click.option("--input-mean", type=float, default=0.0, show_default=True,
+              help="--model-factory: the mean the model's inputs were standardised with after scaling to [0, 1] "
+                   "(0 for ToTensor alone; Normalize's mean otherwise).")
+@click.option("--input-std", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="--model-factory: the std the inputs were standardised with (1 for ToTensor alone).")
+@click.option("--generic-test", type=click.Path(exists=True, path_type=Path),
+              help="--model-factory: held-out generic samples; GE's accuracy on them goes in the manifest.")
+@click.option("--recipe", help="--model-factory: a TOML recipe whose [experts] and [personalize] tables set "
+                               "LE's and GN's design, the LE+GN budget and the device's defaults.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Bundle directory to write; BUNDLE.zip is written beside it.")
 @click.option("--formats", default=None,
@@ -470,20 +492,39 @@ def keys_revoke(signing_key: Path, revoked: Path) -> None:
 @click.option("--no-zip", is_flag=True, help="Write only the directory.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @_release_options
-def export_bundle_cmd(model: Path, out: Path, formats: str | None, extra_training: str, replay_size: int | None,
-                      no_zip: bool, overwrite: bool, signing_key: Path | None, name: str | None, version: int | None,
+def export_bundle_cmd(model: Path | None, model_factory: str | None, weights: Path | None,
+                      replay_path: Path | None, labels: str | None, taps: str, input_mean: float, input_std: float,
+                      generic_test: Path | None, recipe: str | None, out: Path, formats: str | None,
+                      extra_training: str, replay_size: int | None, no_zip: bool, overwrite: bool,
+                      signing_key: Path | None, name: str | None, version: int | None,
                       expires_days: float | None) -> None:
     """Write a device bundle: GE in each format, LE's and GN's training step
     as plain inference programs in each format (so any runtime's inference
     build trains them), replay glyphs, and a manifest listing every format's
     files with their sha256. Every program is checked against torch (the step
     programs against torch.optim.AdamW over 100 steps) before the bundle is
-    written."""
+    written.
+
+    GE is a checkpoint edgetailor trained (--model), or your own torch model
+    (--model-factory pkg.module:build --weights w.pt --replay generic.npz).
+    """
     from edgetailor.export.bundle import export_bundle
     from edgetailor.toolkit.formats import check_extra_training, check_formats
     from edgetailor.toolkit.manifest import Manifest
     from edgetailor.toolkit.tables import format_table
 
+    own = {"--weights": weights, "--replay": replay_path, "--labels": labels, "--generic-test": generic_test,
+           "--recipe": recipe, "--taps": None if taps == "auto" else taps,
+           "--input-mean": input_mean or None, "--input-std": None if input_std == 1.0 else input_std}
+    if (model is None) == (model_factory is None):
+        raise EdgetailorError("give --model (a GE checkpoint) or --model-factory (your own torch model), one of them")
+    if model is not None and any(v is not None for v in own.values()):
+        raise EdgetailorError(f"{', '.join(k for k, v in own.items() if v is not None)} belong(s) with "
+                              "--model-factory; a checkpoint carries its own",
+                              hint="leave them out, or export your own model with --model-factory")
+    if model_factory is not None and replay_path is None:
+        raise EdgetailorError("--model-factory needs --replay: generic labelled samples of every label",
+                              hint="e.g. 300 of the samples the model was trained on, as an .npz with x and y")
     chosen = check_formats([f.strip() for f in formats.split(",") if f.strip()]) if formats else None
     extra = check_extra_training([k.strip() for k in extra_training.split(",") if k.strip()],
                                  chosen or list(DEFAULT_FORMATS))
@@ -495,9 +536,14 @@ def export_bundle_cmd(model: Path, out: Path, formats: str | None, extra_trainin
         click.secho("warning: the bundle is not signed (no --signing-key): a device that pins a key refuses it, and "
                     "one that does not cannot tell it from a tampered copy; make a key with `edgetailor keys "
                     "generate --out keys/`", fg="yellow", err=True)
-    path = export_bundle(model, out, make_zip=not no_zip, overwrite=overwrite, formats=chosen, extra_training=extra,
-                         progress=lambda msg: click.echo(f"  {msg}", err=True), signing_key=signing_key,
-                         name=name, version=version, expires=_expiry(expires_days), replay_size=replay_size)
+    common = dict(make_zip=not no_zip, overwrite=overwrite, formats=chosen, extra_training=extra,
+                  progress=lambda msg: click.echo(f"  {msg}", err=True), signing_key=signing_key,
+                  name=name, version=version, expires=_expiry(expires_days), replay_size=replay_size)
+    if model_factory is not None:
+        path = _bundle_from_factory(model_factory, weights, replay_path, labels, taps, input_mean, input_std,
+                                    generic_test, recipe, out, common)
+    else:
+        path = export_bundle(model, out, **common)
     manifest = Manifest.from_json((path / "manifest.json").read_text())
     rows = [{"format": name, "runtime": entry.runtime, "files": len(entry.files),
              "KiB": sum((path / f).stat().st_size for f in entry.files) / 1024}
@@ -513,6 +559,31 @@ def export_bundle_cmd(model: Path, out: Path, formats: str | None, extra_trainin
     click.echo(f"  GE {ge.params:,} params, {ge.macs:,} MACs; LE+GN {le.params + gn.params:,} params "
                f"({(le.params + gn.params) / ge.params:.2%}), {le.macs + gn.macs:,} MACs "
                f"({(le.macs + gn.macs) / ge.macs:.2%})")
+
+
+def _bundle_from_factory(factory: str, weights: Path | None, replay_path: Path, labels: str | None, taps: str,
+                         input_mean: float, input_std: float, generic_test: Path | None, recipe: str | None,
+                         out: Path, common: dict) -> Path:
+    """``export bundle --model-factory``: the CLI face of ``bundle_from_model``."""
+    import torch
+
+    from edgetailor.export.user_model import bundle_from_model, load_model_factory
+    from edgetailor.toolkit.config import load_recipe
+    from edgetailor.toolkit.input_spec import InputSpec
+    from edgetailor.toolkit.loaders import load_samples
+
+    chosen_recipe = load_recipe(recipe) if recipe else None
+    spec = InputSpec.for_glyphs(input_mean, input_std)
+    names = [n.strip() for n in labels.split(",")] if labels else None
+    replay = load_samples(replay_path, names, spec.preprocessing())
+    test = load_samples(generic_test, replay.label_names, spec.preprocessing()) if generic_test else None
+    model = load_model_factory(factory, weights)
+    tap_choice: str | list[str] = taps if taps == "auto" or "," not in taps else [t.strip() for t in taps.split(",")]
+    example = torch.from_numpy(spec.normalize(replay.images[:4]))
+    return bundle_from_model(model, example, replay.label_names, replay, out, taps=tap_choice, input_spec=spec,
+                             experts=chosen_recipe.experts if chosen_recipe else None,
+                             personalize=chosen_recipe.personalize if chosen_recipe else None,
+                             generic_test=test, **common)
 
 
 @export.command("firmware")

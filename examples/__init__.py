@@ -1,0 +1,1 @@
+"""Examples that use edgetailor as its users do (not part of the installed package)."""

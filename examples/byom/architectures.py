@@ -1,0 +1,111 @@
+"""Models a user might bring, unlike edgetailor's own LeNet-5 and ViT.
+
+They are ordinary torch code, written without edgetailor in mind: the tests,
+``benchmarks/user_models.py`` and docs/BRING_YOUR_OWN_MODEL.md use them as a
+user's models, through ``edgetailor.export.bundle_from_model`` and
+``export bundle --model-factory examples.byom.architectures:resnet``.
+
+- ``ResNet``: residual blocks with BatchNorm, a strided stage, global
+  average pooling; ``resnet()`` builds it for 28x28 greyscale digits.
+- ``DSCNN``: depthwise-separable convolutions (MobileNet's), the design of
+  small keyword spotters, with a 1x1 pointwise conv per block.
+- ``train_classifier``: a plain training loop, as a user would have.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class ResNet(nn.Module):
+    def __init__(self, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stage1 = ResidualBlock(width)
+        self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.stage2 = ResidualBlock(2 * width)
+        self.pool = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(2 * width, 2 * width, 1), nn.ReLU())
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stage2(self.down(self.stage1(self.stem(x)))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class SeparableBlock(nn.Module):
+    def __init__(self, channels_in: int, channels_out: int, stride: int = 1):
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels_in, channels_in, 3, stride=stride, padding=1, groups=channels_in,
+                                   bias=False)
+        self.bn1 = nn.BatchNorm2d(channels_in)
+        self.pointwise = nn.Conv2d(channels_in, channels_out, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn2(self.pointwise(F.relu(self.bn1(self.depthwise(x))))))
+
+
+class DSCNN(nn.Module):
+    def __init__(self, num_classes: int = 10, width: int = 64):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            SeparableBlock(width, width), SeparableBlock(width, width, stride=2), SeparableBlock(width, width))
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1),
+                                        nn.Linear(width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def resnet() -> nn.Module:
+    return ResNet()
+
+
+def dscnn() -> nn.Module:
+    return DSCNN()
+
+
+ARCHITECTURES = {"resnet": resnet, "dscnn": dscnn}
+
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 15, batch: int = 64,
+                     lr: float = 3e-3, seed: int = 0) -> nn.Module:
+    """Adam with light shift augmentation: what a user's own training script does."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * -(-len(x) // batch))
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch):
+            rows = order[start:start + batch]
+            shift = torch.randint(-2, 3, (2,), generator=generator).tolist()
+            inputs = torch.roll(x[rows], shifts=shift, dims=(2, 3))
+            loss = F.cross_entropy(model(inputs), y[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
