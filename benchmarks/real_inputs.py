@@ -120,11 +120,11 @@ def baselines(ckpt, samples: np.ndarray, labels: np.ndarray, tests: dict[str, tu
     the device's augmentation (the same jittered copies)."""
     import torch
 
-    from edgetailor.device.mixture import jitter
     from edgetailor.server_side.finetune import finetune
+    from edgetailor.toolkit.modalities import ImageModality
 
     rng = np.random.default_rng(seed)
-    augmented = jitter(samples, cfg.augment_copies, rng)
+    augmented = ImageModality().augment(samples, cfg.augment_copies, rng, ImageModality.default_augment)
     x = ckpt.normalize(augmented)
     y = torch.as_tensor(np.tile(labels, cfg.augment_copies + 1))
     result = {}

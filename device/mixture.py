@@ -7,7 +7,8 @@ Design (measured alternatives are in docs/DESIGN.md):
 - LE is a residual head on GE's features (by default a channel mix of its
   last spatial maps, ``GE_logits + U softplus(M f) + b``; server_side/experts.py) with U, b zero at
   start: it begins as GE and training adds corrections. It trains on the user's samples (plus a few
-  jittered copies of each while the set is small, since GE's features shift with a pixel of offset)
+  augmented copies of each while the set is small, as the bundle's modality makes them:
+  toolkit/modalities.py; GE's features shift with a pixel of offset)
   mixed with replayed generic glyphs labelled by GE itself, so that on generic
   input it keeps agreeing with GE.
 - GN is a logistic regression on a GE feature, trained on the user's
@@ -16,7 +17,7 @@ Design (measured alternatives are in docs/DESIGN.md):
   from the bundle's value until at most ``gate_generic_share`` of those
   generic glyphs would go to LE. LE answers above the threshold, else GE.
 
-Cost grows linearly with the samples: the jitter is one vectorised warp, GE
+Cost grows linearly with the samples: the augmentation is vectorised, GE
 runs in batches, and the time budget (``max_seconds``) is shared so that GN
 always gets its steps, however long LE's epochs take.
 """
@@ -33,31 +34,11 @@ from edgetailor.device.backends.base import Backend, GlobalExpertRunner, Trained
 from edgetailor.toolkit.bundle import Bundle
 from edgetailor.toolkit.config import PersonalizeConfig
 from edgetailor.toolkit.errors import PersonalizationError
-from edgetailor.toolkit.imaging import affine_batch
 from edgetailor.toolkit.input_spec import InputSpec
+from edgetailor.toolkit.modalities import augment_params, get_modality
 
 ProgressFn = Callable[[str, int, int], None]
 GE, LE = "GE", "LE"
-
-
-JITTER_CHUNK = 256  # images warped at once: bounds the warp's temporary arrays (~5 MB)
-
-
-def jitter(images: np.ndarray, copies: int, rng: np.random.Generator) -> np.ndarray:
-    """The originals plus ``copies`` slightly rotated, scaled and shifted versions
-    of each (uint8 in, uint8 out)."""
-    total = len(images) * copies
-    rotation = rng.uniform(-6, 6, total)
-    scale = rng.uniform(0.95, 1.05, total)
-    translate = rng.uniform(-1.0, 1.0, (total, 2))
-    out = np.empty((len(images) * (copies + 1), *images.shape[1:]), np.uint8)
-    out[:len(images)] = images
-    for start in range(0, total, JITTER_CHUNK):
-        index = np.arange(start, min(total, start + JITTER_CHUNK))
-        source = images[index % len(images)].astype(np.float32) / 255.0
-        warped = affine_batch(source, rotation[index], scale[index], translate[index])
-        out[len(images) + index] = np.clip(np.rint(warped * 255.0), 0, 255).astype(np.uint8)
-    return out
 
 
 def augmented_copies(cfg: PersonalizeConfig, n_samples: int) -> int:
@@ -138,9 +119,11 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
     copies = augmented_copies(cfg, len(labels))
     with np.load(bundle.path(manifest.replay.file)) as archive:
         replay_images = archive["x"]
-    # One table of GE's outputs: the user's inputs (jittered copies after the
+    # One table of GE's outputs: the user's inputs (augmented copies after the
     # originals), then the replay glyphs. Batches are rows of it.
-    images_all = np.concatenate([jitter(images, copies, rng), replay_images])
+    modality = get_modality(manifest.input.modality)
+    augmented = modality.augment(images, copies, rng, augment_params(manifest.input))
+    images_all = np.concatenate([augmented, replay_images.astype(augmented.dtype, copy=False)])
     n_user, n_replay = len(labels) * (copies + 1), len(replay_images)
     say("features", 0, len(images_all))
     logits_all, features = run_ge(ge, images_all, manifest.input, taps=taps,
@@ -217,7 +200,7 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
         threshold = float(min(0.99, max(threshold, np.quantile(generic_scores, 1.0 - cfg.gate_generic_share))))
 
     le_model = pack_weights(le.weights())
-    n = len(labels)  # the originals are the first rows of the tables (jittered copies follow)
+    n = len(labels)  # the originals are the first rows of the tables (augmented copies follow)
     le_part = backend.load_trained(bundle, "local_expert", le_model)
     learned = what_was_learned(labels, logits_all[:n], le_part(le_table[:n], logits_all[:n]),
                                gate_probability(gn_part, gn_table[:n]) > threshold, bundle.labels)

@@ -43,7 +43,7 @@ from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit import atomic
 from edgetailor.toolkit.errors import BackendError, BundleError, PersonalizationError, SampleError, StateError
 from edgetailor.toolkit.patching import PatchTable, apply_patches
-from edgetailor.toolkit.preprocess import prepare_images
+from edgetailor.toolkit.modalities import get_modality
 
 
 @dataclass
@@ -101,7 +101,9 @@ class DeviceRuntime:
         self.manifest = bundle.manifest
         self.labels = bundle.labels
         self.input_shape = self.manifest.input.shape
-        self.preprocessing = self.manifest.input.preprocessing()
+        self.modality = get_modality(self.manifest.input.modality)
+        # the image preprocessing (toolkit.preprocess); None for other modalities
+        self.preprocessing = self.manifest.input.preprocessing() if self.manifest.input.is_image else None
         self.le_tap = self.manifest.local_expert.feature_tap
         self.gn_tap = self.manifest.gating_network.feature_tap
         self.ge = self.backend.load_global_expert(bundle)
@@ -193,14 +195,17 @@ class DeviceRuntime:
 
     # samples -------------------------------------------------------------
     def prepare(self, images: Any) -> np.ndarray:
-        """Images of any size, polarity and container -> the samples GE reads,
-        by the bundle's preprocessing (``toolkit.preprocess``): a (N, H, W[, C])
-        array or a list of arrays; uint8, uint16 or float in [0, 1]."""
-        return prepare_images(images, self.preprocessing).images
+        """Inputs as an app has them -> the samples GE reads, as the bundle's
+        modality makes them (``toolkit.modalities``). Images of any size,
+        polarity and container, by the bundle's preprocessing
+        (``toolkit.preprocess``): a (N, H, W[, C]) array or a list of arrays;
+        uint8, uint16 or float in [0, 1]. Sensor windows: (N, channels,
+        length), or (N, length) for one channel, exactly the bundle's size."""
+        return self.modality.prepare(images, self.manifest.input)
 
     def _samples(self, data: LabeledImages) -> np.ndarray:
-        """A loader's images, prepared unless the loader already did it with this bundle's preprocessing."""
-        if data.prepared_with == self.preprocessing.to_dict():
+        """A loader's samples, prepared unless the loader already did it with this bundle's preprocessing."""
+        if self.preprocessing is not None and data.prepared_with == self.preprocessing.to_dict():
             return data.images
         return self.prepare(data.images)
 
@@ -242,10 +247,12 @@ class DeviceRuntime:
         cfg.validate()
         started = time.perf_counter()
         for attempt in range(1, PERSONALIZE_ATTEMPTS + 1):
-            images, labels, generation = self.store.load_samples_with_generation()
+            images, labels, generation = self.store.load_samples_with_generation(
+                self.modality.sample_shape(self.manifest.input), self.modality.sample_dtype)
             self._check_trainable(labels)
             trained = train_mixture(self.trainer, self.ge, self.bundle, images, labels, cfg, progress)
-            report = {**trained.report, "damaged_samples_skipped": self.store.damaged_samples}
+            report = {**trained.report, "damaged_samples_skipped": self.store.damaged_samples,
+                      "other_samples_ignored": self.store.other_samples}
             try:
                 pid = self.store.save_personalization(self.bundle.bundle_id, len(labels), trained.le_model,
                                                       trained.gn_model, trained.threshold, report, generation)
@@ -271,6 +278,9 @@ class DeviceRuntime:
     def _check_trainable(self, labels: np.ndarray) -> None:
         if len(labels) == 0:
             damaged = f" ({self.store.damaged_samples} damaged rows skipped)" if self.store.damaged_samples else ""
+            if self.store.other_samples:
+                damaged += (f"; the {self.store.other_samples} stored are another kind of input than this bundle "
+                            f"reads ({self.manifest.input.modality}, {tuple(self.input_shape)}), from another bundle")
             raise SampleError(f"no samples stored to personalize on{damaged}",
                               hint="add labelled samples first (edgetailor device personalize --samples PATH)")
         if len(np.unique(labels)) < 2:

@@ -32,7 +32,7 @@ from edgetailor.toolkit.atomic import fsync_dir
 from edgetailor.toolkit.errors import StateError
 
 DB_NAME = "state.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 KEEP_PERSONALIZATIONS = 3
 BUSY_TIMEOUT_S = 120.0     # concurrent device processes wait for each other's short write transactions
 
@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS samples (
     image BLOB NOT NULL,
     digest TEXT NOT NULL,
     added_at TEXT NOT NULL,
+    dtype TEXT NOT NULL DEFAULT 'uint8',
     UNIQUE (digest, label)
 );
 CREATE TABLE IF NOT EXISTS personalizations (
@@ -82,6 +83,9 @@ CREATE TABLE IF NOT EXISTS releases (
 _TABLES = {"meta", "samples", "personalizations", "trusted_keys", "revoked_keys", "releases"}
 # Version 1 states (edgetailor 0.1) lack the compare-and-swap column and the trust tables.
 _MIGRATE_V1 = "ALTER TABLE personalizations ADD COLUMN samples_generation INTEGER NOT NULL DEFAULT -1"
+# Version 2 states hold glyphs only: their samples lack the dtype column (float32 sensor windows came in 3).
+_MIGRATE_V2 = "ALTER TABLE samples ADD COLUMN dtype TEXT NOT NULL DEFAULT 'uint8'"
+SAMPLE_DTYPES = ("uint8", "float32")
 
 
 @dataclass
@@ -143,6 +147,7 @@ class StateStore:
         self.dir = Path(state_dir)
         self.read_only = read_only
         self.damaged_samples = 0
+        self.other_samples = 0
         self.problem: str | None = None      # why this state is open read-only or in memory
         path = self.dir / DB_NAME
         try:
@@ -168,6 +173,7 @@ class StateStore:
         """An empty, throw-away state: what a command that only answers uses when the real one cannot be read."""
         store = cls.__new__(cls)
         store.dir, store.read_only, store.damaged_samples, store.problem = Path(state_dir), True, 0, problem
+        store.other_samples = 0
         store.db = sqlite3.connect(":memory:", isolation_level=None)
         store.db.executescript(_SCHEMA)
         if (store.dir / DB_NAME).exists():
@@ -189,6 +195,8 @@ class StateStore:
                 columns = {r[1] for r in self.db.execute("PRAGMA table_info(personalizations)")}
                 if "samples_generation" not in columns:
                     self.db.execute(_MIGRATE_V1)
+            if "samples" in tables and "dtype" not in self._sample_columns():
+                self.db.execute(_MIGRATE_V2)
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self.db.execute(statement)
@@ -227,16 +235,24 @@ class StateStore:
                         (key, value))
 
     # samples -----------------------------------------------------------
+    def _sample_columns(self) -> set[str]:
+        return {r[1] for r in self.db.execute("PRAGMA table_info(samples)")}
+
     def add_samples(self, images: np.ndarray, labels: np.ndarray) -> int:
-        """Store validated uint8 (N, H, W) images; duplicates (same pixels and label) are skipped.
+        """Store validated samples: uint8 glyphs (N, H, W) or float32 windows
+        (N, channels, length); duplicates (same values and label) are skipped.
         Returns how many were new."""
-        now = _now()
-        rows = [(int(label), img.shape[0], img.shape[1], img.tobytes(), hashlib.sha256(img.tobytes()).hexdigest(),
-                 now) for img, label in zip(np.ascontiguousarray(images), labels)]
+        samples = np.ascontiguousarray(images)
+        if samples.ndim != 3 or samples.dtype.name not in SAMPLE_DTYPES:
+            raise ValueError(f"samples must be (N, H, W) {' or '.join(SAMPLE_DTYPES)}, got {samples.dtype} "
+                             f"{samples.shape}")
+        now, dtype = _now(), samples.dtype.name
+        rows = [(int(label), x.shape[0], x.shape[1], x.tobytes(), hashlib.sha256(x.tobytes()).hexdigest(), now,
+                 dtype) for x, label in zip(samples, labels)]
         with self.transaction():
             before = self.count_samples()
-            self.db.executemany("INSERT OR IGNORE INTO samples(label, height, width, image, digest, added_at) "
-                                "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self.db.executemany("INSERT OR IGNORE INTO samples(label, height, width, image, digest, added_at, dtype) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             added = self.count_samples() - before
             if added:
                 self._bump_generation()
@@ -252,25 +268,36 @@ class StateStore:
     def count_samples(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
 
-    def load_samples(self) -> tuple[np.ndarray, np.ndarray]:
-        images, labels, _ = self.load_samples_with_generation()
+    def load_samples(self, shape: tuple[int, int] | None = None,
+                     dtype: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        images, labels, _ = self.load_samples_with_generation(shape, dtype)
         return images, labels
 
-    def load_samples_with_generation(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """Every intact sample and the generation they belong to, read in one snapshot.
-        Rows whose bytes no longer match their sha256 are skipped and counted in ``damaged_samples``."""
+    def load_samples_with_generation(self, shape: tuple[int, int] | None = None,
+                                     dtype: str | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """Every intact sample of ``shape`` and ``dtype`` (default: all) and the
+        generation they belong to, read in one snapshot. Rows whose bytes no
+        longer match their sha256 are skipped and counted in
+        ``damaged_samples``; rows of another shape or dtype (a state shared by
+        two bundles with the same labels, say spoken and written digits) in
+        ``other_samples``."""
         try:
             with self.snapshot():
                 generation = self.samples_generation()
-                rows = self.db.execute("SELECT label, height, width, image, digest FROM samples ORDER BY id").fetchall()
+                kind = "dtype" if "dtype" in self._sample_columns() else "'uint8'"   # a read-only version-2 state
+                rows = self.db.execute(f"SELECT label, height, width, image, digest, {kind} FROM samples "
+                                       "ORDER BY id").fetchall()
         except sqlite3.DatabaseError as exc:
             raise DamagedState(f"cannot read the samples stored in {self.dir}: {exc}") from None
         intact = [r for r in rows if _sample_intact(*r)]
         self.damaged_samples = len(rows) - len(intact)
-        if not intact:
-            return np.zeros((0, 0, 0), dtype=np.uint8), np.zeros(0, dtype=np.int64), generation
-        images = np.stack([np.frombuffer(blob, dtype=np.uint8).reshape(h, w) for _, h, w, blob, _ in intact])
-        return images, np.array([r[0] for r in intact], dtype=np.int64), generation
+        wanted = [r for r in intact
+                  if (shape is None or (r[1], r[2]) == tuple(shape)) and (dtype is None or r[5] == dtype)]
+        self.other_samples = len(intact) - len(wanted)
+        if not wanted:
+            return np.zeros((0, *(shape or (0, 0))), dtype=dtype or np.uint8), np.zeros(0, np.int64), generation
+        images = np.stack([np.frombuffer(blob, dtype=kind).reshape(h, w) for _, h, w, blob, _, kind in wanted])
+        return images, np.array([r[0] for r in wanted], dtype=np.int64), generation
 
     def clear_samples(self) -> None:
         with self.transaction():
@@ -380,10 +407,10 @@ class StateStore:
         self.db.close()
 
 
-def _sample_intact(label: Any, height: Any, width: Any, blob: Any, digest: Any) -> bool:
+def _sample_intact(label: Any, height: Any, width: Any, blob: Any, digest: Any, dtype: Any = "uint8") -> bool:
     return (isinstance(blob, bytes) and isinstance(height, int) and isinstance(width, int) and height > 0
-            and width > 0 and len(blob) == height * width and isinstance(label, int)
-            and hashlib.sha256(blob).hexdigest() == digest)
+            and width > 0 and dtype in SAMPLE_DTYPES and len(blob) == height * width * np.dtype(dtype).itemsize
+            and isinstance(label, int) and hashlib.sha256(blob).hexdigest() == digest)
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:
@@ -464,8 +491,10 @@ def repair_state(state_dir: str | Path, keep_personalizations: bool = True) -> R
         raise StateError(f"cannot open {path} at all: {exc}",
                          hint=f"move {path} away to start afresh (its samples are lost)") from None
     meta = dict(_salvage(old, "meta", ("key", "value")))
-    samples = [r for r in _salvage(old, "samples", ("id", "label", "height", "width", "image", "digest", "added_at"))
-               if _sample_intact(*r[1:6])]
+    samples = [(*r[:7], "uint8" if r[7] == -1 else r[7])      # a version-2 state's rows are glyphs
+               for r in _salvage(old, "samples", ("id", "label", "height", "width", "image", "digest", "added_at",
+                                                  "dtype"))]
+    samples = [r for r in samples if _sample_intact(*r[1:6], r[7])]
     total_samples, total_personalizations = _count(old, "samples"), _count(old, "personalizations")
     columns = ("id", "created_at", "bundle_id", "n_samples", "le_model", "gn_model", "le_sha256", "gn_sha256",
                "threshold", "report", "samples_generation")
@@ -497,8 +526,8 @@ def repair_state(state_dir: str | Path, keep_personalizations: bool = True) -> R
         if not meta.get("active_personalization", "").isdigit() or int(meta["active_personalization"]) not in active:
             meta.pop("active_personalization", None)
         db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", meta.items())
-        db.executemany("INSERT INTO samples(id, label, height, width, image, digest, added_at) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)", samples)
+        db.executemany("INSERT INTO samples(id, label, height, width, image, digest, added_at, dtype) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", samples)
         db.executemany(f"INSERT INTO personalizations({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
                        personalizations)
         db.executemany("INSERT INTO trusted_keys VALUES (?, ?, ?, ?)", keys)

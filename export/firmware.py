@@ -621,6 +621,10 @@ def export_firmware(bundle_path: str | Path, out: str | Path, int8: bool | None 
     bundle, notes = open_bundle(bundle_path, trusted_keys)
     with bundle:
         manifest = bundle.manifest
+        if not manifest.input.is_image:
+            raise ExportError(f"{bundle_path} reads {manifest.input.modality} input {tuple(manifest.input.shape)}; "
+                              "the firmware runs glyph bundles only (28x28 images, its affine augmentation)",
+                              hint="personalize this bundle with the Python runtime (edgetailor device)")
         if "onnx" not in manifest.global_expert.files:
             raise ExportError(f"{bundle_path} carries no ONNX GE (formats: {', '.join(bundle.formats)}); the "
                               "firmware is made from it", hint="re-export the bundle with `--formats onnx`")

@@ -111,6 +111,9 @@ def export_firmware_samples(samples: str | Path, bundle_path: str | Path, out: s
     bundle, _ = open_bundle(bundle_path, trusted_keys)
     with bundle:
         manifest = bundle.manifest
+    if not manifest.input.is_image:
+        raise ExportError(f"{bundle_path} reads {manifest.input.modality} input; the firmware's sample files hold "
+                          "glyphs only", hint="the firmware runs glyph bundles; personalize this one in Python")
     labels = list(manifest.labels)
     _, height, width = manifest.input.shape
     data = load_samples(samples, labels, manifest.input.preprocessing(), skip_bad)

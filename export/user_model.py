@@ -31,6 +31,7 @@ from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit.errors import ModelError, SampleError
 from edgetailor.toolkit.input_spec import InputSpec
 from edgetailor.toolkit.loaders import relabel
+from edgetailor.toolkit.modalities import get_modality
 from edgetailor.toolkit.signing import load_signing_key
 from edgetailor.server_side.checkpoint import CheckpointMeta, GECheckpoint
 from edgetailor.server_side.models import WithFeatures
@@ -61,7 +62,8 @@ def bundle_from_model(model: nn.Module, example_input: torch.Tensor | np.ndarray
     - ``taps``: "auto", one submodule name for both, (LE's, GN's), or
       ``{"le": ..., "gn": ...}``; ``NAME:input`` taps a module's input.
     - ``input_spec``: how a sample becomes the model's input; default
-      28x28 glyph-v1 samples scaled to [0, 1] (``InputSpec.for_glyphs``).
+      28x28 glyph-v1 samples scaled to [0, 1] (``InputSpec.for_glyphs``);
+      sensor windows: ``InputSpec.for_timeseries``.
     - ``generic_test``: held-out generic samples; GE's accuracy on them is
       recorded in the manifest.
     The other arguments are ``export_bundle``'s."""
@@ -161,8 +163,9 @@ def _example_tensor(example_input: Any, spec: InputSpec) -> torch.Tensor:
     if example.ndim != len(expected) + 1 or tuple(example.shape[1:]) != expected:
         raise ModelError(f"the example input has shape {tuple(example.shape)}, but the input spec gives "
                          f"(N, {', '.join(map(str, expected))}): the spec does not match the model",
-                         hint="give an example batch shaped as the bundle's samples reach the model; 28x28 glyph "
-                              "models take (N, 1, 28, 28) (pad or resize inside the model for other sizes)")
+                         hint="give an example batch shaped as the bundle's samples reach the model: 28x28 glyph "
+                              "models take (N, 1, 28, 28) (pad or resize inside the model for other sizes), "
+                              "window models (N, channels, length) (InputSpec.for_timeseries)")
     if not example.is_floating_point() or not bool(torch.isfinite(example).all()) or len(example) < 1:
         raise ModelError(f"the example input must be a finite float batch, got {example.dtype} "
                          f"{'with NaN or infinity' if example.is_floating_point() else ''}".strip())
@@ -173,11 +176,13 @@ def _check_replay(data: LabeledImages, labels: list[str], spec: InputSpec, what:
     if not isinstance(data, LabeledImages):
         raise ModelError(f"{what} must be LabeledImages (e.g. from toolkit.loaders.load_samples), "
                          f"got {type(data).__name__}")
-    if data.images.dtype != np.uint8 or tuple(data.images.shape[1:]) != tuple(spec.shape[1:]):
-        raise SampleError(f"{what} holds {data.images.dtype} images of {data.images.shape[1:]}; the input spec's "
-                          f"samples are uint8 {tuple(spec.shape[1:])}",
-                          hint="load them with toolkit.loaders.load_samples, which applies the bundle's "
-                               "preprocessing")
+    modality = get_modality(spec.modality)
+    shape = modality.sample_shape(spec)
+    if data.images.dtype != np.dtype(modality.sample_dtype) or tuple(data.images.shape[1:]) != shape:
+        raise SampleError(f"{what} holds {data.images.dtype} samples of {data.images.shape[1:]}; the input spec's "
+                          f"{spec.modality} samples are {modality.sample_dtype} {shape}",
+                          hint="load them with the modality's loader (toolkit.modalities: e.g. "
+                               "MODALITIES[spec.modality].load(path, spec)), which makes samples as the device does")
     data = relabel(data, labels) if list(data.label_names) != labels else data
     missing = [labels[c] for c in range(len(labels)) if not (data.labels == c).any()]
     if what == "replay" and missing:

@@ -134,12 +134,12 @@ def load_npz(path: str | Path, preprocessing: Preprocessing = DEFAULT, skip_bad:
         n = _check_x(path, npz.header("x"), limits)
         if labelled and npz.header("y").shape != (n,):
             raise DataFormatError(f"{path}: y must have shape ({n},), one label per image, got {npz.header('y').shape}")
-        names = _label_names(path, npz) if labelled and "label_names" in npz else None
+        names = read_label_names(path, npz) if labelled and "label_names" in npz else None
         made_by = _preprocess_record(path, npz, limits) if "preprocess" in npz else None
         x = npz.read("x")
         y = npz.read("y") if labelled else np.zeros(n, np.int64)
     if labelled:
-        y, names = _labels(path, y, names, limits)
+        y, names = labels_as_indices(path, y, names, limits)
     else:
         names = list(UNLABELLED)
     if made_by == preprocessing.to_dict() and x.dtype == np.uint8 and x.shape[1:] == (CANVAS, CANVAS):
@@ -172,7 +172,7 @@ def _check_x(path: Path, header: NpyHeader, limits: Limits) -> int:
     return shape[0]
 
 
-def _label_names(path: Path, npz: NpzArchive) -> list[str]:
+def read_label_names(path: Path, npz: NpzArchive) -> list[str]:
     header = npz.header("label_names")
     if len(header.shape) != 1 or header.dtype.kind not in "US":
         raise DataFormatError(f"{path}: label_names must be a 1-D array of strings, "
@@ -205,7 +205,8 @@ def _strings(path: Path, member: str, values: list) -> list[str]:
                               hint=f"save {member} as str, e.g. np.array(['a', 'b'])") from None
 
 
-def _labels(path: Path, y: np.ndarray, names: list[str] | None, limits: Limits) -> tuple[np.ndarray, list[str]]:
+def labels_as_indices(path: Path, y: np.ndarray, names: list[str] | None,
+                      limits: Limits) -> tuple[np.ndarray, list[str]]:
     """``y`` as indices into label names: integer labels index ``names``
     (default: the digits, or 0..max); other labels are named by their text.
     A label's value is checked before a table of that length is made."""
@@ -349,7 +350,7 @@ def _as_seen(img) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.float64) / 255.0
 
 
-def _files_under(folder: Path) -> Iterator[Path]:
+def files_under(folder: Path) -> Iterator[Path]:
     """Files under ``folder`` in path order (as ``sorted(folder.rglob("*"))``),
     hidden ones skipped, symlinked folders not followed. Iterative: a hostile
     tree may nest deeper than Python's recursion limit."""
@@ -384,7 +385,7 @@ def load_image_folder(root: str | Path, preprocessing: Preprocessing = DEFAULT, 
         tops, names = [(root, 0)], list(UNLABELLED)
     files, ignored = [], []
     for top, label in tops:
-        for file in _files_under(top):  # nested folders belong to their top-level label
+        for file in files_under(top):  # nested folders belong to their top-level label
             if not file.is_file():
                 continue
             if file.suffix.lower() not in IMAGE_SUFFIXES:

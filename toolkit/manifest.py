@@ -27,8 +27,9 @@ from edgetailor.toolkit.formats import FORMATS, STEPS, TRAINING_FORMATS
 from edgetailor.toolkit.input_spec import InputSpec
 from edgetailor.toolkit.limits import Limits, current_limits, json_depth
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+IMAGE_SCHEMA_VERSION = 2   # what a glyph bundle is written as, so that clients from before modalities read it
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 SCHEMA_V1_PATH = Path(__file__).with_name("manifest-v1.schema.json")
 PARTS = ("local_expert", "gating_network")
@@ -38,7 +39,7 @@ PARTS = ("local_expert", "gating_network")
 def manifest_schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
     """The JSON schema of a manifest version; version 2's format names and
     training-file roles come from the format registry."""
-    if version != SCHEMA_VERSION:
+    if version == 1:
         return json.loads(SCHEMA_V1_PATH.read_text())
     schema = json.loads(SCHEMA_PATH.read_text())
     schema["$defs"]["format_name"]["enum"] = list(FORMATS)
@@ -91,7 +92,7 @@ def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     needed = [ge["files"]["onnx"], *(f for part in PARTS for f in upgraded[part]["training"]["onnx"].values())]
     upgraded["formats"] = {"onnx": {"runtime": FORMATS["onnx"].runtime,
                                     "files": {f: upgraded["files"][f] for f in needed if f in upgraded["files"]}}}
-    upgraded["schema_version"] = SCHEMA_VERSION
+    upgraded["schema_version"] = IMAGE_SCHEMA_VERSION
     return upgraded
 
 
@@ -237,7 +238,14 @@ class Manifest:
     personalized_model: dict[str, dict[str, str]] = field(default_factory=dict)
     toolkit_version: str = __version__
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int | None = None      # as read (1 upgraded in memory); written: ``written_version``
+
+    @property
+    def written_version(self) -> int:
+        """2 for glyph bundles, so that clients from before modalities still read
+        them; 3 for any other input, so that those clients refuse it rather than
+        read a sensor window as an image."""
+        return IMAGE_SCHEMA_VERSION if self.input.is_image else SCHEMA_VERSION
 
     def part(self, key: str) -> TrainablePartSpec:
         """``local_expert`` or ``gating_network``."""
@@ -275,7 +283,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema_version": self.schema_version, "toolkit_version": self.toolkit_version,
+            "schema_version": self.written_version, "toolkit_version": self.toolkit_version,
             "created": self.created, "input": self.input.to_dict(), "labels": list(self.labels),
             "formats": {name: dataclasses.asdict(entry) for name, entry in self.formats.items()},
             "global_expert": self.global_expert.to_dict(),
@@ -300,6 +308,12 @@ class Manifest:
         validate_manifest(data, where)
         if data["schema_version"] == 1:
             data = upgrade_v1(data)
+        modality = data["input"].get("modality", "image")
+        if (modality == "image") != (data["schema_version"] < SCHEMA_VERSION):
+            raise BundleError(f"{where} is schema version {data['schema_version']} with input modality "
+                              f"{modality!r}; version {SCHEMA_VERSION} is for inputs other than images, and only "
+                              "for them",
+                              hint="the bundle is damaged or was not written by edgetailor; re-export it")
         missing = [name for name in data["formats"] if name not in data["global_expert"]["files"]]
         if missing:
             raise BundleError(f"{where} lists format(s) {', '.join(missing)} without a GE file",

@@ -464,6 +464,9 @@ def keys_revoke(signing_key: Path, revoked: Path) -> None:
 @click.option("--taps", default="auto", show_default=True,
               help="--model-factory: the features LE and GN read: auto, one submodule name for both, or "
                    "LE_TAP,GN_TAP; NAME:input taps a module's input. An unknown name lists the candidates.")
+@click.option("--input", "input_kind", default="glyphs", show_default=True,
+              help="--model-factory: what the model reads: glyphs (28x28 greyscale images, made by glyph-v1) or "
+                   "timeseries:CHANNELSxLENGTH (sensor windows, e.g. timeseries:3x64).")
 @click.option("--input-mean", type=float, default=0.0, show_default=True,
               help="--model-factory: the mean the model's inputs were standardised with after scaling to [0, 1] "
                    "(0 for ToTensor alone; Normalize's mean otherwise).")
@@ -493,7 +496,8 @@ def keys_revoke(signing_key: Path, revoked: Path) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @_release_options
 def export_bundle_cmd(model: Path | None, model_factory: str | None, weights: Path | None,
-                      replay_path: Path | None, labels: str | None, taps: str, input_mean: float, input_std: float,
+                      replay_path: Path | None, labels: str | None, taps: str, input_kind: str, input_mean: float,
+                      input_std: float,
                       generic_test: Path | None, recipe: str | None, out: Path, formats: str | None,
                       extra_training: str, replay_size: int | None, no_zip: bool, overwrite: bool,
                       signing_key: Path | None, name: str | None, version: int | None,
@@ -515,7 +519,8 @@ def export_bundle_cmd(model: Path | None, model_factory: str | None, weights: Pa
 
     own = {"--weights": weights, "--replay": replay_path, "--labels": labels, "--generic-test": generic_test,
            "--recipe": recipe, "--taps": None if taps == "auto" else taps,
-           "--input-mean": input_mean or None, "--input-std": None if input_std == 1.0 else input_std}
+           "--input-mean": input_mean or None, "--input-std": None if input_std == 1.0 else input_std,
+           "--input": None if input_kind == "glyphs" else input_kind}
     if (model is None) == (model_factory is None):
         raise EdgetailorError("give --model (a GE checkpoint) or --model-factory (your own torch model), one of them")
     if model is not None and any(v is not None for v in own.values()):
@@ -540,8 +545,8 @@ def export_bundle_cmd(model: Path | None, model_factory: str | None, weights: Pa
                   progress=lambda msg: click.echo(f"  {msg}", err=True), signing_key=signing_key,
                   name=name, version=version, expires=_expiry(expires_days), replay_size=replay_size)
     if model_factory is not None:
-        path = _bundle_from_factory(model_factory, weights, replay_path, labels, taps, input_mean, input_std,
-                                    generic_test, recipe, out, common)
+        path = _bundle_from_factory(model_factory, weights, replay_path, labels, taps,
+                                    _input_spec(input_kind, input_mean, input_std), generic_test, recipe, out, common)
     else:
         path = export_bundle(model, out, **common)
     manifest = Manifest.from_json((path / "manifest.json").read_text())
@@ -561,22 +566,37 @@ def export_bundle_cmd(model: Path | None, model_factory: str | None, weights: Pa
                f"({(le.macs + gn.macs) / ge.macs:.2%})")
 
 
+def _input_spec(kind: str, mean: float, std: float):
+    """``--input``: glyphs, or timeseries:CHANNELSxLENGTH."""
+    from edgetailor.toolkit.input_spec import InputSpec
+
+    if kind == "glyphs":
+        return InputSpec.for_glyphs(mean, std)
+    name, _, size = kind.partition(":")
+    channels, _, length = size.partition("x")
+    if name != "timeseries" or not channels.isdigit() or not length.isdigit():
+        raise EdgetailorError(f"--input {kind!r} is neither glyphs nor timeseries:CHANNELSxLENGTH",
+                              hint="e.g. --input timeseries:3x64 for 3-axis windows of 64 steps")
+    try:
+        return InputSpec.for_timeseries(int(channels), int(length), mean, std)
+    except ValueError as exc:
+        raise EdgetailorError(f"--input {kind!r}: {exc}") from None
+
+
 def _bundle_from_factory(factory: str, weights: Path | None, replay_path: Path, labels: str | None, taps: str,
-                         input_mean: float, input_std: float, generic_test: Path | None, recipe: str | None,
-                         out: Path, common: dict) -> Path:
+                         spec, generic_test: Path | None, recipe: str | None, out: Path, common: dict) -> Path:
     """``export bundle --model-factory``: the CLI face of ``bundle_from_model``."""
     import torch
 
     from edgetailor.export.user_model import bundle_from_model, load_model_factory
     from edgetailor.toolkit.config import load_recipe
-    from edgetailor.toolkit.input_spec import InputSpec
-    from edgetailor.toolkit.loaders import load_samples
+    from edgetailor.toolkit.modalities import get_modality
 
     chosen_recipe = load_recipe(recipe) if recipe else None
-    spec = InputSpec.for_glyphs(input_mean, input_std)
+    modality = get_modality(spec.modality)
     names = [n.strip() for n in labels.split(",")] if labels else None
-    replay = load_samples(replay_path, names, spec.preprocessing())
-    test = load_samples(generic_test, replay.label_names, spec.preprocessing()) if generic_test else None
+    replay = modality.load(replay_path, spec, names)
+    test = modality.load(generic_test, spec, replay.label_names) if generic_test else None
     model = load_model_factory(factory, weights)
     tap_choice: str | list[str] = taps if taps == "auto" or "," not in taps else [t.strip() for t in taps.split(",")]
     example = torch.from_numpy(spec.normalize(replay.images[:4]))
@@ -703,12 +723,8 @@ TRUSTED_KEYS_HELP = ("Publisher public key (.pub) or a folder of them; repeatabl
 def _load_for(runtime, samples: Path, skip_bad: bool, label_names: bool = True):
     """The samples at PATH, prepared by the bundle's own preprocessing; what was left out is warned about.
     Without ``label_names`` the labels are not needed (predict)."""
-    from edgetailor.toolkit.loaders import load_images, load_samples
-
-    if label_names:
-        data = load_samples(samples, runtime.labels, runtime.preprocessing, skip_bad)
-    else:
-        data = load_images(samples, runtime.preprocessing, skip_bad)
+    data = runtime.modality.load(samples, runtime.manifest.input, runtime.labels if label_names else None, skip_bad,
+                                 labelled=label_names)
     for note in data.notes:
         click.secho(f"warning: {note}", fg="yellow", err=True)
     return data

@@ -9,6 +9,9 @@ user's models, through ``edgetailor.export.bundle_from_model`` and
   average pooling; ``resnet()`` builds it for 28x28 greyscale digits.
 - ``DSCNN``: depthwise-separable convolutions (MobileNet's), the design of
   small keyword spotters, with a 1x1 pointwise conv per block.
+- ``RowGRU``: a GRU reading the glyph row by row, features last.
+- ``GestureCNN``: 1-D convolutions over 3-axis accelerometer windows
+  (``toolkit/gestures.py``), a time-series model.
 - ``train_classifier``: a plain training loop, as a user would have.
 """
 
@@ -73,6 +76,38 @@ class DSCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class RowGRU(nn.Module):
+    """A recurrent reader: the glyph's 28 rows are a sequence of 28-value
+    steps, read by a GRU; the classifier reads its last state. Its features
+    are (N, steps, hidden): features last, unlike a convolution's maps."""
+
+    def __init__(self, num_classes: int = 10, hidden: int = 64):
+        super().__init__()
+        self.gru = nn.GRU(28, hidden, batch_first=True)
+        self.norm = nn.LayerNorm(hidden)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(x[:, 0])
+        return self.fc(self.norm(out[:, -1]))
+
+
+class GestureCNN(nn.Module):
+    """A 1-D convolutional gesture classifier for 3-axis accelerometer
+    windows (N, 3, 64): three conv blocks, global average pooling."""
+
+    def __init__(self, num_classes: int = 6, width: int = 32):
+        super().__init__()
+        self.blocks = nn.Sequential(
+            nn.Conv1d(3, width, 5, padding=2), nn.BatchNorm1d(width), nn.ReLU(),
+            nn.Conv1d(width, width, 5, stride=2, padding=2), nn.BatchNorm1d(width), nn.ReLU(),
+            nn.Conv1d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm1d(2 * width), nn.ReLU())
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(x).mean(dim=2))
+
+
 def resnet() -> nn.Module:
     return ResNet()
 
@@ -81,7 +116,15 @@ def dscnn() -> nn.Module:
     return DSCNN()
 
 
-ARCHITECTURES = {"resnet": resnet, "dscnn": dscnn}
+def row_gru() -> nn.Module:
+    return RowGRU()
+
+
+def gesture_cnn() -> nn.Module:
+    return GestureCNN()
+
+
+ARCHITECTURES = {"resnet": resnet, "dscnn": dscnn, "row_gru": row_gru, "gesture_cnn": gesture_cnn}
 
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 15, batch: int = 64,
@@ -96,8 +139,9 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch):
             rows = order[start:start + batch]
-            shift = torch.randint(-2, 3, (2,), generator=generator).tolist()
-            inputs = torch.roll(x[rows], shifts=shift, dims=(2, 3))
+            dims = tuple(range(2, x.ndim))      # image rows and columns, or a window's steps
+            shift = torch.randint(-2, 3, (len(dims),), generator=generator).tolist()
+            inputs = torch.roll(x[rows], shifts=shift, dims=dims)
             loss = F.cross_entropy(model(inputs), y[rows])
             optimizer.zero_grad()
             loss.backward()

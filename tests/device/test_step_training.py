@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from edgetailor.device.backends import get_backend
-from edgetailor.device.mixture import augmented_copies, jitter
+from edgetailor.device.mixture import augmented_copies
 from edgetailor.toolkit.bundle import Bundle
 from edgetailor.toolkit.config import PersonalizeConfig
 from edgetailor.toolkit.errors import PersonalizationError
-from edgetailor.toolkit.imaging import affine
 from edgetailor.export.bundle import bundle_parts
 
 
@@ -48,19 +47,6 @@ def test_a_batch_larger_than_the_program_is_refused(bundle_dir):
     (features,), labels = part.example(part.max_batch + 1)
     with pytest.raises(PersonalizationError, match="more than this bundle's gating network step program takes"):
         trainer.step(features.numpy(), labels.numpy())
-
-
-def test_jitter_is_the_per_image_warp_vectorised():
-    rng = np.random.default_rng(3)
-    images = (rng.random((6, 28, 28)) * 255).astype(np.uint8)
-    out = jitter(images, 2, np.random.default_rng(0))
-    assert out.shape == (18, 28, 28) and np.array_equal(out[:6], images)
-    draws = np.random.default_rng(0)
-    rotation, scale, translate = draws.uniform(-6, 6, 12), draws.uniform(0.95, 1.05, 12), draws.uniform(-1, 1, (12, 2))
-    for k in range(12):
-        want = affine(images[k % 6].astype(np.float32) / 255.0, rotation_deg=rotation[k], scale=scale[k],
-                      translate=tuple(translate[k]))
-        assert np.abs(out[6 + k].astype(int) - np.rint(want * 255)).max() <= 1, k
 
 
 def test_augmentation_stops_as_the_sample_set_grows():

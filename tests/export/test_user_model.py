@@ -182,3 +182,78 @@ def test_the_cli_exports_a_model_factory_and_names_bad_input(trained, replay, ge
                   str(tmp_path / "bad"), check=False)
     assert bad.returncode == 2 and "--model-factory needs --replay" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------- time series
+
+@pytest.fixture(scope="module")
+def gestures():
+    """Simulated wrist gestures (toolkit/gestures.py) and a 1-D CNN trained on them by a user's loop (~5 s)."""
+    from edgetailor.toolkit.data import split_generic
+    from edgetailor.toolkit.gestures import generic_gestures
+    from examples.byom.architectures import GestureCNN
+
+    split = split_generic(generic_gestures(people=40), seed=0)
+    spec = InputSpec.for_timeseries(3, 64, float(split.train.images.mean()), float(split.train.images.std()))
+    x = torch.from_numpy(spec.normalize(split.train.images))
+    model = train_classifier(GestureCNN(), x, torch.from_numpy(split.train.labels), epochs=12)
+    return split, spec, model, x[:4]
+
+
+def test_a_time_series_model_personalizes_alike_on_every_backend(gestures, tmp_path):
+    from edgetailor.device import DeviceRuntime
+    from edgetailor.toolkit.gestures import simulate_gesture_user
+
+    split, spec, model, example_batch = gestures
+    out = bundle_from_model(model, example_batch, split.train.label_names, replay_subset(split.train, 120, 0),
+                            tmp_path / "gestures", input_spec=spec, generic_test=split.test,
+                            formats=["onnx", "executorch", "tflite"], make_zip=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema_version"] == 3 and manifest["input"]["modality"] == "timeseries"
+    assert manifest["local_expert"]["feature_tap"] == "blocks" and manifest["local_expert"]["channels"] == 64
+    user = simulate_gesture_user(3, seed=0)
+    results = {}
+    for backend in ("ort", "executorch", "litert"):
+        with DeviceRuntime.open(out, tmp_path / f"state-{backend}", backend=backend) as runtime:
+            before = runtime.evaluate(user.test.images, user.test.labels)["accuracy"]
+            runtime.add_samples(user.train.images, user.train.labels)
+            report = runtime.personalize()
+            assert report["augment_copies"] > 0
+            results[backend] = (before, runtime.evaluate_dataset(user.test)["accuracy"],
+                                runtime.evaluate_dataset(split.test)["accuracy"])
+    values = np.array(list(results.values()))
+    assert np.ptp(values, axis=0).max() <= 0.005, results
+    before, after, generic = values[0]
+    assert before < 0.6 and after > before + 0.3 and generic >= manifest["global_expert"]["generic_accuracy"] - 0.02
+
+
+def test_the_cli_takes_sensor_windows_end_to_end(gestures, tmp_path):
+    from edgetailor.toolkit.gestures import GESTURES, simulate_gesture_user
+
+    split, spec, model, _ = gestures
+    torch.save(model.state_dict(), tmp_path / "gesture.pt")
+    replay = replay_subset(split.train, 60, 0)
+    np.savez(tmp_path / "replay.npz", x=replay.images, y=replay.labels, label_names=np.array(GESTURES))
+    user = simulate_gesture_user(0, train_per_class=4, test_per_class=4)
+    for i, (window, label) in enumerate(zip(user.train.images, user.train.labels)):
+        (tmp_path / "mine" / GESTURES[label]).mkdir(parents=True, exist_ok=True)
+        np.savetxt(tmp_path / "mine" / GESTURES[label] / f"{i}.csv", window.T, delimiter=",", header="ax,ay,az",
+                   comments="")
+    run_cli("export", "bundle", "--model-factory", "examples.byom.architectures:gesture_cnn", "--weights",
+            str(tmp_path / "gesture.pt"), "--replay", str(tmp_path / "replay.npz"), "--input", "timeseries:3x64",
+            "--input-mean", str(spec.mean), "--input-std", str(spec.std), "--formats", "onnx",
+            "--out", str(tmp_path / "bundle"))
+    proc = run_cli("device", "personalize", "--bundle", str(tmp_path / "bundle.zip"), "--state", str(tmp_path / "s"),
+                   "--samples", str(tmp_path / "mine"), "--json")
+    assert json.loads(proc.stdout)["n_samples"] == 24
+    (tmp_path / "mine" / "tap" / "short.csv").write_text("1,2,3\n4,5,6\n")
+    bad = run_cli("device", "personalize", "--bundle", str(tmp_path / "bundle.zip"), "--state", str(tmp_path / "s"),
+                  "--samples", str(tmp_path / "mine"), check=False)
+    assert bad.returncode == 2 and "short.csv: a window must be 3 channel(s) x 64 steps, got 2 rows x 3" in bad.stderr
+    bad = run_cli("export", "firmware", "--bundle", str(tmp_path / "bundle.zip"), "--out", str(tmp_path / "fw"),
+                  check=False)
+    assert bad.returncode == 2 and "the firmware runs glyph bundles only" in bad.stderr
+    bad = run_cli("export", "bundle", "--model-factory", "examples.byom.architectures:gesture_cnn", "--weights",
+                  str(tmp_path / "gesture.pt"), "--replay", str(tmp_path / "replay.npz"), "--input",
+                  "timeseries:3x50", "--out", str(tmp_path / "bad"), check=False)
+    assert bad.returncode == 2 and "window must be 3 channel(s) x 50 steps" in bad.stderr

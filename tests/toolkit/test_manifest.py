@@ -57,7 +57,7 @@ def test_a_format_without_its_ge_file_is_refused(bundle_dir):
         Manifest.from_dict(data)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_the_manifest_schemas_are_valid_json_schemas(version):
     """The device validates manifests without re-checking the schema (it costs a tenth of a second per command)."""
     import jsonschema
@@ -79,3 +79,26 @@ def test_a_patch_table_that_would_corrupt_the_program_is_refused():
                 PatchTable({"local_expert": {"w": ([-1, 1], [8, 12])}}, [20], 32)):  # negative element
         with pytest.raises(BundleError, match="not a patch table"):
             PatchTable.from_json(bad.to_json(), "t")
+
+
+def test_glyph_bundles_stay_version_2_and_other_inputs_are_version_3(bundle_dir):
+    """Clients from before modalities read glyph bundles and refuse the rest, rather than read a window as an image."""
+    from edgetailor.toolkit.input_spec import InputSpec
+
+    data = json.loads((bundle_dir / "manifest.json").read_text())
+    assert data["schema_version"] == 2 and "modality" not in data["input"]
+    manifest = Manifest.from_dict(data)
+    manifest.input = InputSpec.for_timeseries(3, 64, 0.1, 2.0)
+    windows = json.loads(manifest.to_json())
+    assert windows["schema_version"] == 3 and windows["input"]["modality"] == "timeseries"
+    assert Manifest.from_dict(windows).input == manifest.input
+    assert Manifest.from_dict(windows).input.normalize(np.ones((2, 3, 64))).shape == (2, 3, 64)
+    windows["schema_version"] = 2
+    with pytest.raises(BundleError, match="schema version 2 with input modality 'timeseries'"):
+        Manifest.from_dict(windows)
+    data["schema_version"] = 3
+    with pytest.raises(BundleError, match="schema version 3 with input modality 'image'"):
+        Manifest.from_dict(data)
+    windows["schema_version"], windows["input"]["modality"] = 3, "hologram"
+    with pytest.raises(BundleError, match="hologram"):
+        Manifest.from_dict(windows)
