@@ -7,7 +7,10 @@ personalized on every backend.
 For each architecture in ``examples/byom/architectures.py``:
 - a residual net with BatchNorm;
 - a depthwise-separable CNN;
-- a GRU reading glyph rows.
+- a GRU reading glyph rows;
+- a 1-D CNN on 3-axis accelerometer windows, with its own data: simulated
+  wrist gestures (``toolkit/gestures.py``) and users whose watch sits
+  rotated or tilted, or who move at another tempo.
 
 Each one is trained by a plain torch loop on the built-in generic digits, as
 its owner would. It then becomes a bundle through
@@ -44,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 BACKENDS = {"ort": "onnx", "executorch": "executorch", "litert": "tflite"}
 # How each owner trains their model (examples.byom.architectures.train_classifier): epochs, learning rate.
-TRAINING = {"resnet": (15, 3e-3), "dscnn": (15, 3e-3), "row_gru": (25, 1e-2)}
+TRAINING = {"resnet": (15, 3e-3), "dscnn": (15, 3e-3), "row_gru": (25, 1e-2), "gesture_cnn": (15, 3e-3)}
 AGREEMENT_TARGET = 0.005
 BUDGET_TARGET = 0.025
 
@@ -61,7 +64,21 @@ def users(split, n_simulated: int, n_real: int, seed: int) -> list[tuple[str, ob
     return people
 
 
-def run_architecture(name: str, split, people, out: Path, seed: int) -> dict:
+def gestures(n_users: int, seed: int):
+    """The time-series task: simulated wrist gestures (toolkit/gestures.py), and users whose watch sits
+    otherwise; the spec standardises by the generic windows' mean and std."""
+    from edgetailor.toolkit.data import split_generic
+    from edgetailor.toolkit.gestures import generic_gestures, simulate_gesture_user
+    from edgetailor.toolkit.input_spec import InputSpec
+
+    split = split_generic(generic_gestures(seed=seed), seed=seed)
+    spec = InputSpec.for_timeseries(3, 64, float(split.train.images.mean()), float(split.train.images.std()))
+    people = [(f"wrist {u}", p.train, p.test)
+              for u, p in ((u, simulate_gesture_user(u, seed=seed)) for u in range(n_users))]
+    return split, spec, people
+
+
+def run_architecture(name: str, split, people, out: Path, seed: int, spec=None) -> dict:
     import numpy as np
     import torch
 
@@ -73,7 +90,7 @@ def run_architecture(name: str, split, people, out: Path, seed: int) -> dict:
     from edgetailor.toolkit.input_spec import InputSpec
     from examples.byom.architectures import ARCHITECTURES, accuracy, train_classifier
 
-    spec = InputSpec.for_glyphs()
+    spec = spec or InputSpec.for_glyphs()
     normalized = lambda data: torch.from_numpy(spec.normalize(data.images))  # noqa: E731
     x, y = normalized(split.train), torch.from_numpy(split.train.labels)
     epochs, lr = TRAINING[name]
@@ -82,11 +99,12 @@ def run_architecture(name: str, split, people, out: Path, seed: int) -> dict:
     train_seconds = time.perf_counter() - started
     print(f"{name}: trained in {train_seconds:.0f} s, generic accuracy "
           f"{accuracy(model, normalized(split.test), torch.from_numpy(split.test.labels)):.3f}", flush=True)
-    replay = replay_subset(split.train, 300, seed)
+    replay = replay_subset(split.train, min(300, len(split.train)), seed)
     started = time.perf_counter()
     bundle = bundle_from_model(model, x[:4], split.train.label_names, replay, out / f"bundle-{name}",
-                               generic_test=split.test, formats=list(BACKENDS.values()), overwrite=True,
-                               make_zip=False, seed=seed, progress=lambda msg: print(f"  {msg}", flush=True))
+                               input_spec=spec, generic_test=split.test, formats=list(BACKENDS.values()),
+                               overwrite=True, make_zip=False, seed=seed,
+                               progress=lambda msg: print(f"  {msg}", flush=True))
     export_seconds = time.perf_counter() - started
     manifest = json.loads((bundle / "manifest.json").read_text())
     ge, le, gn = manifest["global_expert"], manifest["local_expert"], manifest["gating_network"]
@@ -140,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=5, help="simulated writers")
     parser.add_argument("--real-users", type=int, default=3, help="real MNIST writers (toolkit/real_users.py)")
-    parser.add_argument("--archs", default="resnet,dscnn,row_gru",
+    parser.add_argument("--archs", default="resnet,dscnn,row_gru,gesture_cnn",
                         help="comma-separated names from examples/byom/architectures.py")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "user_models")
@@ -158,7 +176,11 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in [a.strip() for a in args.archs.split(",") if a.strip()]:
-            results.append(run_architecture(name, split, people, Path(tmp), args.seed))
+            if name == "gesture_cnn":   # time series: its own data and users
+                task_split, spec, task_people = gestures(args.users + args.real_users, args.seed)
+                results.append(run_architecture(name, task_split, task_people, Path(tmp), args.seed, spec))
+            else:
+                results.append(run_architecture(name, split, people, Path(tmp), args.seed))
 
     for result in results:
         print(f"\n{result['architecture']} ({result['arch']}, {result['ge_params']:,} params; "

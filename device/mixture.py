@@ -41,6 +41,9 @@ ProgressFn = Callable[[str, int, int], None]
 GE, LE = "GE", "LE"
 
 
+BATCH_VALUES = 1 << 18      # input values GE reads per batch, at most
+
+
 def augmented_copies(cfg: PersonalizeConfig, n_samples: int) -> int:
     """Jittered copies per sample: ``augment_copies``, fewer once the set nears ``augment_until``."""
     return int(min(cfg.augment_copies, max(0, cfg.augment_until // max(1, n_samples) - 1)))
@@ -64,7 +67,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def run_ge(ge: GlobalExpertRunner, images: np.ndarray, spec: InputSpec, batch: int = 64,
+def run_ge(ge: GlobalExpertRunner, images: np.ndarray, spec: InputSpec, batch: int | None = None,
            taps: list[str] | None = None, progress: Callable[[int, int], None] | None = None):
     """GE logits and features (those in ``taps``, default all) for uint8
     images, in batches to bound memory, written into arrays allocated once.
@@ -74,6 +77,8 @@ def run_ge(ge: GlobalExpertRunner, images: np.ndarray, spec: InputSpec, batch: i
     depth-4 ViT took the device process to 190 MB. LeNet-5 loses nothing."""
     logits, features = None, {}
     n = len(images)
+    if batch is None:   # 64 glyphs; fewer of a larger input (a clip of audio: 16), whose activations are larger
+        batch = int(max(8, min(64, BATCH_VALUES // max(1, int(np.prod(images.shape[1:], dtype=np.int64))))))
     for start in range(0, n, batch):
         lg, feats = ge.run(spec.normalize(images[start:start + batch]))
         if logits is None:
@@ -122,14 +127,24 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
     # One table of GE's outputs: the user's inputs (augmented copies after the
     # originals), then the replay glyphs. Batches are rows of it.
     modality = get_modality(manifest.input.modality)
-    augmented = modality.augment(images, copies, rng, augment_params(manifest.input))
-    images_all = np.concatenate([augmented, replay_images.astype(augmented.dtype, copy=False)])
     n_user, n_replay = len(labels) * (copies + 1), len(replay_images)
-    say("features", 0, len(images_all))
-    logits_all, features = run_ge(ge, images_all, manifest.input, taps=taps,
-                                  progress=lambda done, total: say("features", done, total))
-    say("features", len(images_all), len(images_all))
-    del images_all
+    total = n_user + n_replay
+    say("features", 0, total)
+    # GE runs on each chunk of augmented inputs as it is made, and then on the replay: only GE's outputs
+    # are kept, never every augmented input at once (a second of audio is 64 KB, and personalizing makes
+    # hundreds of them).
+    parts, done = [], 0
+    for chunk in modality.augment_chunks(images, copies, rng, augment_params(manifest.input)):
+        parts.append(run_ge(ge, chunk, manifest.input, taps=taps))
+        done += len(chunk)
+        say("features", done, total)
+    parts.append(run_ge(ge, replay_images, manifest.input, taps=taps,
+                        progress=lambda finished, _: say("features", n_user + finished, total)))
+    del replay_images
+    say("features", total, total)
+    logits_all = np.concatenate([p[0] for p in parts])
+    features = {tap: np.concatenate([p[1][tap] for p in parts]) for tap in parts[0][1]}
+    del parts
     le_table, gn_table = features[le_tap], features[gn_tap]
     # The user's labels, then GE's own answers for the replay glyphs.
     labels_all = np.concatenate([np.tile(labels, copies + 1), logits_all[n_user:].argmax(axis=1)]).astype(np.int64)
@@ -260,7 +275,7 @@ def describe_learning(learned: dict) -> str:
     missing = learned["labels_without_samples"]
     if missing:
         text += (f". No samples of {', '.join(map(repr, missing))}: LE learned only your other labels and may "
-                 "now read your writing of these worse than GE did; add samples of every label you use")
+                 "now read your samples of these worse than GE did; add samples of every label you use")
     return text
 
 

@@ -37,6 +37,7 @@ from edgetailor.server_side.checkpoint import CheckpointMeta, GECheckpoint
 from edgetailor.server_side.models import WithFeatures
 from edgetailor.server_side.cost import count_params
 from edgetailor.server_side.experts import LE_DESIGNS, local_expert
+from edgetailor.server_side.frontends import find_frontend
 from edgetailor.server_side.tapped import AUTO, ProbeResult, TappedModel, probe_taps, resolve_taps
 from edgetailor.export.bundle import ProgressFn, first_lines, write_bundle
 
@@ -63,7 +64,9 @@ def bundle_from_model(model: nn.Module, example_input: torch.Tensor | np.ndarray
       ``{"le": ..., "gn": ...}``; ``NAME:input`` taps a module's input.
     - ``input_spec``: how a sample becomes the model's input; default
       28x28 glyph-v1 samples scaled to [0, 1] (``InputSpec.for_glyphs``);
-      sensor windows: ``InputSpec.for_timeseries``.
+      sensor windows: ``InputSpec.for_timeseries``; audio clips:
+      ``InputSpec.for_audio`` (the model begins with its front-end, e.g.
+      ``server_side.frontends.LogMel``, which the spec then records).
     - ``generic_test``: held-out generic samples; GE's accuracy on them is
       recorded in the manifest.
     The other arguments are ``export_bundle``'s."""
@@ -73,6 +76,8 @@ def bundle_from_model(model: nn.Module, example_input: torch.Tensor | np.ndarray
     labels = _check_labels(label_names)
     example = _example_tensor(example_input, spec)
     model = copy.deepcopy(model).float().eval()
+    if spec.modality == "audio":
+        spec = _with_frontend(spec, model)
     say(f"probing {type(model).__name__} for its feature taps")
     probe = probe_taps(model, example, len(labels))
     replay = _check_replay(replay, labels, spec, "replay")
@@ -144,6 +149,22 @@ def fit_budget(probe: ProbeResult, le_tap: str, gn_tap: str, experts: ExpertConf
         if experts_cost(probe, config) <= experts.le_gn_budget * ge_params:
             return config, tap
     return options[-1]
+
+
+def _with_frontend(spec: InputSpec, model: nn.Module) -> InputSpec:
+    """An audio spec that records the front-end the model begins with, whose sample rate must be the spec's."""
+    frontend = find_frontend(model)
+    rate = int(spec.preprocess["sample_rate"])
+    if frontend is None:
+        record = {"name": "the model's own", "in": "global_expert", "model": type(model).__name__}
+    elif frontend.sample_rate != rate:
+        raise ModelError(f"{type(model).__name__}'s LogMel front-end hears {frontend.sample_rate} Hz, but the input "
+                         f"spec's clips are {rate} Hz: the spec does not match the model",
+                         hint=f"give InputSpec.for_audio({frontend.sample_rate}) (or --input audio:"
+                              f"{frontend.sample_rate})")
+    else:
+        record = frontend.describe()
+    return replace(spec, preprocess={**spec.preprocess, "frontend": record})
 
 
 def _check_labels(label_names: Sequence[str]) -> list[str]:

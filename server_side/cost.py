@@ -4,6 +4,8 @@ the learngene and its device profiles compare models by them."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -13,7 +15,7 @@ def count_params(module: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
-    """Multiply-accumulates of Conv2d and Linear layers for one sample (batch 1),
+    """Multiply-accumulates of Conv1d, Conv2d and Linear layers for one sample (batch 1),
     plus the parameter-free matmuls that a module declares with
     ``matmul_macs(output)`` (a transformer block's attention).
 
@@ -22,9 +24,9 @@ def count_macs(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
     and dependency-free for the manifest."""
     total = 0
 
-    def conv_hook(module: nn.Conv2d, _inputs, output):
+    def conv_hook(module: nn.Conv1d | nn.Conv2d, _inputs, output):
         nonlocal total
-        per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
         total += output[0].numel() * per_output
 
     def linear_hook(module: nn.Linear, _inputs, output):
@@ -39,7 +41,7 @@ def count_macs(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
     for m in model.modules():
         if hasattr(m, "matmul_macs"):
             handles.append(m.register_forward_hook(matmul_hook))
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))

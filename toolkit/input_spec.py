@@ -70,6 +70,22 @@ class InputSpec:
         return cls(shape=[int(channels), int(length)], scale=1.0, mean=float(mean), std=float(std),
                    dtype="float32", ink="none", modality="timeseries", augment=augment)
 
+    @classmethod
+    def for_audio(cls, sample_rate: int = 16000, seconds: float = 1.0, frontend: dict[str, Any] | None = None,
+                  augment: dict[str, Any] | None = None) -> "InputSpec":
+        """The spec of a model hearing mono clips of ``seconds`` at
+        ``sample_rate``, as float in [-1, 1]. The model's program begins with
+        its front-end (e.g. ``server_side.frontends.LogMel``), described by
+        ``frontend``, so the clips reach it as they are: no standardising here."""
+        length = int(round(sample_rate * seconds))
+        if sample_rate < 1000 or length < 256:
+            raise ValueError(f"audio needs a sample rate >= 1000 Hz and clips of >= 256 samples, got {sample_rate} "
+                             f"Hz and {length}")
+        preprocess = {"name": "clip-v1", "sample_rate": int(sample_rate), "length": length,
+                      **({"frontend": frontend} if frontend else {})}
+        return cls(shape=[1, length], scale=1.0, mean=0.0, std=1.0, dtype="float32", ink="none",
+                   preprocess=preprocess, modality="audio", augment=augment)
+
     @property
     def is_image(self) -> bool:
         return self.modality == "image"
@@ -88,6 +104,8 @@ class InputSpec:
         x = np.asarray(samples).astype(np.float32) / np.float32(1.0 / self.scale)
         x = (x - np.float32(self.mean)) / np.float32(self.std)
         # reshape, not x[:, None]: a broadcast axis has stride 0, which ExecuTorch's exporter refuses
+        if self.is_image:
+            return x.reshape(len(x), 1, *x.shape[1:])      # glyphs of any size (the firmware's lookup tables)
         return x.reshape(len(x), *self.shape)
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,6 +8,11 @@ turns raw input into the same samples and augments them the same way:
 - ``image``: 28x28 uint8 glyphs made by the bundle's preprocessing
   (``toolkit.preprocess``). Augmented by a small affine warp: rotation, scale
   and shift, drawn per copy.
+- ``audio``: mono float32 clips ``(1, length)`` at the bundle's sample rate,
+  read from WAV files with the checks of ``toolkit.audio``; GE's program
+  begins with the log-mel front-end, so the device computes exactly the
+  features training saw. Augmented by a time shift, gain, noise mixed in at
+  a random SNR, and SpecAugment-style time and frequency masks.
 - ``timeseries``: float32 windows ``(channels, length)`` from a sensor,
   taken as they are (a window of another length or with NaN is refused, not
   cut or padded: that would change what it means). Augmented by jitter
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol
 
 import numpy as np
 
@@ -38,6 +43,7 @@ if TYPE_CHECKING:
     from edgetailor.toolkit.input_spec import InputSpec
 
 CHUNK = 256  # inputs augmented at once: bounds the temporary arrays (~5 MB for glyphs)
+AUDIO_CHUNK = 32  # clips augmented at once (their spectra are ~4 MB)
 
 
 class Modality(Protocol):
@@ -56,14 +62,28 @@ class Modality(Protocol):
         """Labelled samples from a file or folder, made as ``prepare`` makes them
         (``labelled=False``: every input labelled 0, for prediction)."""
 
+    def augment_chunks(self, samples: np.ndarray, copies: int, rng: np.random.Generator,
+                       params: dict[str, Any]) -> Iterator[np.ndarray]:
+        """The originals, then ``copies`` augmented versions of each (copy k of
+        sample i at row ``len(samples) * (1 + k) + i`` of the chunks joined),
+        drawn from ``rng`` in a fixed order; chunk by chunk, so that the
+        device can run GE on each and keep only its features."""
+
     def augment(self, samples: np.ndarray, copies: int, rng: np.random.Generator,
                 params: dict[str, Any]) -> np.ndarray:
-        """The originals, then ``copies`` augmented versions of each (copy k of sample i at
-        ``len(samples) * (1 + k) + i``), drawn from ``rng`` in a fixed order."""
+        """``augment_chunks`` joined into one array."""
+
+
+class ChunkedAugmentation:
+    """``augment`` for a modality that writes ``augment_chunks``."""
+
+    def augment(self, samples: np.ndarray, copies: int, rng: np.random.Generator,
+                params: dict[str, Any]) -> np.ndarray:
+        return np.concatenate(list(self.augment_chunks(samples, copies, rng, params)))
 
 
 @dataclass(frozen=True)
-class ImageModality:
+class ImageModality(ChunkedAugmentation):
     name: ClassVar[str] = "image"
     sample_dtype: ClassVar[str] = "uint8"
     # Degrees, relative scale and pixels: a glyph a user writes again differs by about this much.
@@ -86,26 +106,24 @@ class ImageModality:
             return load_samples(path, label_names, spec.preprocessing(), skip_bad, limits)
         return load_images(path, spec.preprocessing(), skip_bad, limits)
 
-    def augment(self, samples: np.ndarray, copies: int, rng: np.random.Generator,
-                params: dict[str, Any]) -> np.ndarray:
+    def augment_chunks(self, samples: np.ndarray, copies: int, rng: np.random.Generator,
+                       params: dict[str, Any]) -> Iterator[np.ndarray]:
         """Affine copies, uint8 in and out. The draw order (all rotations, all
         scales, all shifts) is what the mobile SDK and the firmware reproduce."""
         total = len(samples) * copies
         rotation = rng.uniform(-params["rotation"], params["rotation"], total)
         scale = rng.uniform(1.0 - params["scale"], 1.0 + params["scale"], total)
         translate = rng.uniform(-params["translate"], params["translate"], (total, 2))
-        out = np.empty((len(samples) * (copies + 1), *samples.shape[1:]), np.uint8)
-        out[:len(samples)] = samples
+        yield samples
         for start in range(0, total, CHUNK):
             index = np.arange(start, min(total, start + CHUNK))
             source = samples[index % len(samples)].astype(np.float32) / 255.0
             warped = affine_batch(source, rotation[index], scale[index], translate[index])
-            out[len(samples) + index] = np.clip(np.rint(warped * 255.0), 0, 255).astype(np.uint8)
-        return out
+            yield np.clip(np.rint(warped * 255.0), 0, 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)
-class TimeSeriesModality:
+class TimeSeriesModality(ChunkedAugmentation):
     name: ClassVar[str] = "timeseries"
     sample_dtype: ClassVar[str] = "float32"
     # Noise and scaling as shares of each channel's spread in the window; the
@@ -152,8 +170,8 @@ class TimeSeriesModality:
 
         return load_windows(path, tuple(spec.shape), label_names, skip_bad, limits, labelled)
 
-    def augment(self, samples: np.ndarray, copies: int, rng: np.random.Generator,
-                params: dict[str, Any]) -> np.ndarray:
+    def augment_chunks(self, samples: np.ndarray, copies: int, rng: np.random.Generator,
+                       params: dict[str, Any]) -> Iterator[np.ndarray]:
         """Jittered, scaled and time-warped copies, float32. Drawn: the scales
         (copies x channels), the noise (copies x channels x length), the knot
         shifts (copies x knots), each as one array."""
@@ -163,8 +181,7 @@ class TimeSeriesModality:
         scales = rng.normal(1.0, params["scaling"], (total, channels)).astype(np.float32)
         noise = rng.standard_normal((total, channels, length), dtype=np.float32)
         shifts = rng.uniform(-params["warp"], params["warp"], (total, knots))
-        out = np.empty((n * (copies + 1), channels, length), np.float32)
-        out[:n] = samples
+        yield samples.astype(np.float32, copy=False)
         spread = samples.std(axis=2, keepdims=True).astype(np.float32)           # (n, channels, 1)
         step = (length - 1) / (knots + 1)
         anchors = np.arange(knots + 2) * step                                    # knot times, ends fixed
@@ -182,11 +199,95 @@ class TimeSeriesModality:
                     warped[row, c] = np.interp(where, grid, series[c])
             warped *= scales[index][:, :, None]
             warped += noise[index] * params["jitter"] * spread[index % n]
-            out[n + index] = warped
+            yield warped
+
+
+@dataclass(frozen=True)
+class AudioModality(ChunkedAugmentation):
+    name: ClassVar[str] = "audio"
+    sample_dtype: ClassVar[str] = "float32"
+    # Shift and time masks as shares of the clip, gain in dB, noise mixed in at an SNR in dB, frequency
+    # masks as shares of the band (SpecAugment's masks, Park et al. 2019, applied to the waveform so that
+    # the log-mel front-end inside GE sees them as it would on a spectrogram).
+    default_augment: ClassVar[dict[str, Any]] = {"name": "audio-v1", "shift": 0.1, "gain_db": 6.0,
+                                                 "snr_db": [15.0, 35.0], "time_mask": 0.08, "freq_mask": 0.12}
+
+    def sample_shape(self, spec: "InputSpec") -> tuple[int, ...]:
+        return tuple(spec.shape)
+
+    def prepare(self, raw: Any, spec: "InputSpec") -> np.ndarray:
+        """Clips (N, length) or (N, 1, length), or a list of 1-D clips of any
+        length (centred or cut as ``toolkit.audio.fit_length`` does); float in
+        [-1, 1] or int16, mono, at the bundle's sample rate."""
+        from edgetailor.toolkit.audio import check_clip, fit_length
+
+        length = spec.shape[-1]
+        if isinstance(raw, (list, tuple)):
+            clips = [np.asarray(c) for c in raw]
+            if any(c.ndim != 1 for c in clips):
+                raise SampleError("each clip in a list must be 1-D mono samples",
+                                  hint="mix stereo clips down to one channel first")
+        else:
+            array = np.asarray(raw)
+            if array.ndim == 3 and array.shape[1] == 1:
+                array = array[:, 0]
+            if array.ndim != 2:
+                raise SampleError(f"clips must be (N, samples) mono, got shape {array.shape}",
+                                  hint="give a batch of mono clips, or a list of 1-D clips")
+            clips = list(array)
+        out = np.empty((len(clips), 1, length), np.float32)
+        for i, clip in enumerate(clips):
+            if clip.dtype.kind not in "fiu":
+                raise SampleError(f"clip {i} holds {clip.dtype}, not audio samples")
+            scaled = clip.astype(np.float32) / (32768.0 if clip.dtype == np.int16 else 1.0)
+            out[i, 0] = fit_length(check_clip(scaled, f"clip {i}"), length)
         return out
 
+    def load(self, path: str | Path, spec: "InputSpec", label_names: list[str] | None = None,
+             skip_bad: bool = False, limits: Limits | None = None, labelled: bool = True) -> LabeledImages:
+        from edgetailor.toolkit.audio import load_clips
 
-MODALITIES: dict[str, Modality] = {m.name: m for m in (ImageModality(), TimeSeriesModality())}
+        return load_clips(path, int(spec.preprocess["sample_rate"]), spec.shape[-1], label_names, skip_bad, limits,
+                          labelled)
+
+    def augment_chunks(self, samples: np.ndarray, copies: int, rng: np.random.Generator,
+                       params: dict[str, Any]) -> Iterator[np.ndarray]:
+        """Shifted, gained, noisy, time- and frequency-masked copies, float32.
+        Drawn, each as one array: shifts, gains, SNRs, time-mask starts,
+        frequency-mask starts; then the noise, ``AUDIO_CHUNK`` copies at a
+        time (a whole array of it would be as large as the copies)."""
+        n, _, length = samples.shape
+        total = n * copies
+        most = int(params["shift"] * length)
+        shifts = rng.integers(-most, most + 1, total)
+        gains = 10.0 ** (rng.uniform(-params["gain_db"], params["gain_db"], total) / 20.0)
+        low, high = params["snr_db"]
+        snr = rng.uniform(low, high, total)
+        mask = int(params["time_mask"] * length)
+        mask_start = rng.integers(0, length - mask + 1, total)
+        bins = length // 2 + 1
+        band = int(params["freq_mask"] * bins)
+        band_start = rng.integers(0, bins - band + 1, total)
+        yield samples.astype(np.float32, copy=False)
+        steps = np.arange(length)
+        for start in range(0, total, AUDIO_CHUNK):
+            index = np.arange(start, min(total, start + AUDIO_CHUNK))
+            noise = rng.standard_normal((len(index), length), dtype=np.float32)   # drawn chunk by chunk, last
+            source = samples[index % n, 0]
+            where = steps[None, :] - shifts[index, None]                 # zero-filled shift
+            inside = (where >= 0) & (where < length)
+            clip = np.where(inside, np.take_along_axis(source, np.clip(where, 0, length - 1), axis=1), 0.0)
+            clip *= gains[index, None]
+            power = np.sqrt(np.mean(clip ** 2, axis=1, keepdims=True)) / 10.0 ** (snr[index, None] / 20.0)
+            clip += noise * power
+            clip[(steps[None, :] >= mask_start[index, None]) & (steps[None, :] < mask_start[index, None] + mask)] = 0
+            spectrum = np.fft.rfft(clip, axis=1)
+            freqs = np.arange(bins)[None, :]
+            spectrum[(freqs >= band_start[index, None]) & (freqs < band_start[index, None] + band)] = 0
+            yield np.clip(np.fft.irfft(spectrum, n=length, axis=1), -1.0, 1.0).astype(np.float32)[:, None, :]
+
+
+MODALITIES: dict[str, Modality] = {m.name: m for m in (ImageModality(), TimeSeriesModality(), AudioModality())}
 
 
 def get_modality(name: str) -> Modality:

@@ -465,8 +465,10 @@ def keys_revoke(signing_key: Path, revoked: Path) -> None:
               help="--model-factory: the features LE and GN read: auto, one submodule name for both, or "
                    "LE_TAP,GN_TAP; NAME:input taps a module's input. An unknown name lists the candidates.")
 @click.option("--input", "input_kind", default="glyphs", show_default=True,
-              help="--model-factory: what the model reads: glyphs (28x28 greyscale images, made by glyph-v1) or "
-                   "timeseries:CHANNELSxLENGTH (sensor windows, e.g. timeseries:3x64).")
+              help="--model-factory: what the model reads: glyphs (28x28 greyscale images, made by glyph-v1), "
+                   "timeseries:CHANNELSxLENGTH (sensor windows, e.g. timeseries:3x64) or "
+                   "audio:SAMPLE_RATE[xSECONDS] (mono WAV clips, e.g. audio:16000; the model begins with its "
+                   "front-end).")
 @click.option("--input-mean", type=float, default=0.0, show_default=True,
               help="--model-factory: the mean the model's inputs were standardised with after scaling to [0, 1] "
                    "(0 for ToTensor alone; Normalize's mean otherwise).")
@@ -573,9 +575,18 @@ def _input_spec(kind: str, mean: float, std: float):
     if kind == "glyphs":
         return InputSpec.for_glyphs(mean, std)
     name, _, size = kind.partition(":")
+    if name == "audio":
+        rate, _, seconds = size.partition("x")
+        if not rate.isdigit():
+            raise EdgetailorError(f"--input {kind!r} is not audio:SAMPLE_RATE[xSECONDS]",
+                                  hint="e.g. --input audio:16000 for one-second clips at 16 kHz")
+        try:
+            return InputSpec.for_audio(int(rate), float(seconds or 1.0))
+        except ValueError as exc:
+            raise EdgetailorError(f"--input {kind!r}: {exc}") from None
     channels, _, length = size.partition("x")
     if name != "timeseries" or not channels.isdigit() or not length.isdigit():
-        raise EdgetailorError(f"--input {kind!r} is neither glyphs nor timeseries:CHANNELSxLENGTH",
+        raise EdgetailorError(f"--input {kind!r} is not glyphs, timeseries:CHANNELSxLENGTH or audio:SAMPLE_RATE",
                               hint="e.g. --input timeseries:3x64 for 3-axis windows of 64 steps")
     try:
         return InputSpec.for_timeseries(int(channels), int(length), mean, std)
@@ -974,8 +985,13 @@ def device_repair(state: Path) -> None:
 
 # --------------------------------------------------------------------- demo
 @main.command("demo")
-@click.option("--out", default="edgetailor-demo", show_default=True, type=click.Path(path_type=Path),
-              help="Working directory (GE, bundle, users' states, report).")
+@click.option("--task", type=click.Choice(["digits", "keywords"]), default="digits", show_default=True,
+              help="digits: handwriting, edgetailor's own GE on the built-in digits. keywords: spoken 'zero' to "
+                   "'nine', a DS-CNN brought in as your own model and personalized for accents it never heard "
+                   "(needs espeak-ng and flite: apt-get install espeak-ng flite).")
+@click.option("--out", default=None, type=click.Path(path_type=Path),
+              help="Working directory (GE, bundle, users' states, report). Default: edgetailor-demo, or "
+                   "edgetailor-demo-keywords.")
 @click.option("--users", "n_users", default=5, show_default=True, type=click.IntRange(1, 40))
 @click.option("--samples-per-class", default=10, show_default=True, type=click.IntRange(1, 10),
               help="User samples per class to personalize on.")
@@ -985,15 +1001,30 @@ def device_repair(state: Path) -> None:
 @click.option("--model", "model", type=click.Path(exists=True, path_type=Path),
               help="Use this GE checkpoint (e.g. from `server learngene expand` or `server compress`) "
                    "instead of pretraining one; it must have been trained on the built-in digits.")
-def demo_cmd(out: Path, n_users: int, samples_per_class: int, recipe: str, fast: bool, seed: int,
+def demo_cmd(task: str, out: Path | None, n_users: int, samples_per_class: int, recipe: str, fast: bool, seed: int,
              model: Path | None) -> None:
     """The whole loop on built-in data: pretrain GE -> export a bundle ->
     personalize on simulated users (each in its own torch-free device
-    process) -> one table against fine-tuning baselines, as JSON and PNG."""
+    process) -> one table against fine-tuning baselines, as JSON and PNG.
+    --task keywords runs it for spoken keywords with a model brought in as
+    a user's own (docs/BRING_YOUR_OWN_MODEL.md)."""
+    if task == "keywords":
+        from edgetailor.app.keywords import run_keyword_demo
+        from edgetailor.toolkit.speech import SynthesizerMissing, synthesizers_missing
+
+        if model is not None or recipe != "default":
+            raise EdgetailorError("--model and --recipe belong to the digits demo; the keyword demo trains its "
+                                  "own DS-CNN")
+        why = synthesizers_missing()
+        if why:
+            raise SynthesizerMissing(f"the keyword demo synthesizes its speech offline, and {why}")
+        run_keyword_demo(out or Path("edgetailor-demo-keywords"), n_users=n_users, samples_per_word=samples_per_class,
+                         epochs=8 if fast else 30, seed=seed, echo=click.echo)
+        return
     from edgetailor.app.demo import run_demo
 
-    run_demo(out, recipe="fast" if fast and recipe == "default" else recipe, n_users=n_users,
-             samples_per_class=samples_per_class, seed=seed, echo=click.echo, model_dir=model)
+    run_demo(out or Path("edgetailor-demo"), recipe="fast" if fast and recipe == "default" else recipe,
+             n_users=n_users, samples_per_class=samples_per_class, seed=seed, echo=click.echo, model_dir=model)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from edgetailor.toolkit.users import simulate_users
 METHODS = ("GE", "GE+LE+GN", "FT all", "FT last")
 
 
-def _device_cli(*args: str) -> dict:
+def device_cli(*args: str) -> dict:
     """Run ``edgetailor device ...`` in a fresh process; returns its --json
     output plus the process's whole wall time (start-up and bundle checks too)."""
     started = time.perf_counter()
@@ -56,7 +56,7 @@ def _accuracy(model, ckpt, data: LabeledImages) -> float:
         return float((model(ckpt.normalize(data.images)).argmax(1).numpy() == data.labels).mean())
 
 
-def plot_report(report: dict, path: Path) -> None:
+def plot_report(report: dict, path: Path, ylim: tuple[float, float] = (0.4, 1.0)) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,9 +69,9 @@ def plot_report(report: dict, path: Path) -> None:
     for ax, (suffix, title) in zip(axes, (("user", "user's test set"), ("generic", "generic test set"))):
         for i, method in enumerate(METHODS):
             ax.bar(x + (i - 1.5) * width, [u[f"{method} {suffix}"] for u in users], width, label=method)
-        ax.set_xticks(x, [f"user {u['user']}" for u in users])
+        ax.set_xticks(x, [f"user {u['user']}" for u in users], rotation=30 if len(users) > 6 else 0)
         ax.set_title(f"accuracy on the {title}")
-        ax.set_ylim(0.4, 1.0)
+        ax.set_ylim(*ylim)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("accuracy")
     handles, names = axes[0].get_legend_handles_labels()
@@ -156,7 +156,7 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
             state = out / "state" / f"user{user.user_id}"
             if state.exists():
                 shutil.rmtree(state)
-            personalized = _device_cli("personalize", "--bundle", str(bundle_zip), "--state", str(state),
+            personalized = device_cli("personalize", "--bundle", str(bundle_zip), "--state", str(state),
                                        "--samples", str(train_path), "--backend", "ort", "--trusted-keys", str(trusted))
             with DeviceRuntime.open(bundle_zip, state, "ort", trusted_keys=trusted) as runtime:
                 on_user = runtime.evaluate_dataset(user.test)

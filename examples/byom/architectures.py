@@ -10,6 +10,8 @@ user's models, through ``edgetailor.export.bundle_from_model`` and
 - ``DSCNN``: depthwise-separable convolutions (MobileNet's), the design of
   small keyword spotters, with a 1x1 pointwise conv per block.
 - ``RowGRU``: a GRU reading the glyph row by row, features last.
+- ``KeywordDSCNN``: the keyword demo's spotter (``edgetailor/app/keywords.py``),
+  on edgetailor's log-mel front-end.
 - ``GestureCNN``: 1-D convolutions over 3-axis accelerometer windows
   (``toolkit/gestures.py``), a time-series model.
 - ``train_classifier``: a plain training loop, as a user would have.
@@ -20,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edgetailor.app.keywords import KeywordDSCNN, SeparableBlock   # the keyword demo's spotter, and its block
 
 
 class ResidualBlock(nn.Module):
@@ -48,19 +52,6 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.stage2(self.down(self.stage1(self.stem(x)))))
         return self.head(x.mean(dim=(2, 3)))
-
-
-class SeparableBlock(nn.Module):
-    def __init__(self, channels_in: int, channels_out: int, stride: int = 1):
-        super().__init__()
-        self.depthwise = nn.Conv2d(channels_in, channels_in, 3, stride=stride, padding=1, groups=channels_in,
-                                   bias=False)
-        self.bn1 = nn.BatchNorm2d(channels_in)
-        self.pointwise = nn.Conv2d(channels_in, channels_out, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn2(self.pointwise(F.relu(self.bn1(self.depthwise(x))))))
 
 
 class DSCNN(nn.Module):
@@ -124,12 +115,18 @@ def gesture_cnn() -> nn.Module:
     return GestureCNN()
 
 
-ARCHITECTURES = {"resnet": resnet, "dscnn": dscnn, "row_gru": row_gru, "gesture_cnn": gesture_cnn}
+def keyword_dscnn() -> nn.Module:
+    return KeywordDSCNN()
+
+
+ARCHITECTURES = {"resnet": resnet, "dscnn": dscnn, "row_gru": row_gru, "gesture_cnn": gesture_cnn,
+                 "keyword_dscnn": keyword_dscnn}
 
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 15, batch: int = 64,
-                     lr: float = 3e-3, seed: int = 0) -> nn.Module:
-    """Adam with light shift augmentation: what a user's own training script does."""
+                     lr: float = 3e-3, seed: int = 0, shift_dims: tuple[int, ...] | None = None) -> nn.Module:
+    """Adam with light shift augmentation (along ``shift_dims``, by default
+    every axis after the channels): what a user's own training script does."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -139,7 +136,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch):
             rows = order[start:start + batch]
-            dims = tuple(range(2, x.ndim))      # image rows and columns, or a window's steps
+            dims = shift_dims or tuple(range(2, x.ndim))      # image rows and columns, or a window's steps
             shift = torch.randint(-2, 3, (len(dims),), generator=generator).tolist()
             inputs = torch.roll(x[rows], shifts=shift, dims=dims)
             loss = F.cross_entropy(model(inputs), y[rows])

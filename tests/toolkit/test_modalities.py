@@ -52,7 +52,7 @@ def test_a_bundle_can_describe_its_own_augmentation():
     assert augment_params(spec)["jitter"] == 0.0 and augment_params(spec)["warp"] == 0.2
     assert InputSpec.from_dict(spec.to_dict()) == spec
     assert "modality" not in InputSpec.for_glyphs().to_dict()     # glyph specs stay as older clients read them
-    assert set(MODALITIES) == {"image", "timeseries"}
+    assert set(MODALITIES) == {"image", "timeseries", "audio"}
 
 
 def test_windows_are_prepared_exactly_or_refused():
