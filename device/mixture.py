@@ -69,8 +69,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def run_ge(ge: GlobalExpertRunner, images: np.ndarray, spec: InputSpec, batch: int | None = None,
            taps: list[str] | None = None, progress: Callable[[int, int], None] | None = None):
-    """GE logits and features (those in ``taps``, default all) for uint8
-    images, in batches to bound memory, written into arrays allocated once.
+    """GE logits and features (those in ``taps``, default all) for samples
+    (glyphs, windows, clips), in batches to bound memory, written into arrays allocated once.
 
     64: a transformer GE's attention scores grow with the batch (heads x 50 x
     50 floats per image), and ONNX Runtime's arena keeps its peak; at 512 a

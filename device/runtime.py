@@ -204,8 +204,12 @@ class DeviceRuntime:
         return self.modality.prepare(images, self.manifest.input)
 
     def _samples(self, data: LabeledImages) -> np.ndarray:
-        """A loader's samples, prepared unless the loader already did it with this bundle's preprocessing."""
+        """A loader's samples, prepared unless the loader already made them: glyphs by this bundle's
+        preprocessing, windows and clips of the bundle's shape (the modality's loaders check each)."""
         if self.preprocessing is not None and data.prepared_with == self.preprocessing.to_dict():
+            return data.images
+        if (self.preprocessing is None and data.images.dtype == np.dtype(self.modality.sample_dtype)
+                and data.images.shape[1:] == self.modality.sample_shape(self.manifest.input)):
             return data.images
         return self.prepare(data.images)
 

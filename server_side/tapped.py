@@ -22,16 +22,19 @@ logits. Automatic taps follow the rules of the built-in families:
 - GN reads the penultimate layer, the input of the classifier.
 
 A 3-D feature is channels-first ``(N, C, L)`` as ``nn.Conv1d`` writes it,
-unless the module producing it writes features last (``nn.Linear``,
-``nn.LayerNorm``, attention, recurrent layers: ``(N, T, D)``). Channels-last
-features are transposed before they are flattened, so every tap reaches LE
-channel-major, as LeNet's maps and a ViT's patch tokens do.
+unless the leaf module that made it writes features last (``nn.Linear``,
+``nn.LayerNorm``, attention, recurrent layers: ``(N, T, D)``; an activation
+keeps its input's layout; see ``_record``). Channels-last features are
+transposed before they are flattened, so every tap reaches LE
+channel-major, as LeNet's maps and a ViT's patch tokens do. A module that
+runs more than once in a forward pass is no tap.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -79,6 +82,7 @@ class ProbeResult:
     candidates: dict[str, TapCandidate]
     num_classes: int
     classifier: str | None       # the module that writes the logits, when one does
+    reused: dict[str, int] = field(default_factory=dict)   # modules forward calls more than once: no taps
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -90,36 +94,48 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def _is_channels_last(module: nn.Module) -> bool:
-    """Whether a 3-D output of ``module`` has its features on the last axis. A
-    container answers for the last leaf it runs, which is what it returns."""
-    if isinstance(module, CHANNELS_LAST_MODULES):
-        return True
-    leaves = [m for m in module.modules() if not list(m.children())]
-    return bool(leaves) and isinstance(leaves[-1], CHANNELS_LAST_MODULES) and module is not leaves[-1]
+# Modules that keep their input's layout: a feature they return is laid out as the one they were given.
+ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Softplus,
+    nn.Dropout, nn.Identity)
 
 
 def _record(model: nn.Module, x: torch.Tensor) -> tuple[Any, list[tuple[str, str, torch.Tensor, bool]]]:
-    """Run ``model`` once, recording every module's output and every leaf module's input, in order."""
+    """Run ``model`` once, recording every module's output and every leaf module's input, in order, each
+    with whether its features are last.
+
+    A tensor's layout is that of the leaf module that made it: features last
+    for ``CHANNELS_LAST_MODULES``, first for the rest (``nn.Conv1d``,
+    ``nn.BatchNorm1d``), as given for element-wise modules (an activation
+    after a Linear over tokens keeps features last). A container returns a
+    tensor one of its leaves made, and so has that leaf's layout. A tensor a
+    functional call made is read channels-first."""
     seen: list[tuple[str, str, torch.Tensor, bool]] = []
+    last: dict[int, bool] = {}          # id(tensor) -> features last, for tensors a leaf made
     handles = []
     for name, module in model.named_modules():
         if not name:
             continue
-        kind = type(module).__name__
+        kind, leaf = type(module).__name__, not list(module.children())
 
-        def output_hook(mod, _inputs, output, name=name, kind=kind):
+        def output_hook(mod, inputs, output, name=name, kind=kind, leaf=leaf):
             tensor = _first_tensor(output)
-            if tensor is not None:
-                seen.append((name, kind, tensor, _is_channels_last(mod)))
+            if tensor is None:
+                return
+            if leaf:
+                given = _first_tensor(inputs)
+                layout = (last.get(id(given), False) if isinstance(mod, ELEMENTWISE_MODULES) and given is not None
+                          else isinstance(mod, CHANNELS_LAST_MODULES))
+                last[id(tensor)] = layout
+            seen.append((name, kind, tensor, last.get(id(tensor), False)))
 
         def input_hook(mod, inputs, name=name, kind=kind):
             tensor = _first_tensor(inputs)
             if tensor is not None:
-                seen.append((name + INPUT_SUFFIX, kind, tensor, _is_channels_last(mod)))
+                seen.append((name + INPUT_SUFFIX, kind, tensor, last.get(id(tensor), False)))
 
         handles.append(module.register_forward_hook(output_hook))
-        if not list(module.children()):
+        if leaf:
             handles.append(module.register_forward_pre_hook(input_hook))
     try:
         with torch.no_grad():
@@ -152,16 +168,18 @@ def probe_taps(model: nn.Module, example: torch.Tensor, num_classes: int) -> Pro
     (output, seen), (output_more, seen_more) = runs
     check_logits(model, output, output_more, n, num_classes)
     more = {name: tensor.shape for name, _, tensor, _ in seen_more}
+    calls = Counter(name for name, _, _, _ in seen)
+    reused = {name: count for name, count in calls.items() if count > 1}
     candidates: dict[str, TapCandidate] = {}
     for order, (name, kind, tensor, last) in enumerate(seen):
         other = more.get(name)
-        if (name in candidates or tensor.ndim < 2 or tensor.shape[0] != n or other is None
+        if (name in reused or tensor.ndim < 2 or tensor.shape[0] != n or other is None
                 or tuple(other) != (n + 1, *tensor.shape[1:]) or not tensor.is_floating_point()):
             continue
         candidates[name] = TapCandidate(name, kind, tuple(tensor.shape[1:]), order, last and tensor.ndim == 3)
     leaves = [name for name, _, tensor, _ in seen
               if tensor is output and not name.endswith(INPUT_SUFFIX) and not list(_module(model, name).children())]
-    return ProbeResult(candidates, num_classes, leaves[-1] if leaves else None)
+    return ProbeResult(candidates, num_classes, leaves[-1] if leaves else None, reused)
 
 
 def check_logits(model: nn.Module, output: Any, output_more: Any, n: int, num_classes: int) -> None:
@@ -231,6 +249,9 @@ def resolve_taps(probe: ProbeResult, taps: str | Sequence[str] | Mapping[str, st
     for name in chosen:
         if name == AUTO:
             continue
+        if name in probe.reused:
+            raise ModelError(f"{name!r} runs {probe.reused[name]} times in one forward pass, so it is no one "
+                             "feature", hint=f"tap a module that runs once; candidates: {describe_candidates(probe)}")
         if name not in probe.candidates:
             raise ModelError(f"the model has no tap {name!r}",
                              hint="a tap is a submodule's name (its output) or NAME:input (its input); "

@@ -96,6 +96,25 @@ def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     return upgraded
 
 
+def check_input(data: dict[str, Any], where: str) -> None:
+    """What the schema cannot say per modality: glyphs are uint8 (1, H, W), windows and clips float32
+    (channels, length); and the augmentation's parameters (``toolkit.modalities.check_augment``)."""
+    from edgetailor.toolkit.modalities import check_augment
+
+    modality, shape, dtype = data.get("modality", "image"), data["shape"], data["dtype"]
+    ok = (len(shape) == 3 and shape[0] == 1 and dtype == "uint8" if modality == "image"
+          else len(shape) == 2 and dtype == "float32")
+    if not ok:
+        raise BundleError(f"{where}: a {modality} input of shape {shape} and dtype {dtype} is not one this "
+                          "toolkit reads (glyphs: uint8 [1, H, W]; windows and clips: float32 [channels, length])",
+                          hint="the bundle is damaged or was not written by edgetailor; re-export it")
+    try:
+        check_augment(InputSpec.from_dict(data))
+    except ValueError as exc:
+        raise BundleError(f"{where}: {exc}",
+                          hint="the bundle is damaged or was not written by edgetailor; re-export it") from None
+
+
 def _build(cls: type, data: dict[str, Any]) -> Any:
     """``cls`` from the keys it knows; the schema has already checked them,
     and keys a later minor version adds are ignored."""
@@ -309,6 +328,7 @@ class Manifest:
         if data["schema_version"] == 1:
             data = upgrade_v1(data)
         modality = data["input"].get("modality", "image")
+        check_input(data["input"], where)
         if (modality == "image") != (data["schema_version"] < SCHEMA_VERSION):
             raise BundleError(f"{where} is schema version {data['schema_version']} with input modality "
                               f"{modality!r}; version {SCHEMA_VERSION} is for inputs other than images, and only "

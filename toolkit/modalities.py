@@ -302,3 +302,37 @@ def augment_params(spec: "InputSpec") -> dict[str, Any]:
     """The bundle's augmentation parameters, the modality's defaults for what it leaves out."""
     modality = get_modality(spec.modality)
     return {**modality.default_augment, **(spec.augment or {})}
+
+
+def check_augment(spec: "InputSpec") -> None:
+    """Refuse augmentation parameters the modality does not have, of the wrong kind, or out of range
+    (ValueError), before they reach a device. A glyph bundle keeps the defaults: the mobile SDK and the
+    firmware apply them as constants."""
+    modality = get_modality(spec.modality)
+    if spec.augment is None:
+        return
+    if spec.is_image and {**modality.default_augment, **spec.augment} != modality.default_augment:
+        raise ValueError("a glyph bundle's augmentation is fixed (the mobile SDK and the firmware apply "
+                         f"{modality.default_augment}); leave input.augment out")
+    defaults = modality.default_augment
+    unknown = sorted(set(spec.augment) - set(defaults))
+    if unknown:
+        raise ValueError(f"input.augment has key(s) {', '.join(unknown)} that {modality.name} augmentation lacks; "
+                         f"it has: {', '.join(sorted(defaults))}")
+    if spec.augment.get("name", defaults["name"]) != defaults["name"]:
+        raise ValueError(f"input.augment names {spec.augment['name']!r}; {modality.name} inputs are augmented "
+                         f"by {defaults['name']!r}")
+    for key, value in augment_params(spec).items():
+        if key == "name":
+            continue
+        values = value if isinstance(defaults[key], list) else [value]
+        if (isinstance(defaults[key], list) and (not isinstance(value, list) or len(value) != len(defaults[key]))) \
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and np.isfinite(v)
+                           for v in values):
+            raise ValueError(f"input.augment.{key} must be {'a pair of' if isinstance(defaults[key], list) else 'a'} "
+                             f"finite number(s) >= 0 like {defaults[key]!r}, got {value!r}")
+    params = augment_params(spec)
+    fractions = [k for k in ("shift", "time_mask", "freq_mask", "scale") if k in params and params[k] >= 1]
+    if fractions or params.get("warp", 0) >= 0.5:
+        raise ValueError(f"input.augment.{(fractions or ['warp'])[0]} is a share of the input and must be under "
+                         f"{'0.5' if not fractions else '1'}")

@@ -55,6 +55,10 @@ class SynthesizerMissing(EdgetailorError):
     default_hint = "install the offline synthesizers: apt-get install espeak-ng flite"
 
 
+class SynthesisFailed(EdgetailorError):
+    default_hint = "check that the voice exists (espeak-ng --voices, flite -lv)"
+
+
 def synthesizers_missing() -> str | None:
     """Why the keyword data cannot be made here, or None."""
     missing = [tool for tool in ("espeak-ng", "flite") if shutil.which(tool) is None]
@@ -90,24 +94,29 @@ def _decode(data: bytes) -> np.ndarray:
 @lru_cache(maxsize=4096)
 def synthesize(speaker: Speaker, text: str) -> np.ndarray:
     """``text`` spoken by ``speaker``: float32 mono at 16 kHz, as the engine makes it (no room)."""
-    if speaker.engine == "espeak-ng":
-        command = ["espeak-ng", "-v", speaker.voice, "-s", str(int(speaker.rate)), "-p", str(int(speaker.pitch)),
-                   "--stdout", text]
-        result = subprocess.run(command, capture_output=True, timeout=60)
-        data = result.stdout
-    elif speaker.engine == "flite":
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "clip.wav"
-            command = ["flite", "-voice", speaker.voice, "--setf", f"duration_stretch={1.0 / speaker.rate:.3f}"]
-            if speaker.pitch:
-                command += ["--setf", f"int_f0_target_mean={speaker.pitch:g}"]
-            result = subprocess.run([*command, "-t", text, "-o", str(out)], capture_output=True, timeout=60)
-            data = out.read_bytes() if out.exists() else b""
-    else:
-        raise ValueError(f"unknown synthesizer {speaker.engine!r}")
+    if shutil.which(speaker.engine) is None:
+        raise SynthesizerMissing(f"{speaker.engine} is not installed")
+    try:
+        if speaker.engine == "espeak-ng":
+            command = ["espeak-ng", "-v", speaker.voice, "-s", str(int(speaker.rate)), "-p",
+                       str(int(speaker.pitch)), "--stdout", text]
+            result = subprocess.run(command, capture_output=True, timeout=60)
+            data = result.stdout
+        elif speaker.engine == "flite":
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "clip.wav"
+                command = ["flite", "-voice", speaker.voice, "--setf", f"duration_stretch={1.0 / speaker.rate:.3f}"]
+                if speaker.pitch:
+                    command += ["--setf", f"int_f0_target_mean={speaker.pitch:g}"]
+                result = subprocess.run([*command, "-t", text, "-o", str(out)], capture_output=True, timeout=60)
+                data = out.read_bytes() if out.exists() else b""
+        else:
+            raise ValueError(f"unknown synthesizer {speaker.engine!r}")
+    except subprocess.TimeoutExpired:
+        raise SynthesisFailed(f"{speaker.engine} took over a minute to say {text!r} with {speaker.voice!r}") from None
     if result.returncode != 0 or not data:
-        raise SynthesizerMissing(f"{speaker.engine} failed for {speaker.voice!r}: "
-                                 f"{result.stderr.decode(errors='replace').strip()[:200]}")
+        raise SynthesisFailed(f"{speaker.engine} could not say {text!r} with voice {speaker.voice!r}: "
+                              f"{result.stderr.decode(errors='replace').strip()[:200]}")
     return _decode(data)
 
 
@@ -133,7 +142,7 @@ def in_a_room(clip: np.ndarray, rng: np.random.Generator, length: int = SAMPLE_R
     return np.clip(out + noise, -0.99, 0.99).astype(np.float32)
 
 
-def generic_speakers(rng: np.random.Generator | None = None) -> list[Speaker]:
+def generic_speakers() -> list[Speaker]:
     """The generic set's speakers: every English dialect x variant x rate x pitch."""
     return [Speaker("espeak-ng", f"{voice}+{variant}", rate, pitch) for voice in GENERIC_VOICES
             for variant in GENERIC_VARIANTS for rate in GENERIC_RATES for pitch in GENERIC_PITCHES]

@@ -349,6 +349,7 @@ def _release_options(fn):
 
 
 FIRMWARE_CODE_BYTES = 40 * 1024
+MAX_CLIP_SECONDS = 60      # --input audio: a keyword or command, not a recording
 
 
 def _trusted_keys_option_for_export(fn):
@@ -569,7 +570,7 @@ def export_bundle_cmd(model: Path | None, model_factory: str | None, weights: Pa
 
 
 def _input_spec(kind: str, mean: float, std: float):
-    """``--input``: glyphs, or timeseries:CHANNELSxLENGTH."""
+    """``--input``: glyphs, timeseries:CHANNELSxLENGTH or audio:SAMPLE_RATE[xSECONDS]."""
     from edgetailor.toolkit.input_spec import InputSpec
 
     if kind == "glyphs":
@@ -577,11 +578,19 @@ def _input_spec(kind: str, mean: float, std: float):
     name, _, size = kind.partition(":")
     if name == "audio":
         rate, _, seconds = size.partition("x")
-        if not rate.isdigit():
-            raise EdgetailorError(f"--input {kind!r} is not audio:SAMPLE_RATE[xSECONDS]",
-                                  hint="e.g. --input audio:16000 for one-second clips at 16 kHz")
         try:
-            return InputSpec.for_audio(int(rate), float(seconds or 1.0))
+            length = float(seconds or 1.0)
+        except ValueError:
+            length = float("nan")
+        if not rate.isdigit() or not 0.1 <= length <= MAX_CLIP_SECONDS:
+            raise EdgetailorError(f"--input {kind!r} is not audio:SAMPLE_RATE[xSECONDS] with 0.1 to "
+                                  f"{MAX_CLIP_SECONDS} seconds",
+                                  hint="e.g. --input audio:16000 for one-second clips at 16 kHz")
+        if mean or std != 1.0:
+            raise EdgetailorError("--input-mean and --input-std do not apply to audio: clips reach the model in "
+                                  "[-1, 1], and its front-end makes the features", hint="leave them out")
+        try:
+            return InputSpec.for_audio(int(rate), length)
         except ValueError as exc:
             raise EdgetailorError(f"--input {kind!r}: {exc}") from None
     channels, _, length = size.partition("x")
@@ -806,6 +815,10 @@ def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, s
         click.echo(f"learned: {describe_learning(report['learned'])}")
         if report.get("superseded"):
             click.echo("another process committed a personalization of the same, newer samples first; it is in use")
+        if report.get("other_samples_ignored"):
+            click.secho(f"warning: {report['other_samples_ignored']} stored samples are another kind of input than "
+                        "this bundle reads (from another bundle with the same labels) and were left out",
+                        fg="yellow", err=True)
         if report.get("damaged_samples_skipped"):
             click.secho(f"warning: {report['damaged_samples_skipped']} damaged samples were skipped; "
                         "`edgetailor device repair` removes them", fg="yellow", err=True)

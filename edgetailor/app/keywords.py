@@ -68,7 +68,7 @@ class SeparableBlock(nn.Module):
 class KeywordDSCNN(nn.Module):
     """A keyword spotter in the DS-CNN design of "Hello Edge" (Zhang et al.
     2017) on edgetailor's log-mel front-end, so that the exported GE hears
-    raw clips: (N, 1, 16000) at 16 kHz -> 40 mels x 98 frames (16 ms windows,
+    raw clips: (N, 1, 16000) at 16 kHz -> 40 mels x 99 frames (16 ms windows,
     10 ms hop) -> a strided conv, four depthwise-separable blocks (96 maps of
     10 x 25), pooled over frequency into 5 time steps, a linear classifier. ``body`` is everything after the
     front-end, which a training script can run on precomputed features."""

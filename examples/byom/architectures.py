@@ -10,6 +10,7 @@ user's models, through ``edgetailor.export.bundle_from_model`` and
 - ``DSCNN``: depthwise-separable convolutions (MobileNet's), the design of
   small keyword spotters, with a 1x1 pointwise conv per block.
 - ``RowGRU``: a GRU reading the glyph row by row, features last.
+- ``RowAttention``: a transformer encoder layer over the glyph's rows.
 - ``KeywordDSCNN``: the keyword demo's spotter (``edgetailor/app/keywords.py``),
   on edgetailor's log-mel front-end.
 - ``GestureCNN``: 1-D convolutions over 3-axis accelerometer windows
@@ -81,6 +82,22 @@ class RowGRU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.gru(x[:, 0])
         return self.fc(self.norm(out[:, -1]))
+
+
+class RowAttention(nn.Module):
+    """A transformer encoder layer over the glyph's rows (28 tokens of 28
+    values, a learned position embedding), mean-pooled into the classifier:
+    attention, as a format must carry it."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 32):
+        super().__init__()
+        self.embed = nn.Linear(28, dim)
+        self.position = nn.Parameter(torch.zeros(1, 28, dim))
+        self.encoder = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.encoder(self.embed(x[:, 0]) + self.position).mean(dim=1))
 
 
 class GestureCNN(nn.Module):

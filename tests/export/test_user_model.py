@@ -101,6 +101,24 @@ def test_named_taps_and_the_recipes_design_are_kept(trained, replay, tmp_path):
     assert manifest["global_expert"]["outputs"]["features"] == {"head:input": 32, "stage2": 32 * 14 * 14}
 
 
+@pytest.mark.parametrize("architecture", ["RowGRU", "RowAttention"])
+def test_recurrent_and_attention_models_are_carried_by_every_format(architecture, generic_split, replay, tmp_path):
+    """GRU and attention export to ONNX, ExecuTorch and LiteRT alike (the firmware has no kernels for them)."""
+    import examples.byom.architectures as architectures
+    from edgetailor.device import DeviceRuntime
+
+    x = torch.from_numpy(SPEC.normalize(generic_split.train.images))
+    model = train_classifier(getattr(architectures, architecture)(), x, torch.from_numpy(generic_split.train.labels),
+                             epochs=4, lr=1e-2)
+    out = bundle_from_model(model, example(replay), LABELS, replay, tmp_path / "b", replay_size=100,
+                            formats=["onnx", "executorch", "tflite"], make_zip=False)
+    answers = {}
+    for backend in ("ort", "executorch", "litert"):
+        with DeviceRuntime.open(out, tmp_path / backend, backend=backend) as runtime:
+            answers[backend] = runtime.predict_dataset(generic_split.test).indices
+    assert np.array_equal(answers["ort"], answers["executorch"]) and np.array_equal(answers["ort"], answers["litert"])
+
+
 class Branchy(nn.Module):
     """Data-dependent control flow: one graph cannot hold it."""
 

@@ -120,3 +120,48 @@ def test_a_model_that_does_not_return_n_by_classes_logits_is_refused(model, mess
 def test_an_input_the_model_cannot_take_is_named():
     with pytest.raises(ModelError, match=r"failed on the example input of shape \(3, 1, 32, 32\)"):
         probe_taps(LeNet5().eval(), torch.zeros(3, 1, 32, 32), 10)
+
+
+class TokenMLP(nn.Module):
+    """A Linear then a ReLU over row tokens: the ReLU's output keeps the Linear's features-last layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(28, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.mlp(x[:, 0]).mean(1))
+
+
+class SqueezeExcite(nn.Module):
+    """A Conv1d block gated by a Linear registered after it: the block's maps stay channels-first."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv1d(28, 8, 3, padding=1), nn.ReLU())
+        self.gate = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.block(x[:, 0])
+        return self.fc((h * torch.sigmoid(self.gate(h.mean(2)))[:, :, None]).mean(2))
+
+
+class SharedPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(7)
+        self.fc = nn.Linear(49, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.pool(x)).flatten(1))
+
+
+def test_a_features_layout_is_that_of_the_layer_that_made_it_and_shared_modules_are_no_taps():
+    assert probe_taps(TokenMLP().eval(), EXAMPLE, 10).candidates["mlp"].channels_last
+    assert not probe_taps(SqueezeExcite().eval(), EXAMPLE, 10).candidates["block"].channels_last
+    probe = probe_taps(SharedPool().eval(), EXAMPLE, 10)
+    assert "pool" not in probe.candidates
+    with pytest.raises(ModelError, match="'pool' runs 2 times in one forward pass"):
+        resolve_taps(probe, "pool")

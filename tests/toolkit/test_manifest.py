@@ -102,3 +102,14 @@ def test_glyph_bundles_stay_version_2_and_other_inputs_are_version_3(bundle_dir)
     windows["schema_version"], windows["input"]["modality"] = 3, "hologram"
     with pytest.raises(BundleError, match="hologram"):
         Manifest.from_dict(windows)
+
+
+def test_an_input_its_modality_cannot_have_is_refused(bundle_dir):
+    data = json.loads((bundle_dir / "manifest.json").read_text())
+    data["input"]["dtype"] = "float32"
+    with pytest.raises(BundleError, match="image input of shape .* and dtype float32"):
+        Manifest.from_dict(data)
+    data = json.loads((bundle_dir / "manifest.json").read_text())
+    data["input"]["augment"] = {"name": "affine-v1", "rotation": 30.0}
+    with pytest.raises(BundleError, match="augmentation is fixed"):
+        Manifest.from_dict(data)

@@ -126,3 +126,27 @@ def test_bad_windows_are_named_or_left_out(tmp_path):
         load_windows(tmp_path / "w", (3, 64), limits=Limits(max_samples=3))
     with pytest.raises(DataFormatError, match="cannot read labelled windows"):
         load_windows(next((tmp_path / "w").rglob("*.npy")), (3, 64))
+
+
+@pytest.mark.parametrize("spec, message", [
+    (InputSpec.for_timeseries(3, 64, augment={"scaling": -0.1}), "scaling must be a finite number"),
+    (InputSpec.for_timeseries(3, 64, augment={"snr_db": [10, 20]}), "snr_db that timeseries augmentation lacks"),
+    (InputSpec.for_timeseries(3, 64, augment={"name": "affine-v1"}), "augmented by 'sensor-v1'"),
+    (InputSpec.for_timeseries(3, 64, augment={"warp": 0.7}), "warp is a share"),
+    (InputSpec.for_audio(augment={"snr_db": 20}), "snr_db must be a pair"),
+])
+def test_augmentation_parameters_a_device_could_not_use_are_refused(spec, message):
+    from edgetailor.toolkit.modalities import check_augment
+
+    with pytest.raises(ValueError, match=message):
+        check_augment(spec)
+
+
+def test_a_glyph_bundle_keeps_the_augmentation_every_client_applies():
+    import dataclasses
+
+    from edgetailor.toolkit.modalities import check_augment
+
+    check_augment(dataclasses.replace(InputSpec.for_glyphs(), augment={"rotation": 6.0}))   # the default: fine
+    with pytest.raises(ValueError, match="glyph bundle's augmentation is fixed"):
+        check_augment(dataclasses.replace(InputSpec.for_glyphs(), augment={"rotation": 3.0}))
