@@ -32,7 +32,11 @@ from edgetailor.toolkit.atomic import fsync_dir
 from edgetailor.toolkit.errors import StateError
 
 DB_NAME = "state.sqlite"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 3          # the newest this toolkit reads and writes
+# A state that holds only glyphs is written as version 2: the dtype column it gains has a default, and
+# toolkits before 0.5 name their columns, so they still read it. The first float32 sample makes it 3,
+# which they refuse rather than read a sensor window as a glyph.
+GLYPH_STATE_VERSION = 2
 KEEP_PERSONALIZATIONS = 3
 BUSY_TIMEOUT_S = 120.0     # concurrent device processes wait for each other's short write transactions
 
@@ -188,7 +192,8 @@ class StateStore:
         only answer run beside a personalize, and on a full disk."""
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         version = self.get_meta("schema_version") if "meta" in tables else None
-        if _TABLES <= tables and version is not None and int(version) >= SCHEMA_VERSION:
+        if (_TABLES <= tables and version is not None and int(version) >= GLYPH_STATE_VERSION
+                and "dtype" in self._sample_columns()):
             return      # current (a newer version is refused by check_labels)
         with self.transaction():
             if "personalizations" in tables:
@@ -200,8 +205,8 @@ class StateStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self.db.execute(statement)
-            if version is not None and int(version) < SCHEMA_VERSION:
-                self.set_meta("schema_version", str(SCHEMA_VERSION))
+            if version is not None and int(version) < GLYPH_STATE_VERSION:
+                self.set_meta("schema_version", str(GLYPH_STATE_VERSION))
 
     def check_labels(self, labels: list[str]) -> None:
         stored = self.get_meta("labels")
@@ -210,7 +215,7 @@ class StateStore:
                 return
             with self.transaction():
                 if self.get_meta("labels") is None:
-                    self.set_meta("schema_version", str(SCHEMA_VERSION))
+                    self.set_meta("schema_version", str(GLYPH_STATE_VERSION))
                     self.set_meta("labels", json.dumps(labels))
             return
         if int(self.get_meta("schema_version") or 0) > SCHEMA_VERSION:
@@ -253,6 +258,8 @@ class StateStore:
             before = self.count_samples()
             self.db.executemany("INSERT OR IGNORE INTO samples(label, height, width, image, digest, added_at, dtype) "
                                 "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            if dtype != "uint8" and int(self.get_meta("schema_version") or 0) < SCHEMA_VERSION:
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
             added = self.count_samples() - before
             if added:
                 self._bump_generation()
@@ -520,7 +527,7 @@ def repair_state(state_dir: str | Path, keep_personalizations: bool = True) -> R
     try:
         db.executescript(_SCHEMA)
         db.execute("BEGIN")
-        meta["schema_version"] = str(SCHEMA_VERSION)
+        meta["schema_version"] = str(SCHEMA_VERSION if any(r[7] != "uint8" for r in samples) else GLYPH_STATE_VERSION)
         meta["samples_generation"] = str(int(meta.get("samples_generation", "0") or 0) + 1)
         active = {int(r[0]) for r in personalizations}
         if not meta.get("active_personalization", "").isdigit() or int(meta["active_personalization"]) not in active:

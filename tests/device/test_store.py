@@ -1,6 +1,7 @@
 """The state keeps every kind of sample: float32 sensor windows beside
-glyphs, version-2 states (glyphs only) read and upgraded in place, and a
-repair that keeps each sample's dtype."""
+glyphs; a state of glyphs alone stays version 2 (older toolkits read it),
+the first window makes it 3; version-2 states from before read and gain
+the dtype column; a repair keeps each sample's dtype."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sqlite3
 
 import numpy as np
 
-from edgetailor.device.store import _SCHEMA, DB_NAME, SCHEMA_VERSION, StateStore, repair_state
+from edgetailor.device.store import _SCHEMA, DB_NAME, GLYPH_STATE_VERSION, SCHEMA_VERSION, StateStore, repair_state
 
 LABELS = ["a", "b"]
 
@@ -52,8 +53,11 @@ def test_a_version_2_state_is_read_and_upgraded(tmp_path):
     assert np.array_equal(images[0], glyph) and labels.tolist() == [1]
     reader.close()
     store = StateStore(tmp_path / "old", LABELS)
-    assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+    # glyphs only: still version 2, which toolkits before sensor windows read; the first window makes it 3
+    assert store.get_meta("schema_version") == str(GLYPH_STATE_VERSION)
+    assert "dtype" in {r[1] for r in store.db.execute("PRAGMA table_info(samples)")}
     store.add_samples(np.ones((1, 2, 16), np.float32), np.array([0]))
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
     assert store.load_samples((28, 28), "uint8")[0].shape == (1, 28, 28)
     assert store.load_samples((2, 16), "float32")[0].shape == (1, 2, 16)
     store.close()
@@ -69,9 +73,11 @@ def test_repair_keeps_each_samples_kind(tmp_path):
     assert report.samples_kept == 3
     store = StateStore(tmp_path, LABELS)
     assert np.array_equal(store.load_samples((2, 16), "float32")[0], windows)
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
     store.close()
     glyph = _version_2_state(tmp_path / "old")
     assert repair_state(tmp_path / "old").samples_kept == 1
     repaired = StateStore(tmp_path / "old", LABELS)
     assert np.array_equal(repaired.load_samples((28, 28), "uint8")[0][0], glyph)
+    assert repaired.get_meta("schema_version") == str(GLYPH_STATE_VERSION)
     repaired.close()
