@@ -32,7 +32,8 @@ from edgetailor.toolkit.arrayfiles import NpzArchive
 from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit.errors import DataFormatError, SampleError
 from edgetailor.toolkit.limits import Limits, current_limits
-from edgetailor.toolkit.loaders import UNLABELLED, files_under, labels_as_indices, read_label_names, relabel
+from edgetailor.toolkit.loaders import (UNLABELLED, labelled_files, labels_as_indices, read_each,
+                                        read_label_names, relabel)
 
 CLIPPED_SHARE = 0.01      # of samples at full scale: a clipped recording, whose spectrum is smeared
 SILENT_PEAK = 1e-3        # a clip whose loudest sample is below this holds no sound
@@ -125,37 +126,11 @@ def load_clips(path: str | Path, sample_rate: int, length: int, label_names: lis
 
 def _load_folder(root: Path, sample_rate: int, length: int, skip_bad: bool, limits: Limits,
                  labelled: bool) -> LabeledImages:
-    if labelled:
-        label_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not label_dirs:
-            raise DataFormatError(f"{root} has no sub-folders",
-                                  hint="put each label's .wav clips in a sub-folder named after the label")
-        tops, names = [(folder, label) for label, folder in enumerate(label_dirs)], [p.name for p in label_dirs]
-    else:
-        tops, names = [(root, 0)], list(UNLABELLED)
-    clips, labels, notes, ignored = [], [], [], []
-    for top, label in tops:
-        for file in files_under(top):
-            if not file.is_file():
-                continue
-            if file.suffix.lower() != ".wav":
-                ignored.append(str(file.relative_to(root)))
-                continue
-            limits.check("max_samples", len(clips) + 1, f"{root}: the number of .wav files")
-            try:
-                clips.append(fit_length(read_wav(file, sample_rate, limits), length))
-            except (DataFormatError, SampleError) as exc:
-                if not skip_bad:
-                    raise
-                notes.append(f"left out {file.relative_to(root)}: {exc.message}")
-                continue
-            labels.append(label)
-    if ignored:
-        notes.insert(0, f"ignored {len(ignored)} file(s) that are not .wav ({', '.join(ignored[:3])}"
-                        f"{', ...' if len(ignored) > 3 else ''})")
-    if not clips:
-        raise DataFormatError(f"no readable .wav clips under {root}", hint=FORMATS_HINT)
-    return LabeledImages(np.stack(clips)[:, None, :], np.array(labels, np.int64), names, str(root), notes=notes)
+    files, names, notes = labelled_files(root, {".wav"}, labelled, limits, ".wav clips")
+    clips, labels, left_out = read_each(files, root, lambda file: fit_length(read_wav(file, sample_rate, limits),
+                                                                            length),
+                                        skip_bad, ".wav clips", FORMATS_HINT)
+    return LabeledImages(clips[:, None, :], labels, names, str(root), notes=notes + left_out)
 
 
 def _load_npz(path: Path, length: int, skip_bad: bool, limits: Limits, labelled: bool) -> LabeledImages:

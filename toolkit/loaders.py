@@ -35,7 +35,7 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -350,7 +350,7 @@ def _as_seen(img) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.float64) / 255.0
 
 
-def files_under(folder: Path) -> Iterator[Path]:
+def _files_under(folder: Path) -> Iterator[Path]:
     """Files under ``folder`` in path order (as ``sorted(folder.rglob("*"))``),
     hidden ones skipped, symlinked folders not followed. Iterative: a hostile
     tree may nest deeper than Python's recursion limit."""
@@ -368,6 +368,53 @@ def files_under(folder: Path) -> Iterator[Path]:
         stack.extend(current / name for name in reversed(names))
 
 
+def labelled_files(root: Path, suffixes: set[str], labelled: bool, limits: Limits,
+                   what: str) -> tuple[list[tuple[Path, int]], list[str], list[str]]:
+    """The files under ``root`` whose suffix is one of ``suffixes``, each with its label (the index of
+    its top-level sub-folder, nested folders belonging to it; 0 when not ``labelled``), the label names,
+    and a note naming the files left out for their suffix. Every folder loader lists files this way."""
+    if labelled:
+        label_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not label_dirs:
+            raise DataFormatError(f"{root} has no sub-folders",
+                                  hint=f"put each label's {what} in a sub-folder named after the label")
+        tops, names = [(folder, label) for label, folder in enumerate(label_dirs)], [p.name for p in label_dirs]
+    else:
+        tops, names = [(root, 0)], list(UNLABELLED)
+    files, ignored = [], []
+    for top, label in tops:
+        for file in _files_under(top):
+            if not file.is_file():
+                continue
+            if file.suffix.lower() not in suffixes:
+                ignored.append(str(file.relative_to(root)))
+                continue
+            files.append((file, label))
+            limits.check("max_samples", len(files), f"{root}: the number of {what}")
+    notes = [f"ignored {len(ignored)} file(s) that are not {what} ({', '.join(ignored[:3])}"
+             f"{', ...' if len(ignored) > 3 else ''})"] if ignored else []
+    return files, names, notes
+
+
+def read_each(files: list[tuple[Path, int]], root: Path, read: Callable[[Path], np.ndarray], skip_bad: bool,
+              what: str, hint: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``read`` of every file, stacked, with the labels; a file it refuses stops the load, or with
+    ``skip_bad`` is left out and named in the notes returned."""
+    arrays, labels, notes = [], [], []
+    for file, label in files:
+        try:
+            arrays.append(read(file))
+        except (DataFormatError, SampleError) as exc:
+            if not skip_bad:
+                raise
+            notes.append(f"left out {file.relative_to(root)}: {exc.message}")
+            continue
+        labels.append(label)
+    if not arrays:
+        raise DataFormatError(f"no readable {what} under {root}", hint=hint)
+    return np.stack(arrays), np.array(labels, np.int64), notes
+
+
 def load_image_folder(root: str | Path, preprocessing: Preprocessing = DEFAULT, skip_bad: bool = False,
                       limits: Limits | None = None, labelled: bool = True) -> LabeledImages:
     """Images under ``root``: labelled by their top-level sub-folder, or
@@ -375,26 +422,7 @@ def load_image_folder(root: str | Path, preprocessing: Preprocessing = DEFAULT, 
     decoded and prepared a batch at a time, so memory holds one batch of
     decoded pixels however many photos the folder has."""
     root, limits = Path(root), current_limits(limits)
-    if labelled:
-        label_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not label_dirs:
-            raise DataFormatError(f"{root} has no sub-folders",
-                                  hint="put each label's images in a sub-folder named after the label")
-        tops, names = [(folder, label) for label, folder in enumerate(label_dirs)], [p.name for p in label_dirs]
-    else:
-        tops, names = [(root, 0)], list(UNLABELLED)
-    files, ignored = [], []
-    for top, label in tops:
-        for file in files_under(top):  # nested folders belong to their top-level label
-            if not file.is_file():
-                continue
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                ignored.append(str(file.relative_to(root)))
-                continue
-            files.append((file, label))
-            limits.check("max_samples", len(files), f"{root}: the number of image files")
-    notes = [f"ignored {len(ignored)} file(s) that are not images ({', '.join(ignored[:3])}"
-             f"{', ...' if len(ignored) > 3 else ''})"] if ignored else []
+    files, names, notes = labelled_files(root, IMAGE_SUFFIXES, labelled, limits, "images")
     batch = _FolderBatches(preprocessing)
     unreadable = []
     for file, label in files:

@@ -30,8 +30,8 @@ from edgetailor.toolkit.arrayfiles import NpzArchive
 from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit.errors import DataFormatError, SampleError
 from edgetailor.toolkit.limits import Limits, current_limits
-from edgetailor.toolkit.loaders import (UNLABELLED, files_under, labels_as_indices, read_label_names,
-                                        relabel)
+from edgetailor.toolkit.loaders import (UNLABELLED, labelled_files, labels_as_indices, read_each,
+                                        read_label_names, relabel)
 
 WINDOW_SUFFIXES = {".npy", ".csv"}
 FORMATS_HINT = ("give an .npz with x (N, channels, length) and y, or a folder with one sub-folder per label "
@@ -88,38 +88,10 @@ def _load_npz(path: Path, shape: tuple[int, int], skip_bad: bool, limits: Limits
 
 def _load_folder(root: Path, shape: tuple[int, int], skip_bad: bool, limits: Limits,
                  labelled: bool) -> LabeledImages:
-    if labelled:
-        label_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not label_dirs:
-            raise DataFormatError(f"{root} has no sub-folders",
-                                  hint="put each label's windows in a sub-folder named after the label")
-        tops, names = [(folder, label) for label, folder in enumerate(label_dirs)], [p.name for p in label_dirs]
-    else:
-        tops, names = [(root, 0)], list(UNLABELLED)
-    windows, labels, where, notes, ignored = [], [], [], [], []
-    for top, label in tops:
-        for file in files_under(top):
-            if not file.is_file():
-                continue
-            if file.suffix.lower() not in WINDOW_SUFFIXES:
-                ignored.append(str(file.relative_to(root)))
-                continue
-            limits.check("max_samples", len(windows) + 1, f"{root}: the number of window files")
-            try:
-                windows.append(_window_file(file, shape, limits))
-            except (DataFormatError, SampleError) as exc:
-                if not skip_bad:
-                    raise
-                notes.append(f"left out {file.relative_to(root)}: {exc.message}")
-                continue
-            labels.append(label)
-            where.append(str(file.relative_to(root)))
-    if ignored:
-        notes.insert(0, f"ignored {len(ignored)} file(s) that are not .npy or .csv windows "
-                        f"({', '.join(ignored[:3])}{', ...' if len(ignored) > 3 else ''})")
-    if not windows:
-        raise DataFormatError(f"no readable windows under {root}", hint=FORMATS_HINT)
-    return LabeledImages(np.stack(windows), np.array(labels, np.int64), names, str(root), notes=notes)
+    files, names, notes = labelled_files(root, WINDOW_SUFFIXES, labelled, limits, ".npy or .csv windows")
+    windows, labels, left_out = read_each(files, root, lambda file: _window_file(file, shape, limits), skip_bad,
+                                          "windows", FORMATS_HINT)
+    return LabeledImages(windows, labels, names, str(root), notes=notes + left_out)
 
 
 def _window_file(path: Path, shape: tuple[int, int], limits: Limits) -> np.ndarray:

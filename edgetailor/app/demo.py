@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +44,54 @@ def device_cli(*args: str) -> dict:
         raise EdgetailorError(f"the device process failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}",
                               hint="run the same `edgetailor device personalize` command by hand to see it fail")
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_seconds": time.perf_counter() - started}
+
+
+def overhead_of(manifest: Manifest) -> dict:
+    """LE's and GN's cost against GE's, as the demos report it."""
+    ge, le, gn = manifest.global_expert, manifest.local_expert, manifest.gating_network
+    overhead = {"ge_params": ge.params, "ge_macs": ge.macs, "le_gn_params": le.params + gn.params,
+                "le_gn_macs": le.macs + gn.macs}
+    overhead["params_pct"] = 100.0 * overhead["le_gn_params"] / overhead["ge_params"]
+    overhead["macs_pct"] = 100.0 * overhead["le_gn_macs"] / overhead["ge_macs"]
+    return overhead
+
+
+def compare_on_user(bundle_zip: Path, trusted: Path, state: Path, samples: Path, user_test: LabeledImages,
+                    generic_test: LabeledImages, baselines: dict[str, Callable[[LabeledImages], float]]) -> dict:
+    """One user's row of a demo's table: personalize from ``samples`` in a fresh device process (a fresh
+    state), then GE and GE+LE+GN on the user's and the generic test sets, and each fine-tuned baseline
+    (``baselines``: "FT all", "FT last" -> its accuracy on a data set)."""
+    from edgetailor.device.runtime import DeviceRuntime
+
+    if state.exists():
+        shutil.rmtree(state)
+    personalized = device_cli("personalize", "--bundle", str(bundle_zip), "--state", str(state),
+                              "--samples", str(samples), "--backend", "ort", "--trusted-keys", str(trusted))
+    with DeviceRuntime.open(bundle_zip, state, "ort", trusted_keys=trusted) as runtime:
+        on_user = runtime.evaluate_dataset(user_test)
+        on_generic = runtime.evaluate_dataset(generic_test)
+    return {
+        "GE user": on_user["ge_only_accuracy"], "GE+LE+GN user": on_user["accuracy"],
+        **{f"{name} user": accuracy(user_test) for name, accuracy in baselines.items()},
+        "GE generic": on_generic["ge_only_accuracy"], "GE+LE+GN generic": on_generic["accuracy"],
+        **{f"{name} generic": accuracy(generic_test) for name, accuracy in baselines.items()},
+        "LE share user": on_user["experts"]["LE"] / on_user["n"],
+        "LE share generic": on_generic["experts"]["LE"] / on_generic["n"],
+        "personalize s": personalized["seconds"], "train s": personalized["train_seconds"],
+        "device process s": personalized["process_seconds"], "peak RSS MB": personalized["peak_rss_mb"],
+        "torch imported": personalized["torch_imported"]}
+
+
+def summarize(rows: list[dict]) -> tuple[dict, str]:
+    """The mean row (the largest RSS, not the mean) and the table people read."""
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool)
+            and k not in ("user", "n_train", "n_test")]
+    mean = {"user": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
+    mean["peak RSS MB"] = float(max(r["peak RSS MB"] for r in rows))
+    columns = [("user", "user", ""), *[(f"{m} user", f"{m} user", ".3f") for m in METHODS],
+               *[(f"{m} generic", f"{m} gen.", ".3f") for m in METHODS],
+               ("personalize s", "pers. s", ".2f"), ("peak RSS MB", "RSS MB", ".0f")]
+    return mean, format_table([*rows, mean], columns)
 
 
 def _signer_id(key_dir: Path) -> str:
@@ -90,7 +139,6 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
     import click
     import torch
 
-    from edgetailor.device.runtime import DeviceRuntime
     from edgetailor.export.bundle import export_bundle
     from edgetailor.server_side.checkpoint import GECheckpoint
     from edgetailor.server_side.finetune import finetune
@@ -132,11 +180,7 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
     echo("  carries " + ", ".join(f"{name} ({sum((bundle_dir / f).stat().st_size for f in entry.files) / 1024:.0f} KiB)"
                                   for name, entry in manifest.formats.items())
          + "; the users below run on onnx (ONNX Runtime)")
-    ge_m, le_m, gn_m = manifest.global_expert, manifest.local_expert, manifest.gating_network
-    overhead = {"ge_params": ge_m.params, "ge_macs": ge_m.macs,
-                "le_gn_params": le_m.params + gn_m.params, "le_gn_macs": le_m.macs + gn_m.macs}
-    overhead["params_pct"] = 100.0 * overhead["le_gn_params"] / overhead["ge_params"]
-    overhead["macs_pct"] = 100.0 * overhead["le_gn_macs"] / overhead["ge_macs"]
+    overhead = overhead_of(manifest)
 
     echo(f"[3/4] simulating {n_users} users ({samples_per_class} samples per class each)")
     split = split_generic(data, seed=seed)
@@ -153,38 +197,15 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
             test_path = out / "users" / f"user{user.user_id}_test.npz"
             save_npz(user.train, train_path)
             save_npz(user.test, test_path)
-            state = out / "state" / f"user{user.user_id}"
-            if state.exists():
-                shutil.rmtree(state)
-            personalized = device_cli("personalize", "--bundle", str(bundle_zip), "--state", str(state),
-                                       "--samples", str(train_path), "--backend", "ort", "--trusted-keys", str(trusted))
-            with DeviceRuntime.open(bundle_zip, state, "ort", trusted_keys=trusted) as runtime:
-                on_user = runtime.evaluate_dataset(user.test)
-                on_generic = runtime.evaluate_dataset(split.test)
             x, y = ckpt.normalize(user.train.images), torch.as_tensor(user.train.labels)
-            ft_all = finetune(ckpt.model, x, y, "all", seed=seed)
-            ft_last = finetune(ckpt.model, x, y, "last", seed=seed)
-            rows.append({
-                "user": user.user_id, "style": user.describe(), "n_train": len(user.train), "n_test": len(user.test),
-                "GE user": on_user["ge_only_accuracy"], "GE+LE+GN user": on_user["accuracy"],
-                "FT all user": _accuracy(ft_all, ckpt, user.test), "FT last user": _accuracy(ft_last, ckpt, user.test),
-                "GE generic": on_generic["ge_only_accuracy"], "GE+LE+GN generic": on_generic["accuracy"],
-                "FT all generic": _accuracy(ft_all, ckpt, split.test),
-                "FT last generic": _accuracy(ft_last, ckpt, split.test),
-                "LE share user": on_user["experts"]["LE"] / on_user["n"],
-                "LE share generic": on_generic["experts"]["LE"] / on_generic["n"],
-                "personalize s": personalized["seconds"], "device process s": personalized["process_seconds"],
-                "peak RSS MB": personalized["peak_rss_mb"],
-                "torch imported": personalized["torch_imported"],
-            })
-    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool)
-            and k not in ("user", "n_train", "n_test")]
-    mean = {"user": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
-    mean["peak RSS MB"] = float(max(r["peak RSS MB"] for r in rows))
-    columns = [("user", "user", ""), *[(f"{m} user", f"{m} user", ".3f") for m in METHODS],
-               *[(f"{m} generic", f"{m} gen.", ".3f") for m in METHODS],
-               ("personalize s", "pers. s", ".2f"), ("peak RSS MB", "RSS MB", ".0f")]
-    table = format_table([*rows, mean], columns)
+            tuned = {"FT all": finetune(ckpt.model, x, y, "all", seed=seed),
+                     "FT last": finetune(ckpt.model, x, y, "last", seed=seed)}
+            baselines = {name: partial(_accuracy, model, ckpt) for name, model in tuned.items()}
+            rows.append({"user": user.user_id, "style": user.describe(), "n_train": len(user.train),
+                         "n_test": len(user.test),
+                         **compare_on_user(bundle_zip, trusted, out / "state" / f"user{user.user_id}", train_path,
+                                           user.test, split.test, baselines)})
+    mean, table = summarize(rows)
     report = {"model": str(model_dir), "arch": ckpt.meta.arch, "recipe": ckpt.meta.recipe, "seed": seed,
               "samples_per_class": samples_per_class,
               "generic_test_n": len(split.test), "users": rows, "mean": mean, "overhead": overhead,

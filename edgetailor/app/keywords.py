@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 import wave
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -32,9 +33,7 @@ from edgetailor.toolkit import atomic
 from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit.manifest import Manifest
 from edgetailor.toolkit.signing import PRIVATE_KEY, PUBLIC_KEY, generate_key
-from edgetailor.toolkit.tables import format_table
 
-METHODS = ("GE", "GE+LE+GN", "FT all", "FT last")
 REPLAY_PER_WORD = 30
 
 
@@ -158,8 +157,7 @@ def run_keyword_demo(out: str | Path, n_users: int = 6, samples_per_word: int = 
     """The keyword loop (module doc); returns the report it writes."""
     import click
 
-    from edgetailor.app.demo import device_cli, plot_report
-    from edgetailor.device.runtime import DeviceRuntime
+    from edgetailor.app.demo import compare_on_user, overhead_of, plot_report, summarize
     from edgetailor.export import bundle_from_model
     from edgetailor.server_side.finetune import finetune
     from edgetailor.server_side.tapped import TappedModel, probe_taps
@@ -194,10 +192,7 @@ def run_keyword_demo(out: str | Path, n_users: int = 6, samples_per_word: int = 
     trusted = key_dir / PUBLIC_KEY
     manifest = Manifest.from_json((bundle_dir / "manifest.json").read_text())
     ge_m, le_m, gn_m = manifest.global_expert, manifest.local_expert, manifest.gating_network
-    overhead = {"ge_params": ge_m.params, "ge_macs": ge_m.macs, "le_gn_params": le_m.params + gn_m.params,
-                "le_gn_macs": le_m.macs + gn_m.macs}
-    overhead["params_pct"] = 100.0 * overhead["le_gn_params"] / overhead["ge_params"]
-    overhead["macs_pct"] = 100.0 * overhead["le_gn_macs"] / overhead["ge_macs"]
+    overhead = overhead_of(manifest)
     tapped = TappedModel(model, probe_taps(model, example, len(WORDS)), le_m.feature_tap, gn_m.feature_tap)
 
     speakers = accent_speakers(seed)
@@ -211,36 +206,15 @@ def run_keyword_demo(out: str | Path, n_users: int = 6, samples_per_word: int = 
     with click.progressbar(users, label="  users", file=sys.stderr) as bar:
         for k, user in enumerate(bar):
             folder = save_wav_folder(user.train, out / "users" / f"user{k}")
-            state = out / "state" / f"user{k}"
-            if state.exists():
-                shutil.rmtree(state)
-            personalized = device_cli("personalize", "--bundle", str(bundle_zip), "--state", str(state),
-                                       "--samples", str(folder), "--backend", "ort", "--trusted-keys", str(trusted))
-            with DeviceRuntime.open(bundle_zip, state, "ort", trusted_keys=trusted) as runtime:
-                on_user = runtime.evaluate_dataset(user.test)
-                on_generic = runtime.evaluate_dataset(test)
             x, y = torch.from_numpy(user.train.images), torch.from_numpy(user.train.labels)
-            ft = {mode: finetune(tapped, x, y, mode, seed=seed) for mode in ("all", "last")}
+            baselines = {f"FT {mode}": partial(accuracy, finetune(tapped, x, y, mode, seed=seed))
+                         for mode in ("all", "last")}
             voice = user.speaker.voice if user.speaker.engine == "espeak-ng" else f"flite {user.speaker.voice}"
-            rows.append({
-                "user": voice, "speaker": user.speaker.describe(), "n_train": len(user.train),
-                "n_test": len(user.test),
-                "GE user": on_user["ge_only_accuracy"], "GE+LE+GN user": on_user["accuracy"],
-                "FT all user": accuracy(ft["all"], user.test), "FT last user": accuracy(ft["last"], user.test),
-                "GE generic": on_generic["ge_only_accuracy"], "GE+LE+GN generic": on_generic["accuracy"],
-                "FT all generic": accuracy(ft["all"], test), "FT last generic": accuracy(ft["last"], test),
-                "LE share user": on_user["experts"]["LE"] / on_user["n"],
-                "LE share generic": on_generic["experts"]["LE"] / on_generic["n"],
-                "personalize s": personalized["seconds"], "train s": personalized["train_seconds"],
-                "device process s": personalized["process_seconds"], "peak RSS MB": personalized["peak_rss_mb"],
-                "torch imported": personalized["torch_imported"]})
-    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool)
-            and k not in ("n_train", "n_test")]
-    mean = {"user": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
-    mean["peak RSS MB"] = float(max(r["peak RSS MB"] for r in rows))
-    columns = [("user", "user", ""), *[(f"{m} user", f"{m} user", ".3f") for m in METHODS],
-               *[(f"{m} generic", f"{m} gen.", ".3f") for m in METHODS],
-               ("personalize s", "pers. s", ".2f"), ("peak RSS MB", "RSS MB", ".0f")]
+            rows.append({"user": voice, "speaker": user.speaker.describe(), "n_train": len(user.train),
+                         "n_test": len(user.test),
+                         **compare_on_user(bundle_zip, trusted, out / "state" / f"user{k}", folder, user.test, test,
+                                           baselines)})
+    mean, table = summarize(rows)
     report = {"task": "keywords", "arch": ge_m.arch, "seed": seed, "samples_per_word": samples_per_word,
               "generic_train_n": len(train), "generic_test_n": len(test), "users": rows, "mean": mean,
               "overhead": overhead, "bundle": str(bundle_dir), "le": {"kind": le_m.kind, "tap": le_m.feature_tap},
@@ -248,7 +222,7 @@ def run_keyword_demo(out: str | Path, n_users: int = 6, samples_per_word: int = 
     atomic.write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     plot_report(report, out / "report.png", ylim=(0.0, 1.0))
     echo("")
-    echo(format_table([*rows, mean], columns))
+    echo(table)
     echo("")
     echo(f"LE+GN overhead: {overhead['le_gn_params']:,} params ({overhead['params_pct']:.2f} % of GE's "
          f"{overhead['ge_params']:,}), {overhead['le_gn_macs']:,} MACs ({overhead['macs_pct']:.2f} % of GE's "
