@@ -33,7 +33,8 @@ import numpy as np
 from edgetailor.device.backends.base import Backend, GlobalExpertRunner, TrainedPart, pack_weights
 from edgetailor.toolkit.bundle import Bundle
 from edgetailor.toolkit.config import PersonalizeConfig
-from edgetailor.toolkit.errors import PersonalizationError
+from edgetailor.toolkit.arrayfiles import NpzArchive
+from edgetailor.toolkit.errors import BundleError, DataFormatError, PersonalizationError
 from edgetailor.toolkit.input_spec import InputSpec
 from edgetailor.toolkit.modalities import augment_params, get_modality
 
@@ -107,11 +108,50 @@ def gate_probability(gn: TrainedPart, features: np.ndarray) -> np.ndarray:
     return sigmoid(logits[:, 1] - logits[:, 0])
 
 
+def replay_outputs(bundle: Bundle, ge: GlobalExpertRunner, ge_format: str | None, taps: list[str],
+                   progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """GE's logits and ``taps`` (LE's, GN's) on the bundle's replay samples.
+
+    Read from the outputs export computed with ``ge_format``'s GE program when the bundle carries them
+    (``ReplaySpec.outputs``): GE is frozen, so running it on the replay again would give the same
+    numbers, and on a clip of audio that is most of the time and memory a personalization takes.
+    Otherwise (an older bundle, or a GE that runs in another format) GE runs on the replay."""
+    manifest = bundle.manifest
+    file = manifest.replay.outputs.get(ge_format or "")
+    if file is None:
+        with np.load(bundle.path(manifest.replay.file)) as archive:
+            replay_samples = archive["x"]
+        return run_ge(ge, replay_samples, manifest.input, taps=taps, progress=progress)
+    expected = {"logits": (manifest.replay.count, len(manifest.labels)),
+                "le": (manifest.replay.count, manifest.local_expert.feature_dim),
+                "gn": (manifest.replay.count, manifest.gating_network.feature_dim)}
+    damaged = "the bundle is damaged or was not written by edgetailor; re-export it"
+    arrays = {}
+    try:
+        with NpzArchive(bundle.path(file)) as archive:
+            for key, shape in expected.items():     # each header checked before its array is read
+                header = archive.header(key) if key in archive else None
+                if header is None or header.dtype != np.float32 or len(header.shape) < 1 \
+                        or (header.shape[0], int(np.prod(header.shape[1:]))) != shape:
+                    found = f"{header.dtype} {header.shape}" if header else "missing"
+                    raise BundleError(f"{file}: {key} is {found}; float32 rows {shape} expected", hint=damaged)
+                arrays[key] = archive.read(key)
+                if not np.isfinite(arrays[key]).all():
+                    raise BundleError(f"{file}: {key} holds NaN or infinite values", hint=damaged)
+    except DataFormatError as exc:
+        raise BundleError(f"cannot read GE's replay outputs: {exc}", hint=damaged) from None
+    le_tap, gn_tap = manifest.local_expert.feature_tap, manifest.gating_network.feature_tap
+    features = {le_tap: arrays["le"], gn_tap: arrays["gn"]}
+    return arrays["logits"], {tap: features[tap] for tap in taps}
+
+
 def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, images: np.ndarray,
-                  labels: np.ndarray, cfg: PersonalizeConfig, progress: ProgressFn | None = None) -> TrainedMixture:
+                  labels: np.ndarray, cfg: PersonalizeConfig, progress: ProgressFn | None = None,
+                  ge_format: str | None = None) -> TrainedMixture:
     """Train LE and GN on the user's samples with ``backend``; returns their weights.
 
-    ``ge`` may run on another backend (an old bundle's GE-only runtime)."""
+    ``ge`` may run on another backend (an old bundle's GE-only runtime); ``ge_format`` is the bundle
+    format its program comes from, which picks the replay outputs to read (``replay_outputs``)."""
     started = time.perf_counter()
     deadline = started + cfg.max_seconds
     say = progress or (lambda stage, done, total: None)
@@ -122,28 +162,27 @@ def train_mixture(backend: Backend, ge: GlobalExpertRunner, bundle: Bundle, imag
     rng = np.random.default_rng(cfg.seed)
 
     copies = augmented_copies(cfg, len(labels))
-    with np.load(bundle.path(manifest.replay.file)) as archive:
-        replay_images = archive["x"]
     # One table of GE's outputs: the user's inputs (augmented copies after the
-    # originals), then the replay glyphs. Batches are rows of it.
+    # originals), then the replay samples. Batches are rows of it.
     modality = get_modality(manifest.input.modality)
-    n_user, n_replay = len(labels) * (copies + 1), len(replay_images)
+    n_user, n_replay = len(labels) * (copies + 1), manifest.replay.count
     total = n_user + n_replay
     say("features", 0, total)
-    # GE runs on each chunk of augmented inputs as it is made, and then on the replay: only GE's outputs
-    # are kept, never every augmented input at once (a second of audio is 64 KB, and personalizing makes
-    # hundreds of them).
+    # GE runs on each chunk of augmented inputs as it is made: only GE's outputs are kept, never every
+    # augmented input at once (a second of audio is 64 KB, and personalizing makes hundreds of them).
     parts, done = [], 0
     for chunk in modality.augment_chunks(images, copies, rng, augment_params(manifest.input)):
         parts.append(run_ge(ge, chunk, manifest.input, taps=taps))
         done += len(chunk)
         say("features", done, total)
-    parts.append(run_ge(ge, replay_images, manifest.input, taps=taps,
-                        progress=lambda finished, _: say("features", n_user + finished, total)))
-    del replay_images
+    parts.append(replay_outputs(bundle, ge, ge_format, taps,
+                                progress=lambda finished, _: say("features", n_user + finished, total)))
+    n_replay = len(parts[-1][0])
     say("features", total, total)
     logits_all = np.concatenate([p[0] for p in parts])
-    features = {tap: np.concatenate([p[1][tap] for p in parts]) for tap in parts[0][1]}
+    # (the replay outputs a bundle carries may be flattened: each part takes the shape GE gives)
+    features = {tap: np.concatenate([p[1][tap].reshape(len(p[1][tap]), *parts[0][1][tap].shape[1:]) for p in parts])
+                for tap in parts[0][1]}
     del parts
     le_table, gn_table = features[le_tap], features[gn_tap]
     # The user's labels, then GE's own answers for the replay glyphs.

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetailor.device.backends import choose_backends
+from edgetailor.device.backends import BACKENDS, choose_backends
 from edgetailor.device.backends.base import unpack_weights
 from edgetailor.device.mixture import GE, LE, ProgressFn, Routed, route, run_ge, softmax, train_mixture
 from edgetailor.device.store import DamagedState, SamplesChanged, StateStore, open_store
@@ -254,7 +254,8 @@ class DeviceRuntime:
             images, labels, generation = self.store.load_samples_with_generation(
                 self.modality.sample_shape(self.manifest.input), self.modality.sample_dtype)
             self._check_trainable(labels)
-            trained = train_mixture(self.trainer, self.ge, self.bundle, images, labels, cfg, progress)
+            trained = train_mixture(self.trainer, self.ge, self.bundle, images, labels, cfg, progress,
+                                    ge_format=BACKENDS[self.backend.name].format)
             report = {**trained.report, "damaged_samples_skipped": self.store.damaged_samples,
                       "other_samples_ignored": self.store.other_samples}
             try:

@@ -144,6 +144,30 @@ def bundle_parts(bundle: Bundle) -> dict[str, TrainablePart]:
     return {part.key: part for part in parts}
 
 
+REPLAY_BATCH = 32   # replay samples per call when a format's program takes any batch
+
+
+def write_replay_outputs(ckpt: GECheckpoint, replay: LabeledImages, format_name: str, program: Path,
+                         taps: tuple[str, str], out: Path) -> None:
+    """GE's logits and LE's and GN's taps (``taps``: their names) on the shipped replay, saved as
+    ``logits``, ``le`` and ``gn``, as ``program`` computes them in its own runtime. The device reads
+    them (``device.mixture``) instead of running GE on the replay each time it personalizes: GE is
+    frozen, so they never change. Read from the program, not from torch, they are what the device's
+    GE gives (a quantized GE's too)."""
+    names = [t.name for t in ckpt.model.feature_taps]
+    runner = get_exporter(format_name).load(program, threads=2, all_outputs=True)
+    parts = []
+    for start in range(0, len(replay), REPLAY_BATCH):
+        outputs = runner(ckpt.normalize(replay.images[start:start + REPLAY_BATCH]).numpy())
+        by_name = dict(zip(["logits", *names], outputs))
+        parts.append({"logits": by_name["logits"], "le": by_name[taps[0]], "gn": by_name[taps[1]]})
+    arrays = {key: np.concatenate([p[key] for p in parts]).astype(np.float32) for key in parts[0]}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(out, buffer.getvalue())
+
+
 def balanced_replay(replay: LabeledImages, size: int) -> LabeledImages:
     """The first ``size // classes`` replay glyphs of each class, in their original order.
 
@@ -270,6 +294,12 @@ def write_bundle(ckpt: GECheckpoint, out: str | Path, model_dir: Path | None = N
         replay = io.BytesIO()
         np.savez_compressed(replay, x=shipped_replay.images, y=shipped_replay.labels)
         atomic.write_bytes(staging / "replay.npz", replay.getvalue())
+        replay_outputs = {}
+        for name in formats:
+            say(f"computing GE's {name} outputs on the {len(shipped_replay)} replay samples")
+            replay_outputs[name] = f"replay/outputs{FORMATS[name].suffix}.npz"
+            write_replay_outputs(ckpt, shipped_replay, name, staging / ge_files[name],
+                                 (experts.le_feature_tap, experts.gn_feature_tap), staging / replay_outputs[name])
         le, gn = le_part.module, gn_part.module
         manifest = Manifest(
             input=meta.input, labels=ckpt.labels,
@@ -294,7 +324,7 @@ def write_bundle(ckpt: GECheckpoint, out: str | Path, model_dir: Path | None = N
                 parameters=gn_part.parameters(), max_batch=gn_part.max_batch, params=count_params(gn),
                 initial_parameters="gn/initial.npy", optimizer=gn_part.optimizer.to_dict(),
                 macs=count_macs(gn, (torch.zeros(1, gn_dim),)), threshold=experts.gate_threshold),
-            replay=ReplaySpec(file="replay.npz", count=len(shipped_replay)),
+            replay=ReplaySpec(file="replay.npz", count=len(shipped_replay), outputs=replay_outputs),
             personalize=asdict(personalize), personalized_model=personalized,
             release=release,
         )

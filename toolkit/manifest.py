@@ -122,6 +122,11 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
     return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def _without_empty(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """``data`` less ``key`` when it is empty, so that a manifest without it reads as before."""
+    return {k: v for k, v in data.items() if k != key or v}
+
+
 def _without_none(data: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None or k in keep}
 
@@ -194,6 +199,10 @@ class TrainablePartSpec:
 class ReplaySpec:
     file: str
     count: int
+    # GE's outputs on the replay (logits and LE's and GN's taps) as each format's program computes them,
+    # by format: GE is frozen, so a device reads them instead of running GE on every replay sample each
+    # time it personalizes (absent in older bundles: the device runs GE then).
+    outputs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -273,15 +282,16 @@ class Manifest:
         return getattr(self, key)
 
     def format_files(self, name: str) -> list[str]:
-        """The files a format needs: its GE, LE's and GN's programs, its personalized-model template."""
-        files = [self.global_expert.files[name]]
+        """The files a format needs: its GE, GE's outputs on the replay, LE's and GN's programs, its
+        personalized-model template. A damaged one disables that format alone."""
+        files = [self.global_expert.files[name], *([self.replay.outputs[name]] if name in self.replay.outputs else [])]
         for part in PARTS:
             files += list(self.part(part).training.get(name, {}).values())
         return files + list(self.personalized_model.get(name, {}).values())
 
     def referenced_files(self) -> list[str]:
         """Every path the manifest names, besides the ``files`` map's keys."""
-        names = [self.replay.file, *self.global_expert.files.values()]
+        names = [self.replay.file, *self.replay.outputs.values(), *self.global_expert.files.values()]
         for key in PARTS:
             part = self.part(key)
             names += [f for roles in part.training.values() for f in roles.values()]
@@ -307,7 +317,7 @@ class Manifest:
             "formats": {name: dataclasses.asdict(entry) for name, entry in self.formats.items()},
             "global_expert": self.global_expert.to_dict(),
             "local_expert": self.local_expert.to_dict(), "gating_network": self.gating_network.to_dict(),
-            "replay": dataclasses.asdict(self.replay), "personalize": dict(self.personalize),
+            "replay": _without_empty(dataclasses.asdict(self.replay), "outputs"), "personalize": dict(self.personalize),
             "files": dict(self.files),
             **({"sizes": dict(self.sizes)} if self.sizes else {}),
             **({"release": self.release.to_dict()} if self.release else {}),

@@ -799,8 +799,7 @@ def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, s
 
     overrides = {k: v for k, v in {"max_seconds": max_seconds, "le_epochs": epochs}.items() if v is not None}
     with _open_runtime(bundle, state, backend, trusted_keys) as runtime:
-        data = _load_for(runtime, samples, skip_bad)
-        added = runtime.add_dataset(data)
+        added = runtime.add_dataset(_load_for(runtime, samples, skip_bad))   # not kept: personalize reads the store
         progress = _Progress(enabled=not as_json)
         report = runtime.personalize(overrides, progress)
         progress.close()

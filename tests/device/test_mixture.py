@@ -92,3 +92,30 @@ def test_large_sample_sets_train_a_bounded_number_of_steps():
     assert le_epochs_for(cfg, 500) == 150                      # 4 batches of 128: 600 steps
     assert le_epochs_for(cfg, 20000) == 6000 // 157 == 38       # 157 batches each
     assert le_epochs_for(PersonalizeConfig(le_max_steps=10), 20000) == 1
+
+
+def test_the_replay_outputs_a_bundle_carries_are_what_each_ge_computes(bundle_dir):
+    """GE's outputs on the replay, computed at export by each format's program, are what the device's GE
+    gives on the replay samples: reading them instead of running GE changes nothing but the time."""
+    from edgetailor.device.backends import BACKENDS, get_backend, installed_backends
+    from edgetailor.device.mixture import replay_outputs
+    from edgetailor.toolkit.bundle import Bundle
+
+    with Bundle.open(bundle_dir) as bundle:
+        manifest = bundle.manifest
+        taps = [manifest.local_expert.feature_tap, manifest.gating_network.feature_tap]
+        assert set(manifest.replay.outputs) == set(manifest.formats)
+        checked = []
+        for name in ("ort", "litert", "executorch"):
+            if name not in installed_backends():
+                continue
+            backend = BACKENDS[name]
+            ge = get_backend(name).load_global_expert(bundle)
+            carried = replay_outputs(bundle, ge, backend.format, taps)
+            computed = replay_outputs(bundle, ge, None, taps)      # no outputs for this format: GE runs
+            np.testing.assert_allclose(carried[0], computed[0], atol=1e-4)
+            for tap in taps:
+                np.testing.assert_allclose(carried[1][tap].reshape(computed[1][tap].shape), computed[1][tap],
+                                           atol=1e-4)
+            checked.append(name)
+        assert "ort" in checked

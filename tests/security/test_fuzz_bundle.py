@@ -47,6 +47,7 @@ def small_zip(bundle_dir, tmp_path_factory):
         part = manifest.part(key)
         part.training = {"onnx": part.training["onnx"]}
     manifest.personalized_model = {k: v for k, v in manifest.personalized_model.items() if k == "onnx"}
+    manifest.replay.outputs = {k: v for k, v in manifest.replay.outputs.items() if k == "onnx"}
     write_manifest(root, manifest)
     Bundle.open(root).close()
     return zip_bundle(root, root.with_name("small.zip")).read_bytes()

@@ -1,10 +1,11 @@
 """What the Python device runtime answers, for the SDK's parity test and benchmark.
 
 Given a bundle, its publisher key and an .npz of samples (``train_x``,
-``train_y``, ``test_x``, ``test_y``; uint8 images, integer labels), it
-personalizes with the ``ort`` backend on the train samples and writes, as
-JSON, the predictions on the test samples before and after, the bundle id,
-the gate threshold and the times. The SDK must agree with it.
+``train_y``, ``test_x``, ``test_y``: uint8 images, or float32 windows or clips
+as the bundle reads them, and integer labels), it personalizes with the
+``ort`` backend on the train samples and writes, as JSON, the predictions on
+the test samples before and after, the bundle id, the gate threshold and the
+times. The SDK must agree with it.
 
     .venv/bin/python mobile/js/scripts/python_reference.py --bundle B.zip --key signing.pub \\
         --samples samples.npz --out python.json [--seed 0]

@@ -8,13 +8,16 @@
  */
 
 import { BundleError } from "./errors.js";
+import { augmentProblem, modalityOf } from "./modalities.js";
 
 export interface InputSpec {
-  shape: number[]; // [channels, height, width]
+  shape: number[]; // GE's input for one sample: [1, height, width] glyphs, [channels, length] windows, [1, length] clips
   scale: number;
   mean: number;
   std: number;
   preprocess?: unknown;
+  modality?: string; // modalities.ts: "image" when absent (version 2), "timeseries" or "audio" (version 3)
+  augment?: Record<string, number | number[] | string>;
 }
 
 export interface TrainablePart {
@@ -44,7 +47,7 @@ export interface Manifest {
   global_expert: { files: Record<string, string>; input_name: string; output_order: string[]; outputs: { logits: string } };
   local_expert: TrainablePart;
   gating_network: TrainablePart;
-  replay: { file: string; count?: number };
+  replay: { file: string; count?: number; outputs?: Record<string, string> }; // outputs: GE's on the replay, by format
   personalize: Record<string, unknown>;
   personalized_model: Record<string, { program: string; patches: string }>;
   release?: Release;
@@ -107,14 +110,23 @@ function checkPart(part: unknown, key: string, where: string): void {
 export function checkManifest(data: unknown, where: string): Manifest {
   need(isObject(data), where, "is not a JSON object");
   const m = data as Record<string, unknown>;
-  if (m.schema_version !== 2) {
-    throw new BundleError(`${where} has schema_version ${JSON.stringify(m.schema_version)}; this SDK reads version 2`,
-      "re-export the bundle with the current edgetailor (`edgetailor export bundle`)");
+  if (m.schema_version !== 2 && m.schema_version !== 3) {
+    throw new BundleError(`${where} has schema_version ${JSON.stringify(m.schema_version)}; this SDK reads versions 2 and 3`,
+      "re-export the bundle with the current edgetailor (`edgetailor export bundle`), or update @edgetailor/sdk");
   }
   need(isObject(m.input) && Array.isArray((m.input as Record<string, unknown>).shape), where, "input.shape is missing");
   const input = m.input as Record<string, unknown>;
-  need((input.shape as unknown[]).length === 3 && (input.shape as unknown[]).every(isPositiveInt) && (input.shape as number[])[0] === 1,
-    where, "input.shape must be [1, H, W] (one grey channel)");
+  // version 2: glyphs; version 3: windows or clips, the input naming its modality (modalities.ts)
+  need(m.schema_version === 3 ? typeof input.modality === "string" && input.modality !== "image"
+    : input.modality === undefined || input.modality === "image", where, "input.modality does not match the schema version");
+  need(input.augment === undefined || isObject(input.augment), where, "input.augment must be an object");
+  const modality = modalityOf(input as unknown as InputSpec);
+  const why = modality.checkShape(input.shape as number[]);
+  need(why === null, where, why ?? "");
+  need(input.dtype === undefined || input.dtype === modality.dtype, where,
+    `a ${modality.name} input is ${modality.dtype}, not ${JSON.stringify(input.dtype)}`);
+  const augment = augmentProblem(input as unknown as InputSpec);
+  need(augment === null, where, augment ?? "");
   for (const k of ["scale", "mean", "std"]) need(Number.isFinite(input[k]), where, `input.${k} is missing`);
   need((input.std as number) > 0 && (input.scale as number) > 0, where, "input.scale and input.std must be positive");
   need(Array.isArray(m.labels) && m.labels.length >= 2 && m.labels.every((l) => typeof l === "string"), where, "labels must be two or more names");
@@ -132,6 +144,10 @@ export function checkManifest(data: unknown, where: string): Manifest {
   checkPart(m.gating_network, "gating_network", where);
   need(isObject(m.replay) && typeof (m.replay as Record<string, unknown>).file === "string", where, "replay.file is missing");
   checkRelativePath((m.replay as Record<string, unknown>).file, `${where}: replay.file`);
+  const outputs = (m.replay as Record<string, unknown>).outputs;
+  need(outputs === undefined || (isObject(outputs) && Object.values(outputs).every((v) => typeof v === "string")), where,
+    "replay.outputs must map formats to files");
+  for (const file of Object.values(outputs ?? {})) checkRelativePath(file, `${where}: replay.outputs`);
   need(isObject(m.personalize), where, "personalize is missing");
   if (m.release !== undefined) {
     const r = m.release as Record<string, unknown>;
@@ -148,14 +164,30 @@ export function checkManifest(data: unknown, where: string): Manifest {
     checkRelativePath(fmt.program, `${where}: personalized_model`);
     checkRelativePath(fmt.patches, `${where}: personalized_model`);
   }
+  // Python's `Manifest.check_paths`: a file the manifest names but does not hash would go unverified
+  const unhashed = [...new Set(referencedFiles(manifest))].filter((f) => !Object.hasOwn(manifest.files, f)).sort();
+  need(unhashed.length === 0, where, `references files it does not hash: ${unhashed.slice(0, 5).join(", ")}`);
   return manifest;
 }
 
-/** The files format `fmt` needs: GE, the step and forward programs, the personalized-model template. */
+/** Every path the manifest names, besides the `files` map's keys (`Manifest.referenced_files`). */
+function referencedFiles(m: Manifest): string[] {
+  const names = [m.replay.file, ...Object.values(m.replay.outputs ?? {}), ...Object.values(m.global_expert.files)];
+  for (const part of PARTS) {
+    names.push(...Object.values(m[part].training).flatMap((roles) => (isObject(roles) ? Object.values(roles) : [roles])) as string[],
+      m[part].initial_parameters);
+  }
+  names.push(...Object.values(m.formats).flatMap((entry) => Object.keys(entry.files ?? {})));
+  return [...names, ...Object.values(m.personalized_model).flatMap((t) => [t.program, t.patches])];
+}
+
+/** The files format `fmt` needs: GE, GE's outputs on the replay, the step and forward programs, the personalized-model template. */
 export function formatFiles(manifest: Manifest, fmt: string): string[] {
   const files = new Set<string>();
   const ge = manifest.global_expert.files[fmt];
   if (ge) files.add(ge);
+  const outputs = manifest.replay.outputs?.[fmt];
+  if (outputs) files.add(outputs);
   for (const part of PARTS) for (const f of Object.values(manifest[part].training[fmt] ?? {})) files.add(f);
   const template = manifest.personalized_model[fmt];
   if (template) {

@@ -1,26 +1,30 @@
 /**
  * The mixture of experts on the device, a port of the Python runtime's
- * `device/mixture.py`: the same jitter, batches, replay, gate calibration
- * and routing, drawn from the same NumPy random stream (`rng.ts`), so that
- * the same samples and seed train the same LE and GN in Python and here.
+ * `device/mixture.py`: the same augmentation (`modalities.ts`), batches,
+ * replay, gate calibration and routing, drawn from the same NumPy random
+ * stream (`rng.ts`), so that the same samples and seed train the same LE and
+ * GN in Python and here.
  *
- * - LE is trained on the user's samples (plus jittered copies while the set
- *   is small) mixed with replayed generic glyphs labelled by GE itself.
+ * - LE is trained on the user's samples (plus augmented copies while the set
+ *   is small) mixed with replayed generic samples labelled by GE itself; GE's
+ *   outputs on the replay come with the bundle.
  * - GN learns user samples (1) against two thirds of the replay (0); its
  *   threshold is raised until at most `gate_generic_share` of the held-out
  *   third would go to LE. LE answers above the threshold, else GE.
  *
  * Float32 arithmetic is reproduced with Math.fround where NumPy computes in
  * float32, so jittered pixels match Python's (rare 1-level differences in
- * rounding aside).
+ * rounding aside), and windows and clips to float32 rounding.
  */
 
-import { PersonalizationError, SampleError } from "./errors.js";
+import { BundleError, PersonalizationError } from "./errors.js";
 import type { Bundle } from "./bundle.js";
 import type { PersonalizeConfig, ProgressFn } from "./config.js";
 import { argmax, ForwardPart, gateFromLogits, gather, type GlobalExpert, type ProgramOptions } from "./programs.js";
 import { StepTrainer } from "./trainer.js";
 import { parseNpz, type NpyArray } from "./npy.js";
+import { augment } from "./augment.js";
+import { modalityOf, sampleSize, type Samples } from "./modalities.js";
 import { roundHalfEven } from "./preprocess.js";
 import { NumpyRandom } from "./rng.js";
 
@@ -31,63 +35,6 @@ export function augmentedCopies(cfg: PersonalizeConfig, nSamples: number): numbe
 export function leEpochsFor(cfg: PersonalizeConfig, nInputs: number): number {
   const stepsPerEpoch = Math.ceil(nInputs / Math.min(cfg.batch_size, nInputs));
   return Math.trunc(Math.min(cfg.le_epochs, Math.max(1, Math.floor(cfg.le_max_steps / stepsPerEpoch))));
-}
-
-/**
- * The originals plus `copies` slightly rotated, scaled and shifted versions of
- * each (uint8 in and out): `mixture.jitter` with `imaging.affine_batch`.
- */
-export function jitter(images: Uint8Array, n: number, h: number, w: number, copies: number, rng: NumpyRandom): Uint8Array {
-  const total = n * copies;
-  const rotation = rng.uniform(-6, 6, total);
-  const scale = rng.uniform(0.95, 1.05, total);
-  const translate = rng.uniform(-1, 1, total * 2);
-  const pixels = h * w;
-  const out = new Uint8Array(n * (copies + 1) * pixels);
-  out.set(images.subarray(0, n * pixels));
-  const f = Math.fround;
-  const cy = f((h - 1) / 2);
-  const cx = f((w - 1) / 2);
-  const stride = w + 2;
-  const padded = new Float32Array((h + 3) * stride); // a black border, and a spare row so every neighbour is in range
-  for (let k = 0; k < total; k++) {
-    const src = k % n;
-    padded.fill(0);
-    for (let r = 0; r < h; r++) {
-      for (let c = 0; c < w; c++) padded[(r + 1) * stride + c + 1] = f(images[src * pixels + r * w + c] / 255);
-    }
-    const theta = rotation[k] * (Math.PI / 180);
-    const cos = f(Math.cos(theta) / scale[k]);
-    const sin = f(Math.sin(theta) / scale[k]);
-    const msin = f(-sin);
-    const ty = f(translate[2 * k]);
-    const tx = f(translate[2 * k + 1]);
-    const base = (n + k) * pixels;
-    for (let r = 0; r < h; r++) {
-      const dy = f(f(r - cy) - ty);
-      for (let c = 0; c < w; c++) {
-        const dx = f(f(c - cx) - tx);
-        let rows = f(f(f(msin * dx) + f(cos * dy)) + cy);
-        let cols = f(f(f(cos * dx) + f(sin * dy)) + cx);
-        rows = Math.min(Math.max(rows, -1), h);
-        cols = Math.min(Math.max(cols, -1), w);
-        const r0 = Math.floor(rows);
-        const c0 = Math.floor(cols);
-        const fr = f(rows - r0);
-        const fc = f(cols - c0);
-        let index = (r0 + 1) * stride + c0 + 1;
-        let top = padded[index];
-        top = f(top + f(f(padded[index + 1] - top) * fc));
-        index += stride;
-        let bottom = padded[index];
-        bottom = f(bottom + f(f(padded[index + 1] - bottom) * fc));
-        top = f(top + f(f(bottom - top) * fr));
-        const value = roundHalfEven(f(top * 255));
-        out[base + r * w + c] = Math.min(255, Math.max(0, value));
-      }
-    }
-  }
-  return out;
 }
 
 /**
@@ -134,8 +81,8 @@ function breather(): () => Promise<void> {
   };
 }
 
-/** Train LE and GN on the user's uint8 samples (N*H*W) and label indices; returns their weights and the gate threshold. */
-export async function trainMixture(bundle: Bundle, ge: GlobalExpert, options: ProgramOptions, images: Uint8Array,
+/** Train LE and GN on the user's samples (N of the bundle's modality) and label indices; returns their weights and the gate threshold. */
+export async function trainMixture(bundle: Bundle, ge: GlobalExpert, options: ProgramOptions, images: Samples,
                                    labels: Int32Array, cfg: PersonalizeConfig, progress?: ProgressFn): Promise<TrainedMixture> {
   const started = now();
   const deadline = started + cfg.max_seconds;
@@ -144,23 +91,33 @@ export async function trainMixture(bundle: Bundle, ge: GlobalExpert, options: Pr
   const manifest = bundle.manifest;
   const leTap = manifest.local_expert.feature_tap;
   const gnTap = manifest.gating_network.feature_tap;
-  const [, h, w] = manifest.input.shape;
-  const pixels = h * w;
   const rng = new NumpyRandom(cfg.seed);
   const n = labels.length;
 
   const copies = augmentedCopies(cfg, n);
-  const replay = replayImages(bundle);
-  // One table of GE's outputs: the user's inputs (jittered copies after the originals), then the replay glyphs.
-  const jittered = jitter(images, n, h, w, copies, rng);
+  // One table of GE's outputs: the user's inputs (augmented copies after the originals), then the replay samples.
+  const modality = modalityOf(manifest.input);
+  const inputs = augment(manifest.input, images, n, copies, rng);
   const nUser = n * (copies + 1);
-  const nReplay = replay.count;
-  const all = new Uint8Array((nUser + nReplay) * pixels);
-  all.set(jittered);
-  all.set(replay.images, nUser * pixels);
-  say("features", 0, nUser + nReplay);
   const taps = [...new Set([leTap, gnTap])];
-  const geOut = await ge.run(all, nUser + nReplay, taps, 64, (done, total) => say("features", done, total), breathe);
+  const carried = replayOutputs(bundle);
+  let geOut: Awaited<ReturnType<GlobalExpert["run"]>>;
+  let nReplay: number;
+  if (carried) {   // GE's outputs on the replay, computed at export: GE runs on the user's inputs alone
+    nReplay = carried.count;
+    say("features", 0, nUser + nReplay);
+    const user = await ge.run(inputs, nUser, taps, undefined, (done) => say("features", done, nUser + nReplay), breathe);
+    geOut = joinOutputs(user, carried, leTap, gnTap, nUser);
+  } else {
+    const replay = replaySamples(bundle);
+    nReplay = replay.count;
+    const all = modality.dtype === "uint8" ? new Uint8Array(inputs.length + replay.samples.length)
+      : new Float32Array(inputs.length + replay.samples.length);
+    all.set(inputs);
+    all.set(replay.samples, inputs.length);
+    say("features", 0, nUser + nReplay);
+    geOut = await ge.run(all, nUser + nReplay, taps, undefined, (done, total) => say("features", done, total), breathe);
+  }
   const classes = geOut.classes;
   const logitsAll = geOut.logits;
   const leTable = geOut.features[leTap];
@@ -292,23 +249,76 @@ export async function trainMixture(bundle: Bundle, ge: GlobalExpert, options: Pr
 
 const round3 = (x: number) => Math.round(x * 1000) / 1000;
 
-function replayImages(bundle: Bundle): { images: Uint8Array; count: number } {
+/** The bundle's replay samples (an older bundle without GE's outputs on them): glyphs, windows or clips. */
+function replaySamples(bundle: Bundle): { samples: Samples; count: number } {
   const file = bundle.manifest.replay.file;
-  const archive = parseNpzCached(bundle, file);
-  const x = archive.x;
-  const [, h, w] = bundle.manifest.input.shape;
-  if (!x || !(x.data instanceof Uint8Array) || x.shape.length !== 3 || x.shape[1] !== h || x.shape[2] !== w) {
-    throw new SampleError(`${file} does not hold uint8 replay glyphs of the input size`, "the bundle is damaged; re-export it");
+  const x = parseNpzCached(bundle, file).x;
+  const spec = bundle.manifest.input;
+  const modality = modalityOf(spec);
+  const size = sampleSize(spec);
+  const type = modality.dtype === "uint8" ? Uint8Array : Float32Array;
+  if (!x || !(x.data instanceof type) || x.shape.length < 2 || x.shape.slice(1).reduce((a, b) => a * b, 1) !== size) {
+    throw new BundleError(`${file} does not hold ${modality.dtype} replay samples of the input's size`, "the bundle is damaged; re-export it");
   }
-  return { images: x.data, count: x.shape[0] };
+  return { samples: x.data, count: x.shape[0] };
 }
 
-const npzCache = new WeakMap<Bundle, Record<string, NpyArray>>();
+interface ReplayOutputs { count: number; logits: NpyArray; le: NpyArray; gn: NpyArray; file: string }
+
+/**
+ * GE's logits and LE's and GN's taps on the replay, as export computed them with the bundle's ONNX GE
+ * (`replay.outputs.onnx`; the Python runtime reads the same file): GE is frozen, so running it on the
+ * replay again would give the same numbers. Null for a bundle from before they were shipped.
+ */
+function replayOutputs(bundle: Bundle): ReplayOutputs | null {
+  const file = bundle.manifest.replay.outputs?.onnx;
+  if (!file) return null;
+  const archive = parseNpzCached(bundle, file);
+  const count = archive.logits?.shape[0];
+  if (!(count >= 1) || count !== bundle.manifest.replay.count) {
+    throw new BundleError(`${file} holds GE's outputs on ${count ?? "no"} replay samples, the manifest says ${bundle.manifest.replay.count}`,
+      "the bundle is damaged or was not written by edgetailor; re-export it");
+  }
+  for (const key of ["logits", "le", "gn"]) {
+    const a = archive[key];
+    if (!a || !(a.data instanceof Float32Array) || a.shape[0] !== count || !a.data.every(Number.isFinite)) {
+      throw new BundleError(`${file}: ${key} is missing or not finite float32 rows, one per replay sample`,
+        "the bundle is damaged or was not written by edgetailor; re-export it");
+    }
+  }
+  return { count, logits: archive.logits, le: archive.le, gn: archive.gn, file };
+}
+
+/** The user's GE outputs followed by the replay's. */
+function joinOutputs(user: Awaited<ReturnType<GlobalExpert["run"]>>, replay: ReplayOutputs, leTap: string, gnTap: string,
+                     nUser: number): Awaited<ReturnType<GlobalExpert["run"]>> {
+  const rows = nUser + replay.count;
+  const join = (mine: Float32Array, theirs: NpyArray, dim: number, what: string) => {
+    if (theirs.data.length !== replay.count * dim) {
+      throw new BundleError(`${replay.file}: ${what} holds ${theirs.data.length / replay.count} values per sample, GE gives ${dim}`,
+        "the bundle is damaged or was not written by edgetailor; re-export it");
+    }
+    const out = new Float32Array(rows * dim);
+    out.set(mine.subarray(0, nUser * dim));
+    out.set(theirs.data as Float32Array, nUser * dim);
+    return out;
+  };
+  const features: Record<string, { data: Float32Array; dim: number }> = {};
+  for (const [tap, key] of [[leTap, "le"], [gnTap, "gn"]] as const) {
+    const dim = user.features[tap].dim;
+    features[tap] = { data: join(user.features[tap].data, replay[key], dim, key), dim };
+  }
+  return { classes: user.classes, logits: join(user.logits, replay.logits, user.classes, "logits"), features };
+}
+
+const npzCache = new WeakMap<Bundle, Map<string, Record<string, NpyArray>>>();
 function parseNpzCached(bundle: Bundle, file: string): Record<string, NpyArray> {
-  let parsed = npzCache.get(bundle);
+  let files = npzCache.get(bundle);
+  if (!files) npzCache.set(bundle, (files = new Map()));
+  let parsed = files.get(file);
   if (!parsed) {
     parsed = parseNpz(bundle.file(file), file);
-    npzCache.set(bundle, parsed);
+    files.set(file, parsed);
   }
   return parsed;
 }

@@ -1,6 +1,6 @@
 /**
  * NumPy's `.npy` and `.npz` files: the bundle's arrays (LE's and GN's initial
- * parameters, the replay glyphs).
+ * parameters, the replay samples and GE's outputs on them).
  *
  * Written here rather than taken from npm: the format is a 10-byte preamble,
  * a Python-dict header and the raw little-endian data

@@ -11,6 +11,9 @@ import type * as Ort from "onnxruntime-common";
 import { BackendError } from "./errors.js";
 import type { Bundle } from "./bundle.js";
 import type { InputSpec, PartName, TrainablePart } from "./manifest.js";
+import type { Samples } from "./modalities.js";
+
+const BATCH_VALUES = 1 << 18; // input values GE reads per batch, at most (device/mixture.py)
 
 /** What the SDK needs of an onnxruntime package: `import * as ort from "onnxruntime-node"` fits. */
 export interface OrtModule {
@@ -43,15 +46,20 @@ export async function openSession(options: ProgramOptions, bytes: Uint8Array, wh
   }
 }
 
-/** uint8 samples (N*H*W) -> GE's float32 input, as `InputSpec.normalize` computes it (float32 steps). */
-export function normalize(images: Uint8Array, spec: InputSpec, out: Float32Array): Float32Array {
+/** Samples (uint8 glyphs or float32 windows and clips) -> GE's float32 input, as `InputSpec.normalize` computes it (float32 steps). */
+export function normalize(samples: Samples, spec: InputSpec, out: Float32Array): Float32Array {
   // divided by 1/scale (255), not multiplied by scale: x / 255 and x * (1/255) differ in the last bit
   const divisor = Math.fround(1 / spec.scale);
   const mean = Math.fround(spec.mean);
   const std = Math.fround(spec.std);
+  const scaled = (v: number) => Math.fround(Math.fround(Math.fround(v / divisor) - mean) / std);
+  if (samples instanceof Float32Array) {
+    for (let i = 0; i < samples.length; i++) out[i] = scaled(samples[i]);
+    return out;
+  }
   const table = new Float32Array(256);
-  for (let v = 0; v < 256; v++) table[v] = Math.fround(Math.fround(Math.fround(v / divisor) - mean) / std);
-  for (let i = 0; i < images.length; i++) out[i] = table[images[i]];
+  for (let v = 0; v < 256; v++) table[v] = scaled(v);
+  for (let i = 0; i < samples.length; i++) out[i] = table[samples[i]];
   return out;
 }
 
@@ -72,12 +80,15 @@ export class GlobalExpert {
     return new GlobalExpert(options, session, bundle.manifest.input, ge.input_name, [ge.outputs.logits, ...order.slice(1)]);
   }
 
-  /** Logits [N*C] and the taps' features [N*D] for `count` uint8 samples, `batch` at a time to bound memory. */
-  async run(images: Uint8Array, count: number, taps: string[], batch = 64,
+  /**
+   * Logits [N*C] and the taps' features [N*D] for `count` samples, `batch` at a time to bound memory
+   * (by default 64 glyphs, fewer of a larger input, as the Python runtime's `run_ge`).
+   */
+  async run(images: Samples, count: number, taps: string[], batch?: number,
             progress?: (done: number, total: number) => void, breathe?: () => Promise<void>): Promise<{ logits: Float32Array; classes: number; features: Record<string, { data: Float32Array; dim: number }> }> {
-    const [, h, w] = this.spec.shape;
-    const pixels = h * w;
-    const input = new Float32Array(Math.min(batch, count) * pixels);
+    const pixels = this.spec.shape.reduce((a, b) => a * b, 1);
+    batch ??= Math.max(8, Math.min(64, Math.floor(BATCH_VALUES / pixels)));
+    const input = new Float32Array(Math.max(1, Math.min(batch, count)) * pixels);
     let logits: Float32Array | null = null;
     let classes = 0;
     const features: Record<string, { data: Float32Array; dim: number }> = {};
@@ -85,7 +96,7 @@ export class GlobalExpert {
       const rows = Math.min(batch, count - start);
       const x = input.subarray(0, rows * pixels);
       normalize(images.subarray(start * pixels, (start + rows) * pixels), this.spec, x);
-      const feeds = { [this.inputName]: new this.options.ort.Tensor("float32", x, [rows, 1, h, w]) };
+      const feeds = { [this.inputName]: new this.options.ort.Tensor("float32", x, [rows, ...this.spec.shape]) };
       const outputs = await this.session.run(feeds, [this.outputNames[0], ...taps]);
       const lg = outputs[this.outputNames[0]].data as Float32Array;
       if (logits === null) {

@@ -31,14 +31,15 @@ export async function repairState(store: Store): Promise<{ samples: number; dama
       const record = bytes && readSampleRecord(bytes);
       let intact = Boolean(record);
       for (let i = 0; record && intact && i < record.labels.length; i++) {
-        const image = record.images.subarray(i * record.height * record.width, (i + 1) * record.height * record.width);
+        const image = record.images.subarray(i * record.sampleBytes, (i + 1) * record.sampleBytes);
         intact = hex(await sha256(image)) === hex(record.digests.subarray(32 * i, 32 * i + 32));
       }
       if (!record || !intact || !bytes) {
         damagedRecords++;
         continue;
       }
-      doc.samples.push({ key, count: record.labels.length, height: record.height, width: record.width, sha256: await sha256Hex(bytes) });
+      doc.samples.push({ key, count: record.labels.length, height: record.height, width: record.width,
+        ...(record.dtype === "float32" ? { dtype: record.dtype } : {}), sha256: await sha256Hex(bytes) });
     }
     for (const key of await store.keys()) {
       const match = /^personalization\/(\d{6})\//.exec(key);

@@ -1,6 +1,7 @@
 /**
  * NumPy's `default_rng(seed)` (SeedSequence + PCG64 + Generator), bit for bit,
- * for the draws personalization makes: `uniform`, `integers` and `permutation`.
+ * for the draws personalization makes: `uniform`, `integers`, `permutation`
+ * and `standard_normal(dtype=float32)`.
  *
  * Why by hand: "the same seed gives the same training" must hold across
  * clients, so a phone and the Python runtime make the same jitter, batch order
@@ -177,6 +178,47 @@ export class Pcg64 {
   }
 }
 
+/**
+ * The 256-layer ziggurat of NumPy's single-precision normals (Marsaglia and
+ * Tsang 2000, as numpy/random/src/distributions/distributions.c draws them):
+ * `ki` the 23-bit acceptance bounds, `wi` the layer widths, `fi` the density
+ * at each layer. Computed from the two numbers that define the ziggurat
+ * rather than pasted: NumPy's tables come from the same recurrence, and the
+ * tests compare these normals with NumPy's own.
+ */
+const ZIGGURAT_R = 3.6541528853610088;   // where the tail begins
+const ZIGGURAT_V = 0.00492867323399;     // each layer's area
+const ZIGGURAT_INV_R_F = Math.fround(0.27366123732975828);
+const ZIGGURAT_R_F = Math.fround(ZIGGURAT_R);
+
+function zigguratTables(): { ki: Uint32Array; wi: Float32Array; fi: Float32Array } {
+  const m1 = 2 ** 23;
+  // NumPy's bounds are rounded to the nearest integer, not truncated (the tests find every one of them)
+  const bound = (v: number) => Math.round(v);
+  const ki = new Uint32Array(256);
+  const wi = new Float32Array(256);
+  const fi = new Float32Array(256);
+  let dn = ZIGGURAT_R;
+  let tn = dn;
+  const q = ZIGGURAT_V / Math.exp(-0.5 * dn * dn);
+  ki[0] = bound((dn / q) * m1);
+  ki[1] = 0;
+  wi[0] = q / m1;
+  wi[255] = dn / m1;
+  fi[0] = 1;
+  fi[255] = Math.exp(-0.5 * dn * dn);
+  for (let i = 254; i >= 1; i--) {
+    dn = Math.sqrt(-2 * Math.log(ZIGGURAT_V / dn + Math.exp(-0.5 * dn * dn)));
+    ki[i + 1] = bound((dn / tn) * m1);
+    tn = dn;
+    fi[i] = Math.exp(-0.5 * dn * dn);
+    wi[i] = dn / m1;
+  }
+  return { ki, wi, fi };
+}
+
+let ziggurat: ReturnType<typeof zigguratTables> | null = null;
+
 /** NumPy's `Generator` over PCG64: the draws the device's personalization makes, in NumPy's order. */
 export class NumpyRandom {
   private readonly bits: Pcg64;
@@ -238,6 +280,57 @@ export class NumpyRandom {
     do value = (this.bits.nextUint32() & mask) >>> 0;
     while (value > max);
     return value;
+  }
+
+  /** next_float: a float32 in [0, 1) from the top 24 bits of a 32-bit draw. */
+  private nextFloat(): number {
+    return (this.bits.nextUint32() >>> 8) / 16777216;
+  }
+
+  /**
+   * `rng.standard_normal(n, dtype=np.float32)`: random_standard_normal_f, one
+   * 32-bit draw per value almost always (8 bits pick the layer, one the sign,
+   * 23 the position), float32 arithmetic where NumPy's C uses floats.
+   */
+  standardNormalF32(n: number): Float32Array {
+    const { ki, wi, fi } = (ziggurat ??= zigguratTables());
+    const f = Math.fround;
+    const out = new Float32Array(n);
+    for (let i = 0; i < n; i++) {
+      for (;;) {
+        const r = this.bits.nextUint32();
+        const idx = r & 0xff;
+        const sign = (r >>> 8) & 1;
+        const rabs = (r >>> 9) & 0x7fffff;
+        let x = f(rabs * wi[idx]);
+        if (sign) x = -x;
+        if (rabs < ki[idx]) {
+          out[i] = x;
+          break;
+        }
+        if (idx === 0) {
+          let value = 0;
+          // The tail beyond R (one draw in ~4000), by exponentials. NumPy takes log1pf from the C library,
+          // which is not correctly rounded, so these values may differ from NumPy's by an ulp, as NumPy's
+          // own differ between platforms; the stream stays in step.
+          for (;;) {
+            const xx = f(-ZIGGURAT_INV_R_F * f(Math.log1p(-this.nextFloat())));
+            const yy = f(-f(Math.log1p(-this.nextFloat())));
+            if (f(yy + yy) > f(xx * xx)) {
+              value = (rabs >>> 8) & 1 ? -f(ZIGGURAT_R_F + xx) : f(ZIGGURAT_R_F + xx);
+              break;
+            }
+          }
+          out[i] = value;
+          break;
+        }
+        if (f(f(f(fi[idx - 1] - fi[idx]) * this.nextFloat()) + fi[idx]) < Math.exp(-0.5 * x * x)) {
+          out[i] = x;
+          break;
+        }
+      }
+    }
+    return out;
   }
 
   /** `rng.permutation(n)`: a Fisher-Yates shuffle of 0..n-1 from the end, as `Generator.shuffle` does. */

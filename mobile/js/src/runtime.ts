@@ -19,6 +19,7 @@ import { Bundle, type BundleSource } from "./bundle.js";
 import { BackendError, BundleError, PersonalizationError, SampleError, StateError } from "./errors.js";
 import { checkLimit, resolveLimits, type Limits } from "./limits.js";
 import { personalizeConfig, type PersonalizeConfig, type ProgressFn } from "./config.js";
+import { modalityOf, prepareClips, prepareWindows, type NumberArray, type Samples } from "./modalities.js";
 import { asGreyFloat, preprocessingFrom, type Preprocessing } from "./preprocess.js";
 import {
   argmax, ForwardPart, gateFromLogits, gather, GlobalExpert, parameterCount, parameterOrder, type OrtModule, type ProgramOptions,
@@ -34,6 +35,16 @@ export type Expert = "GE" | "LE";
 export type Pixels = Uint8Array | Uint8ClampedArray | Uint16Array | Float32Array | Float64Array;
 export interface ImageBatch { data: Pixels; width: number; height: number; channels?: number }
 export type ImageInput = Pixels | ImageBatch;
+
+/**
+ * Sensor windows (a bundle of the timeseries modality): N windows of channels x length back to back, or
+ * a list of windows. Clips (audio): a list of mono clips of any length (Float32Array in [-1, 1] or
+ * Int16Array), or N clips of the bundle's length back to back.
+ */
+export type SignalInput = NumberArray | NumberArray[];
+
+/** What `addSamples`, `predict` and `evaluate` take: images, or windows and clips, as the bundle's modality reads. */
+export type SampleInput = ImageInput | SignalInput;
 
 export type LabelInput = ArrayLike<string | number | bigint>;
 
@@ -83,7 +94,7 @@ export class DeviceRuntime {
   private closed = false;
 
   private constructor(readonly bundle: Bundle, private state: DeviceState, private readonly ge: GlobalExpert,
-                      private readonly preprocessing: Preprocessing, private readonly options: ProgramOptions,
+                      private readonly preprocessing: Preprocessing | null, private readonly options: ProgramOptions,
                       private readonly limits: Limits, warnings: string[]) {
     this.warnings = warnings;
   }
@@ -105,7 +116,8 @@ export class DeviceRuntime {
     const warnings = [...policy.warnings, ...[state.problem, state.trustProblem && `${state.trustProblem}: only bundles signed by the ` +
       "keys given now as trustedKeys open"].filter((w): w is string => Boolean(w))];
     const programOptions: ProgramOptions = { ort: options.ort, sessionOptions: options.sessionOptions };
-    const preprocessing = preprocessingFrom(bundle.manifest.input.preprocess);
+    // the image preprocessing; windows and clips are taken as they are (modalities.ts)
+    const preprocessing = modalityOf(bundle.manifest.input).name === "image" ? preprocessingFrom(bundle.manifest.input.preprocess) : null;
     const ge = await GlobalExpert.open(bundle, programOptions);
     const runtime = new DeviceRuntime(bundle, state, ge, preprocessing, programOptions, limits, warnings);
     await runtime.loadPersonalization();
@@ -181,9 +193,33 @@ export class DeviceRuntime {
   }
 
   // samples -------------------------------------------------------------
-  /** Any images -> the uint8 samples GE reads (N*H*W), by the bundle's preprocessing. Blank images are refused. */
-  prepare(images: ImageInput, labelsHint?: number): { samples: Uint8Array; count: number } {
+  /** The bundle's kind of input (`modalities.ts`): "image", "timeseries" or "audio". */
+  get modality(): string {
+    return modalityOf(this.bundle.manifest.input).name;
+  }
+
+  /**
+   * Inputs as an app has them -> the samples GE reads, as the bundle's modality makes them: images of
+   * any size by the bundle's preprocessing (blank ones refused), sensor windows of exactly the bundle's
+   * shape, clips fitted to its length (empty, silent or clipped ones refused).
+   */
+  prepare(images: SampleInput, labelsHint?: number): { samples: Samples; count: number } {
     this.checkOpen();
+    const spec = this.bundle.manifest.input;
+    const modality = modalityOf(spec).name;
+    if (modality !== "image") {
+      const typed = (x: unknown) => Array.isArray(x) || (ArrayBuffer.isView(x) && !(x instanceof DataView));
+      if (!typed(images)) {
+        throw new SampleError(`${modality} samples must be a typed array of values or a list of them`,
+          modality === "audio" ? "e.g. [Float32Array of a clip in [-1, 1], ...] or Int16Array clips" : "e.g. a Float32Array of N windows back to back");
+      }
+      const limit = (count: number) => checkLimit(this.limits, "maxSamples", count, "samples in one call"); // before allocating
+      return modality === "audio" ? prepareClips(images as SignalInput, spec, limit) : prepareWindows(images as SignalInput, spec, limit);
+    }
+    return this.prepareImages(images as ImageInput, labelsHint);
+  }
+
+  private prepareImages(images: ImageInput, labelsHint?: number): { samples: Uint8Array; count: number } {
     const [, h, w] = this.bundle.manifest.input.shape;
     const typed = (x: unknown): boolean => ArrayBuffer.isView(x) && !(x instanceof DataView) && typeof (x as { length?: unknown }).length === "number";
     const batch: ImageBatch = typed(images) ? { data: images as Pixels, width: w, height: h, channels: 1 } : images as ImageBatch;
@@ -212,7 +248,7 @@ export class DeviceRuntime {
     const count = batch.data.length / per;
     checkLimit(this.limits, "maxSamples", count, "images in one call");
     const grey = asGreyFloat(batch.data, count, batch.height, batch.width, channels);
-    const { images: samples, why } = this.preprocessing.prepareBatch(grey);
+    const { images: samples, why } = this.preprocessing!.prepareBatch(grey);   // an image bundle has one
     const refused = why.map((reason, i) => [i, reason] as const).filter(([, reason]) => reason);
     if (refused.length) {
       const where = refused.slice(0, 5).map(([i]) => `image ${i}`).join(", ");
@@ -250,11 +286,17 @@ export class DeviceRuntime {
   }
 
   /** Prepare, validate and store labelled samples; returns how many were new (the same image and label is kept once). */
-  async addSamples(images: ImageInput, labels: LabelInput): Promise<number> {
+  async addSamples(images: SampleInput, labels: LabelInput): Promise<number> {
     const { samples, count } = this.prepare(images, labels?.length);
     const indices = this.labelIndices(labels, count);
-    const [, h, w] = this.bundle.manifest.input.shape;
+    const [h, w] = this.sampleDims();
     return this.state.addSamples(samples, indices, h, w);
+  }
+
+  /** One stored sample's two dimensions: glyphs H x W, windows channels x length, clips 1 x length. */
+  private sampleDims(): [number, number] {
+    const shape = this.bundle.manifest.input.shape;
+    return shape.length === 3 ? [shape[1], shape[2]] : [shape[0], shape[1]];
   }
 
   sampleCount(): number {
@@ -273,16 +315,18 @@ export class DeviceRuntime {
     if (this.state.readOnly) throw new StateError(`cannot personalize: ${this.state.problem}`, "call reset() or DeviceRuntime.repair(store) first");
     const cfg = personalizeConfig(this.bundle.manifest.personalize, options.overrides,
       { le: this.bundle.manifest.local_expert.max_batch, gn: this.bundle.manifest.gating_network.max_batch });
-    const [, h, w] = this.bundle.manifest.input.shape;
+    const [h, w] = this.sampleDims();
+    const dtype = modalityOf(this.bundle.manifest.input).dtype;
     const started = Date.now();
     // Loaded on first use: an app that only predicts at startup never loads the training code.
     const { trainMixture } = await import("./mixture.js");
     for (let attempt = 1; attempt <= PERSONALIZE_ATTEMPTS; attempt++) {
       await this.state.refresh();
-      const { images, labels, generation } = await this.state.loadSamples(h, w);
+      const { images, labels, generation } = await this.state.loadSamples(h, w, dtype);
       this.checkTrainable(labels);
       const trained = await trainMixture(this.bundle, this.ge, this.options, images, labels, cfg, options.onProgress);
-      const report = { ...trained.report, damaged_samples_skipped: this.state.damagedSamples };
+      const report = { ...trained.report, damaged_samples_skipped: this.state.damagedSamples,
+        other_samples_ignored: this.state.otherSamples };
       let id: number;
       try {
         id = await this.state.savePersonalization(this.bundle.bundleId, bytesOf(trained.le), bytesOf(trained.gn),
@@ -315,7 +359,7 @@ export class DeviceRuntime {
   }
 
   // inference -----------------------------------------------------------
-  private async answer(samples: Uint8Array, count: number) {
+  private async answer(samples: Samples, count: number) {
     const m = this.bundle.manifest;
     const leTap = m.local_expert.feature_tap;
     const gnTap = m.gating_network.feature_tap;
@@ -339,7 +383,7 @@ export class DeviceRuntime {
   }
 
   /** The answer for each image, and which expert gave it. */
-  async predict(images: ImageInput): Promise<Prediction> {
+  async predict(images: SampleInput): Promise<Prediction> {
     const { samples, count } = this.prepare(images);
     const { logits, classes, gate, useLe } = await this.answer(samples, count);
     const indices = argmax(logits, classes, count);
@@ -347,7 +391,7 @@ export class DeviceRuntime {
       experts: useLe.map((u) => (u ? "LE" : "GE")), gate };
   }
 
-  async evaluate(images: ImageInput, labels: LabelInput): Promise<Evaluation> {
+  async evaluate(images: SampleInput, labels: LabelInput): Promise<Evaluation> {
     const { samples, count } = this.prepare(images, labels?.length);
     const truth = this.labelIndices(labels, count);
     const { geLogits, logits, classes, useLe } = await this.answer(samples, count);

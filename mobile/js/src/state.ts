@@ -5,7 +5,8 @@
  * SQLite (`device/store.py`).
  *
  * Records: `samples/<n>` (one per `addSamples` call that added something;
- * self-describing: count, size, labels, each image's sha256, the images),
+ * self-describing: count, size, labels, each sample's sha256, the samples:
+ * uint8 glyphs, or float32 windows and clips under their own magic),
  * `personalization/<n>/le` and `.../gn` (float32 weights, the manifest's
  * order), and two small indexes written last: `state.json` (which records
  * are live, each with its sha256) and `trust.json` (kept apart, so that
@@ -27,16 +28,20 @@ import type { Store } from "./store.js";
 export const STATE = "state.json";
 const TRUST = "trust.json";
 const FORMAT = "edgetailor-sdk-state";
-const SAMPLE_MAGIC = 0x31535445; // "ETS1", little-endian
+const SAMPLE_MAGIC = 0x31535445; // "ETS1", little-endian: uint8 samples (glyphs)
+const SAMPLE_MAGIC_F32 = 0x31465445; // "ETF1": float32 samples (windows, clips), little-endian
 const RECORD = /^(samples\/\d{6}|personalization\/\d{6}\/(le|gn))$/; // the only keys the state ever writes or sweeps
 
 interface SampleRecord {
   key: string;
   count: number;
-  height: number;
+  height: number; // one sample's shape: glyphs H x W, windows channels x length, clips 1 x length
   width: number;
+  dtype?: "float32"; // absent: uint8
   sha256: string;
 }
+
+export type SampleDtype = "uint8" | "float32";
 
 export interface PersonalizationRecord {
   id: number;
@@ -105,29 +110,39 @@ async function readIndex<T>(store: Store, key: string, empty: () => T): Promise<
   }
 }
 
-function sampleRecord(images: Uint8Array, labels: Int32Array, digests: Uint8Array, height: number, width: number): Uint8Array {
+/** A typed array's bytes (little-endian on every platform the SDK runs on). */
+const bytesOf = (x: Uint8Array | Float32Array): Uint8Array => new Uint8Array(x.buffer, x.byteOffset, x.byteLength);
+
+function sampleRecord(images: Uint8Array, labels: Int32Array, digests: Uint8Array, height: number, width: number,
+                      dtype: SampleDtype): Uint8Array {
   const n = labels.length;
   const out = new Uint8Array(16 + 4 * n + 32 * n + images.length);
   const view = new DataView(out.buffer);
-  [SAMPLE_MAGIC, n, height, width].forEach((v, i) => view.setUint32(4 * i, v, true));
+  [dtype === "float32" ? SAMPLE_MAGIC_F32 : SAMPLE_MAGIC, n, height, width].forEach((v, i) => view.setUint32(4 * i, v, true));
   for (let i = 0; i < n; i++) view.setInt32(16 + 4 * i, labels[i], true);
   out.set(digests, 16 + 4 * n);
   out.set(images, 16 + 36 * n);
   return out;
 }
 
-export function readSampleRecord(bytes: Uint8Array): { labels: Int32Array; digests: Uint8Array; images: Uint8Array; height: number; width: number } | null {
+/** A sample record's parts; `images` are the samples' bytes, `sampleBytes` each one's share. Null when damaged. */
+export function readSampleRecord(bytes: Uint8Array): { labels: Int32Array; digests: Uint8Array; images: Uint8Array; height: number;
+                                                       width: number; dtype: SampleDtype; sampleBytes: number } | null {
   if (bytes.length < 16) return null;
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const [magic, n, height, width] = [0, 1, 2, 3].map((i) => view.getUint32(4 * i, true));
-  if (magic !== SAMPLE_MAGIC || bytes.length !== 16 + 36 * n + n * height * width) return null;
+  const dtype: SampleDtype = magic === SAMPLE_MAGIC_F32 ? "float32" : "uint8";
+  const sampleBytes = height * width * (dtype === "float32" ? 4 : 1);
+  if ((magic !== SAMPLE_MAGIC && magic !== SAMPLE_MAGIC_F32) || bytes.length !== 16 + 36 * n + n * sampleBytes) return null;
   const labels = new Int32Array(n);
   for (let i = 0; i < n; i++) labels[i] = view.getInt32(16 + 4 * i, true);
-  return { labels, digests: bytes.subarray(16 + 4 * n, 16 + 36 * n), images: bytes.subarray(16 + 36 * n), height, width };
+  return { labels, digests: bytes.subarray(16 + 4 * n, 16 + 36 * n), images: bytes.subarray(16 + 36 * n), height, width, dtype,
+    sampleBytes };
 }
 
 export class DeviceState {
   damagedSamples = 0;
+  otherSamples = 0;
   private known: { generation: number; keys: Set<string> } | null = null; // digest+label of every stored sample
 
   private constructor(readonly store: Store, private doc: StateDocument, private trustDoc: TrustDocument,
@@ -234,14 +249,20 @@ export class DeviceState {
     const bytes = await this.store.get(s.key);
     if (!bytes || (await sha256Hex(bytes)) !== s.sha256) return null;
     const record = readSampleRecord(bytes);
-    return record && record.labels.length === s.count && record.height === s.height && record.width === s.width ? record : null;
+    return record && record.labels.length === s.count && record.height === s.height && record.width === s.width
+      && record.dtype === (s.dtype ?? "uint8") ? record : null;
   }
 
-  /** Store prepared samples (uint8 N*H*W) with label indices; the same image with the same label is stored once. Returns how many were new. */
-  async addSamples(images: Uint8Array, labels: Int32Array, height: number, width: number): Promise<number> {
+  /**
+   * Store prepared samples (N of height x width: uint8 glyphs, or float32 windows and clips) with label
+   * indices; the same sample with the same label is stored once. Returns how many were new.
+   */
+  async addSamples(samples: Uint8Array | Float32Array, labels: Int32Array, height: number, width: number): Promise<number> {
     this.writable();
-    const pixels = height * width;
-    const digests = await Promise.all(Array.from(labels, (_, i) => sha256(images.subarray(i * pixels, (i + 1) * pixels))));
+    const dtype: SampleDtype = samples instanceof Float32Array ? "float32" : "uint8";
+    const images = bytesOf(samples);
+    const sampleBytes = height * width * samples.BYTES_PER_ELEMENT;
+    const digests = await Promise.all(Array.from(labels, (_, i) => sha256(images.subarray(i * sampleBytes, (i + 1) * sampleBytes))));
     return exclusive(this.store, async () => {
       await this.reload();
       const known = await this.knownSamples();
@@ -255,17 +276,17 @@ export class DeviceState {
         }
       });
       if (!fresh.length) return 0;
-      const kept = new Uint8Array(fresh.length * pixels);
+      const kept = new Uint8Array(fresh.length * sampleBytes);
       const keptDigests = new Uint8Array(fresh.length * 32);
       fresh.forEach((i, j) => {
-        kept.set(images.subarray(i * pixels, (i + 1) * pixels), j * pixels);
+        kept.set(images.subarray(i * sampleBytes, (i + 1) * sampleBytes), j * sampleBytes);
         keptDigests.set(digests[i], 32 * j);
       });
       const doc = this.copy();
       const key = `samples/${String(doc.nextId++).padStart(6, "0")}`;
-      const record = sampleRecord(kept, Int32Array.from(fresh, (i) => labels[i]), keptDigests, height, width);
+      const record = sampleRecord(kept, Int32Array.from(fresh, (i) => labels[i]), keptDigests, height, width, dtype);
       const sha = await this.put(key, record);
-      doc.samples.push({ key, count: fresh.length, height, width, sha256: sha });
+      doc.samples.push({ key, count: fresh.length, height, width, ...(dtype === "float32" ? { dtype } : {}), sha256: sha });
       doc.samplesGeneration++;
       await this.commit(doc);
       for (const k of seen) known.add(k);
@@ -274,30 +295,40 @@ export class DeviceState {
     });
   }
 
-  /** Every intact sample; damaged records are skipped and counted in `damagedSamples`. */
-  async loadSamples(height: number, width: number): Promise<{ images: Uint8Array; labels: Int32Array; generation: number }> {
+  /**
+   * Every intact sample of this shape and dtype; damaged records are skipped and counted in
+   * `damagedSamples`, samples of another kind (another bundle's, with the same labels) in `otherSamples`.
+   */
+  async loadSamples(height: number, width: number, dtype: SampleDtype = "uint8"): Promise<{ images: Uint8Array | Float32Array;
+                                                                                           labels: Int32Array; generation: number }> {
     return exclusive(this.store, async () => {
       if (!this.readOnly) await this.reload();
-      const pixels = height * width;
+      const sampleBytes = height * width * (dtype === "float32" ? 4 : 1);
       const parts: { images: Uint8Array; labels: Int32Array }[] = [];
       this.damagedSamples = 0;
+      this.otherSamples = 0;
       for (const s of this.doc.samples) {
+        if (s.height !== height || s.width !== width || (s.dtype ?? "uint8") !== dtype) {
+          this.otherSamples += s.count;
+          continue;
+        }
         const record = await this.readSamples(s);
-        if (!record || record.height !== height || record.width !== width) {
+        if (!record) {
           this.damagedSamples += s.count;
           continue;
         }
         parts.push(record);
       }
       const total = parts.reduce((sum, p) => sum + p.labels.length, 0);
-      const images = new Uint8Array(total * pixels);
+      const bytes = new Uint8Array(total * sampleBytes);
       const labels = new Int32Array(total);
       let at = 0;
       for (const p of parts) {
-        images.set(p.images, at * pixels);
+        bytes.set(p.images, at * sampleBytes);
         labels.set(p.labels, at);
         at += p.labels.length;
       }
+      const images = dtype === "float32" ? new Float32Array(bytes.buffer) : bytes;
       return { images, labels, generation: this.doc.samplesGeneration };
     });
   }

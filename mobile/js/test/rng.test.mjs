@@ -28,3 +28,35 @@ test("long interleaved streams match NumPy draw for draw (fixtures/numpy-streams
     }
   }
 });
+
+test("single-precision normals are NumPy's, tail and wedges included (fixtures/numpy-normals.json)", async () => {
+  const { readFileSync } = await import("node:fs");
+  const { createHash } = await import("node:crypto");
+  const { cases } = JSON.parse(readFileSync(new URL("./fixtures/numpy-normals.json", import.meta.url), "utf8"));
+  for (const { seed, draws } of cases) {
+    const r = new NumpyRandom(BigInt(seed));
+    for (const d of draws) {
+      if (d.normal === undefined) {
+        const got = d.uniform ? r.uniform(...d.uniform) : r.integers(...d.integers);
+        assert.deepEqual(Array.from(got), d.values, `seed ${seed}: ${JSON.stringify(d).slice(0, 60)}`);
+        continue;
+      }
+      const values = r.standardNormalF32(d.normal);
+      const decode = (text) => new Float32Array(new Uint8Array(Buffer.from(text, "base64")).buffer);  // a Buffer may view a shared pool
+      if (d.sha256) {
+        // the tail's values come from libm's log1pf (not correctly rounded): equal to an ulp; the rest bit for bit
+        const tail = values.filter((v) => Math.abs(v) > 3.6541528853610088);
+        const body = values.map((v) => (Math.abs(v) > 3.6541528853610088 ? 0 : v));
+        assert.equal(createHash("sha256").update(Buffer.from(body.buffer)).digest("hex"), d.sha256, `seed ${seed}: ${d.normal} normals`);
+        const want = decode(d.tail);
+        assert.ok(want.length > 100 && tail.length === want.length, `seed ${seed}: ${tail.length} tail values, NumPy drew ${want.length}`);
+        want.forEach((v, i) => assert.ok(Math.abs(tail[i] - v) <= 1e-6 * Math.abs(v), `seed ${seed}: tail value ${i}: ${tail[i]} vs ${v}`));
+      } else {
+        const want = decode(d.base64);
+        const got = values;
+        const first = got.findIndex((v, i) => v !== want[i]);
+        assert.equal(first, -1, `seed ${seed}: normal ${first} is ${got[first]}, NumPy drew ${want[first]}`);
+      }
+    }
+  }
+});
