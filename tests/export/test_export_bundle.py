@@ -24,11 +24,16 @@ def test_manifest_and_overhead(bundle_dir):
     assert le["training"]["onnx"] == {"step": "le/step.onnx", "forward": "le/forward.onnx"}
     assert set(le["training"]["executorch"]) == {"step", "forward", "program"}  # + executorch-training's
     onnx_files = manifest["formats"]["onnx"]["files"]
-    assert set(onnx_files) == {"ge.onnx", *le["training"]["onnx"].values(), *gn["training"]["onnx"].values(),
-                               "personalized/model.onnx", "personalized/model.onnx.patches.json"}
+    assert set(onnx_files) == {"ge.onnx", "replay/outputs.onnx.npz", *le["training"]["onnx"].values(),
+                               *gn["training"]["onnx"].values(), "personalized/model.onnx",
+                               "personalized/model.onnx.patches.json"}
     assert set(manifest["formats"]["tflite"]["files"]) == {
-        "ge.tflite", *le["training"]["tflite"].values(), *gn["training"]["tflite"].values(),
-        *manifest["personalized_model"]["tflite"].values()}
+        "ge.tflite", "replay/outputs.tflite.npz", *le["training"]["tflite"].values(),
+        *gn["training"]["tflite"].values(), *manifest["personalized_model"]["tflite"].values()}
+    # GE's outputs on the replay, by format: what each format's GE computes (tests/device/test_mixture.py)
+    assert manifest["replay"]["outputs"] == {name: f"replay/outputs{suffix}.npz" for name, suffix in
+                                             (("onnx", ".onnx"), ("executorch", ".pte"), ("tflite", ".tflite"),
+                                              ("torch", ".pt2"))}
     assert set(manifest["personalized_model"]) == {"onnx", "executorch", "tflite"}
     # Step programs: a static batch, AdamW's settings, and the initial weights every format starts from.
     assert le["max_batch"] == 128 + round(128 * 0.3) and gn["max_batch"] == 128
