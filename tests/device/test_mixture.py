@@ -119,3 +119,30 @@ def test_the_replay_outputs_a_bundle_carries_are_what_each_ge_computes(bundle_di
                                            atol=1e-4)
             checked.append(name)
         assert "ort" in checked
+
+
+def test_replay_outputs_of_the_wrong_shape_are_refused_by_name(bundle_dir, user, tmp_path):
+    """A bundle whose replay outputs do not fit its GE (hashed, so written so by its publisher) is refused
+    when personalizing, naming the file and the array, and nothing is stored."""
+    import shutil
+
+    import pytest
+
+    from edgetailor.toolkit.bundle import write_manifest
+    from edgetailor.toolkit.errors import BundleError
+    from edgetailor.toolkit.manifest import Manifest
+
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, root)
+    manifest = Manifest.from_json((root / "manifest.json").read_text())
+    file = manifest.replay.outputs["onnx"]
+    with np.load(root / file) as archive:
+        arrays = dict(archive)
+    arrays["le"] = arrays["le"].reshape(len(arrays["le"]), -1)[:, :7]
+    np.savez_compressed(root / file, **arrays)
+    write_manifest(root, manifest)                 # hashed again: it is what the publisher shipped
+    with DeviceRuntime.open(root, tmp_path / "state", "ort") as rt:
+        rt.add_samples(user.train.images, user.train.labels)
+        with pytest.raises(BundleError, match=r"replay/outputs.onnx.npz: le is float32 \(\d+, 7\); float32 rows"):
+            rt.personalize()
+        assert not rt.personalized
