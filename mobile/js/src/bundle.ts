@@ -11,7 +11,7 @@
  * an http(s) URL, or in Node a path to a `.zip` or an unpacked directory.
  */
 
-import { unzipSync, type UnzipFileInfo } from "fflate";
+import { unzipSync } from "fflate";
 import { sha256Hex } from "./crypto.js";
 import { BundleError, LimitError } from "./errors.js";
 import { canonicalJson, parseBundleJson } from "./json.js";
