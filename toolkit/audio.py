@@ -32,8 +32,7 @@ from edgetailor.toolkit.arrayfiles import NpzArchive
 from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit.errors import DataFormatError, SampleError
 from edgetailor.toolkit.limits import Limits, current_limits
-from edgetailor.toolkit.loaders import (UNLABELLED, labelled_files, labels_as_indices, read_each,
-                                        read_label_names, relabel)
+from edgetailor.toolkit.loaders import UNLABELLED, labelled_files, read_each, read_labelled_npz, relabel
 
 CLIPPED_SHARE = 0.01      # of samples at full scale: a clipped recording, whose spectrum is smeared
 SILENT_PEAK = 1e-3        # a clip whose loudest sample is below this holds no sound
@@ -134,29 +133,18 @@ def _load_folder(root: Path, sample_rate: int, length: int, skip_bad: bool, limi
 
 
 def _load_npz(path: Path, length: int, skip_bad: bool, limits: Limits, labelled: bool) -> LabeledImages:
-    wanted = ("x", "y") if labelled else ("x",)
-    with NpzArchive(path, limits) as npz:
-        if any(name not in npz for name in wanted):
-            raise DataFormatError(f"{path} holds {npz.names}, not {' and '.join(map(repr, wanted))}",
-                                  hint="save with np.savez(path, x=clips, y=labels)")
-        header = npz.header("x")
-        n = header.shape[0] if header.shape else 0
+    def check_x(header) -> int:
         if len(header.shape) not in (2, 3) or header.shape[-1] != length or header.dtype.kind not in "fi" or (
                 len(header.shape) == 3 and header.shape[1] != 1):
             raise SampleError(f"{path}: x must be (N, {length}) mono clips of float in [-1, 1] or int16, got "
                               f"{header.dtype} {header.shape}",
                               hint=f"cut or pad each clip to {length} samples, one channel")
-        limits.check("max_samples", n, f"{path}: the number of clips")
-        if labelled and npz.header("y").shape != (n,):
-            raise DataFormatError(f"{path}: y must have shape ({n},), one label per clip")
-        names = read_label_names(path, npz) if labelled and "label_names" in npz else None
-        x = npz.read("x").reshape(n, length)
-        y = npz.read("y") if labelled else np.zeros(n, np.int64)
-    if labelled:
-        y, names = labels_as_indices(path, y, names, limits)
-    else:
-        names = list(UNLABELLED)
-    x = x.astype(np.float32) / (32768.0 if x.dtype.kind == "i" else 1.0)
+        limits.check("max_samples", header.shape[0], f"{path}: the number of clips")
+        return header.shape[0]
+
+    with NpzArchive(path, limits) as npz:
+        x, y, names = read_labelled_npz(npz, path, labelled, "clip", check_x, limits)
+    x = x.reshape(len(x), length).astype(np.float32) / (32768.0 if x.dtype.kind == "i" else 1.0)
     clips, kept, notes = [], [], []
     for i, clip in enumerate(x):
         try:

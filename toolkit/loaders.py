@@ -125,27 +125,36 @@ def load_npz(path: str | Path, preprocessing: Preprocessing = DEFAULT, skip_bad:
     shape is checked from its header before it is read; an ``x`` whose
     shape could mean two things is refused rather than guessed."""
     path, limits = Path(path), current_limits(limits)
-    wanted = ("x", "y") if labelled else ("x",)
     with NpzArchive(path, limits) as npz:
-        if any(name not in npz for name in wanted):
-            raise DataFormatError(f"{path} holds {npz.names}, not {' and '.join(map(repr, wanted))}",
-                                  hint="save with np.savez(path, x=images, y=labels)" if labelled
-                                  else "save with np.savez(path, x=images)")
-        n = _check_x(path, npz.header("x"), limits)
-        if labelled and npz.header("y").shape != (n,):
-            raise DataFormatError(f"{path}: y must have shape ({n},), one label per image, got {npz.header('y').shape}")
-        names = read_label_names(path, npz) if labelled and "label_names" in npz else None
+        x, y, names = read_labelled_npz(npz, path, labelled, "image", lambda header: _check_x(path, header, limits),
+                                        limits)
         made_by = _preprocess_record(path, npz, limits) if "preprocess" in npz else None
-        x = npz.read("x")
-        y = npz.read("y") if labelled else np.zeros(n, np.int64)
-    if labelled:
-        y, names = labels_as_indices(path, y, names, limits)
-    else:
-        names = list(UNLABELLED)
     if made_by == preprocessing.to_dict() and x.dtype == np.uint8 and x.shape[1:] == (CANVAS, CANVAS):
         # samples saved by save_npz after this same preprocessing: already made
         return LabeledImages(x, y, names, str(path), made_by)
     return prepared(x, y, names, str(path), preprocessing, skip_bad)
+
+
+def read_labelled_npz(npz: NpzArchive, path: Path, labelled: bool, what: str, check_x: Callable[[NpyHeader], int],
+                      limits: Limits) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``x``, label indices and label names from an open ``.npz`` of ``x`` and (when ``labelled``) ``y``
+    and optional ``label_names``; every loader of samples (images, windows, clips) reads them so.
+    Each member's shape is checked from its header before it is read: ``check_x`` refuses an ``x`` of
+    the wrong layout for a ``what`` and returns N. Unlabelled: every input labelled 0."""
+    wanted = ("x", "y") if labelled else ("x",)
+    if any(name not in npz for name in wanted):
+        raise DataFormatError(f"{path} holds {npz.names}, not {' and '.join(map(repr, wanted))}",
+                              hint=f"save with np.savez(path, x={what}s, y=labels)" if labelled
+                              else f"save with np.savez(path, x={what}s)")
+    n = check_x(npz.header("x"))
+    if labelled and npz.header("y").shape != (n,):
+        raise DataFormatError(f"{path}: y must have shape ({n},), one label per {what}, got {npz.header('y').shape}")
+    names = read_label_names(path, npz) if labelled and "label_names" in npz else None
+    x = npz.read("x")
+    if not labelled:
+        return x, np.zeros(n, np.int64), list(UNLABELLED)
+    y, names = labels_as_indices(path, npz.read("y"), names, limits)
+    return x, y, names
 
 
 def _check_x(path: Path, header: NpyHeader, limits: Limits) -> int:

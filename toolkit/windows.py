@@ -30,8 +30,7 @@ from edgetailor.toolkit.arrayfiles import NpzArchive
 from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit.errors import DataFormatError, SampleError
 from edgetailor.toolkit.limits import Limits, current_limits
-from edgetailor.toolkit.loaders import (UNLABELLED, labelled_files, labels_as_indices, read_each,
-                                        read_label_names, relabel)
+from edgetailor.toolkit.loaders import UNLABELLED, labelled_files, read_each, read_labelled_npz, relabel
 
 WINDOW_SUFFIXES = {".npy", ".csv"}
 FORMATS_HINT = ("give an .npz with x (N, channels, length) and y, or a folder with one sub-folder per label "
@@ -61,27 +60,16 @@ def load_windows(path: str | Path, shape: tuple[int, int], label_names: list[str
 
 
 def _load_npz(path: Path, shape: tuple[int, int], skip_bad: bool, limits: Limits, labelled: bool) -> LabeledImages:
-    wanted = ("x", "y") if labelled else ("x",)
-    with NpzArchive(path, limits) as npz:
-        if any(name not in npz for name in wanted):
-            raise DataFormatError(f"{path} holds {npz.names}, not {' and '.join(map(repr, wanted))}",
-                                  hint="save with np.savez(path, x=windows, y=labels)")
-        header = npz.header("x")
+    def check_x(header) -> int:
         if len(header.shape) not in (2, 3) or header.dtype.kind not in "fiu":
             raise DataFormatError(f"{path}: x must be numbers of shape (N, channels, length) or (N, length), got "
                                   f"{header.dtype} {header.shape}", hint=FORMATS_HINT)
-        n = header.shape[0]
-        limits.check("max_samples", n, f"{path}: the number of windows")
-        if labelled and npz.header("y").shape != (n,):
-            raise DataFormatError(f"{path}: y must have shape ({n},), one label per window, got "
-                                  f"{npz.header('y').shape}")
-        names = read_label_names(path, npz) if labelled and "label_names" in npz else None
-        x = npz.read("x")
-        y = npz.read("y") if labelled else np.zeros(n, np.int64)
-    if labelled:
-        y, names = labels_as_indices(path, y, names, limits)
-    else:
-        names = list(UNLABELLED)
+        limits.check("max_samples", header.shape[0], f"{path}: the number of windows")
+        return header.shape[0]
+
+    with NpzArchive(path, limits) as npz:
+        x, y, names = read_labelled_npz(npz, path, labelled, "window", check_x, limits)
+    n = len(x)
     windows, kept, notes = _check_windows(x, shape, [f"{path} window {i}" for i in range(n)], skip_bad)
     return LabeledImages(windows, y[kept], names, str(path), notes=notes)
 
