@@ -55,6 +55,7 @@ class CheckpointMeta:
     train_seconds: float | None = None
     compression: dict[str, Any] | None = None                  # how `server compress` made it
     learngene: dict[str, Any] | None = None                    # how `learngene expand` made it
+    training: dict[str, Any] | None = None                     # where it trained: device, processes, images/s
     toolkit_version: str = __version__
     created: str = field(default_factory=_now)
     format: str = FORMAT
@@ -85,7 +86,7 @@ class CheckpointMeta:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["input"] = self.input.to_dict()
-        for optional in ("compression", "learngene", "train_seconds"):
+        for optional in ("compression", "learngene", "train_seconds", "training"):
             if data[optional] is None:
                 del data[optional]
         return data
@@ -126,7 +127,8 @@ class GECheckpoint:
 
     def save(self, out_dir: Path) -> None:
         buffer = io.BytesIO()
-        torch.save(self.model.state_dict(), buffer)
+        # CPU tensors: a checkpoint trained on a GPU loads (and exports) on a machine without one
+        torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, buffer)
         atomic.write_bytes(out_dir / "model.pt", buffer.getvalue())
         replay = io.BytesIO()
         np.savez_compressed(replay, x=self.replay.images, y=self.replay.labels)
@@ -159,10 +161,13 @@ class GECheckpoint:
         return cls(model, meta, replay)
 
 
-def replay_subset(train: LabeledImages, size: int, seed: int) -> LabeledImages:
-    """A class-balanced handful of generic training glyphs for the device's replay."""
+def replay_subset(train: Any, size: int, seed: int) -> LabeledImages:
+    """A class-balanced handful of generic training glyphs for the device's
+    replay, in memory (``train``: LabeledImages or a server-side SampleStore)."""
     rng = np.random.default_rng(seed + 1)
     per_class = max(1, size // len(train.label_names))
-    index = np.concatenate([rng.permutation(np.flatnonzero(train.labels == c))[:per_class]
+    labels = train.labels
+    index = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class]
                             for c in range(len(train.label_names))])
-    return train.subset(np.sort(index))
+    subset = train.subset(np.sort(index))
+    return subset if isinstance(subset, LabeledImages) else subset.to_images()

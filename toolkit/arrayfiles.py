@@ -25,6 +25,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from numpy.lib import format as npy
@@ -137,7 +138,39 @@ class NpzArchive:
             return array.reshape(header.shape[::-1]).transpose()
         return array.reshape(header.shape)
 
-    def _member(self, name: str) -> zipfile.ZipInfo:
+    def iter_rows(self, name: str, rows: int) -> Iterator[np.ndarray]:
+        """Member ``name.npy`` ``rows`` records (first-axis entries) at a time,
+        for members larger than memory; the whole member is read, so the CRC
+        at its end is checked too. Its declared size is not held against
+        ``max_sample_bytes``: no buffer of that size is made."""
+        header = self.streamed_header(name)
+        if header.fortran_order or not header.shape:
+            raise DataFormatError(f"{self.path}: {name}.npy is stored in Fortran order or is a scalar",
+                                  hint="save it again with np.savez from a C-ordered array")
+        row_bytes = math.prod(header.shape[1:]) * header.dtype.itemsize
+        try:
+            with self._zip.open(self._member(name, bounded=False)) as stream:
+                stream.read(header.data_offset)
+                for start in range(0, header.shape[0], rows):
+                    count = min(rows, header.shape[0] - start)
+                    data = read_exactly(stream, count * row_bytes)
+                    if data is None:
+                        raise DataFormatError(f"{self.path}: {name}.npy is truncated: its header declares "
+                                              f"{header.nbytes:,} bytes of data",
+                                              hint="the file is corrupt; save it again")
+                    yield data.view(header.dtype).reshape(count, *header.shape[1:])
+                stream.read(1)
+        except _ZIP_ERRORS as exc:
+            raise self._damaged(name, exc) from None
+
+    def streamed_header(self, name: str) -> NpyHeader:
+        try:
+            with self._zip.open(self._member(name, bounded=False)) as stream:
+                return self._parse_header(name, stream, bounded=False)
+        except _ZIP_ERRORS as exc:
+            raise self._damaged(name, exc) from None
+
+    def _member(self, name: str, bounded: bool = True) -> zipfile.ZipInfo:
         info = self._infos[name]
         what = f"{self.path}: member {name}.npy"
         if info.flag_bits & 0x1:
@@ -148,14 +181,15 @@ class NpzArchive:
         if info.compress_size > self._size:  # else the ratio below would rest on a second lie
             raise DataFormatError(f"{what} declares {info.compress_size:,} compressed bytes in a file of "
                                   f"{self._size:,}", hint="the file is truncated or corrupt; save it again")
-        self.limits.check("max_sample_bytes", info.file_size, f"{what}'s inflated size in bytes")
+        if bounded:
+            self.limits.check("max_sample_bytes", info.file_size, f"{what}'s inflated size in bytes")
         if info.file_size >= SMALL_MEMBER:
             ratio = info.file_size / info.compress_size if info.compress_size else math.inf
             self.limits.check("max_compression_ratio", round(ratio, 1),
                               f"{what}'s compression ratio (inflated / compressed size)")
         return info
 
-    def _parse_header(self, name: str, stream) -> NpyHeader:
+    def _parse_header(self, name: str, stream, bounded: bool = True) -> NpyHeader:
         """The npy header, read through numpy's own parser, but with its length
         checked first: a version 2 header states its length in 4 bytes, and
         numpy reads all of them before its own size check."""
@@ -182,6 +216,8 @@ class NpzArchive:
         if any(d < 0 for d in shape):
             raise DataFormatError(f"{self.path}: {name}.npy declares a negative dimension {shape}")
         header = NpyHeader(tuple(shape), dtype, fortran_order, npy.MAGIC_LEN + len(length_bytes) + length)
+        if not bounded:
+            return header
         if shape:
             self.limits.check("max_samples", shape[0], f"{self.path}: {name}.npy's first dimension (of {shape})")
         self.limits.check("max_sample_bytes", header.nbytes,
@@ -211,6 +247,44 @@ def read_exactly(stream, nbytes: int) -> np.ndarray | None:
     return out
 
 
+def _idx_header(handle, path: Path, limits: Limits, whole: bool) -> tuple[tuple[int, ...], np.dtype]:
+    """The dimensions and dtype of an IDX stream, its sizes checked against
+    ``limits``; ``whole``: the data will be read into memory at once, so its
+    count and bytes are checked too (a stream read in chunks needs neither)."""
+    head = handle.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in IDX_DTYPES:
+        raise DataFormatError(f"{path} is not an IDX file (bad magic number)",
+                              hint="MNIST/EMNIST files start with 00 00 08 03 (images) or 00 00 08 01 (labels)")
+    ndim, dtype = head[3], np.dtype(IDX_DTYPES[head[2]])
+    if not 1 <= ndim <= IDX_MAX_DIMS:
+        raise DataFormatError(f"{path}: an IDX file of {ndim} dimensions is not read here",
+                              hint=f"images have 3 dimensions and labels 1 (at most {IDX_MAX_DIMS})")
+    dim_bytes = handle.read(4 * ndim)
+    if len(dim_bytes) < 4 * ndim:
+        raise DataFormatError(f"{path} is truncated: its header ends inside the dimensions")
+    dims = struct.unpack(f">{ndim}I", dim_bytes)
+    if whole:
+        limits.check("max_samples", dims[0], f"{path}: the IDX header's count (of {dims})")
+    limits.check("max_image_pixels", math.prod(dims[1:]), f"{path}: the IDX header's pixels per image "
+                                                           f"(of {dims})")
+    if whole:
+        nbytes = math.prod(dims) * dtype.itemsize
+        limits.check("max_sample_bytes", nbytes, f"{path}: the IDX header's data size ({dims} {dtype}) in bytes")
+    return dims, dtype
+
+
+def _idx_damaged(path: Path, exc: Exception) -> DataFormatError:
+    return DataFormatError(f"cannot read IDX file {path}: {_describe(exc)}",
+                           hint="the file is corrupt or truncated; download or copy it again")
+
+
+def _idx_truncated(path: Path, dims: tuple[int, ...], dtype: np.dtype) -> DataFormatError:
+    nbytes = math.prod(dims) * dtype.itemsize
+    return DataFormatError(f"{path} is truncated or corrupt: the header declares {dims} {dtype} "
+                           f"({nbytes:,} bytes of data), the file holds fewer",
+                           hint="the file is corrupt or truncated; download or copy it again")
+
+
 def read_idx(path: str | Path, limits: Limits | None = None) -> np.ndarray:
     """An IDX file (MNIST's format), gzipped or not, with its dimensions
     checked before its data is read. The dimensions come from the first
@@ -220,24 +294,9 @@ def read_idx(path: str | Path, limits: Limits | None = None) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
-            head = handle.read(4)
-            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in IDX_DTYPES:
-                raise DataFormatError(f"{path} is not an IDX file (bad magic number)",
-                                      hint="MNIST/EMNIST files start with 00 00 08 03 (images) or 00 00 08 01 (labels)")
-            ndim, dtype = head[3], np.dtype(IDX_DTYPES[head[2]])
-            if not 1 <= ndim <= IDX_MAX_DIMS:
-                raise DataFormatError(f"{path}: an IDX file of {ndim} dimensions is not read here",
-                                      hint=f"images have 3 dimensions and labels 1 (at most {IDX_MAX_DIMS})")
-            dim_bytes = handle.read(4 * ndim)
-            if len(dim_bytes) < 4 * ndim:
-                raise DataFormatError(f"{path} is truncated: its header ends inside the dimensions")
-            dims = struct.unpack(f">{ndim}I", dim_bytes)
-            limits.check("max_samples", dims[0], f"{path}: the IDX header's count (of {dims})")
-            limits.check("max_image_pixels", math.prod(dims[1:]), f"{path}: the IDX header's pixels per image "
-                                                                   f"(of {dims})")
+            dims, dtype = _idx_header(handle, path, limits, whole=True)
             nbytes = math.prod(dims) * dtype.itemsize
-            limits.check("max_sample_bytes", nbytes, f"{path}: the IDX header's data size ({dims} {dtype}) in bytes")
-            if opener is open and path.stat().st_size < 4 + 4 * ndim + nbytes:
+            if opener is open and path.stat().st_size < 4 + 4 * len(dims) + nbytes:
                 data = None  # a plain file's size is known: no buffer for data that is not there
             else:
                 data = read_exactly(handle, nbytes)
@@ -245,13 +304,47 @@ def read_idx(path: str | Path, limits: Limits | None = None) -> np.ndarray:
                 raise DataFormatError(f"{path}: more data follows the {nbytes:,} bytes its header declares "
                                       f"({dims} {dtype})", hint="the file is corrupt or its header is wrong")
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataFormatError(f"cannot read IDX file {path}: {_describe(exc)}",
-                              hint="the file is corrupt or truncated; download or copy it again") from None
+        raise _idx_damaged(path, exc) from None
     if data is None:
-        raise DataFormatError(f"{path} is truncated or corrupt: the header declares {dims} {dtype} "
-                              f"({nbytes:,} bytes of data), the file holds fewer",
-                              hint="the file is corrupt or truncated; download or copy it again")
+        raise _idx_truncated(path, dims, dtype)
     return data.view(dtype).reshape(dims)
+
+
+def iter_idx(path: str | Path, rows: int, limits: Limits | None = None) -> Iterator[np.ndarray]:
+    """An IDX file ``rows`` records at a time, for files larger than memory:
+    the first chunk comes after the header's checks, and the end of the
+    stream is checked as ``read_idx`` checks it (truncated, or data past the
+    declared size, or a gzip CRC)."""
+    path, limits = Path(path), current_limits(limits)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            dims, dtype = _idx_header(handle, path, limits, whole=False)
+            row_bytes = math.prod(dims[1:]) * dtype.itemsize
+            if opener is open and path.stat().st_size < 4 + 4 * len(dims) + dims[0] * row_bytes:
+                raise _idx_truncated(path, dims, dtype)
+            for start in range(0, dims[0], rows):
+                count = min(rows, dims[0] - start)
+                data = read_exactly(handle, count * row_bytes)
+                if data is None:
+                    raise _idx_truncated(path, dims, dtype)
+                yield data.view(dtype).reshape(count, *dims[1:])
+            if handle.read(1):
+                raise DataFormatError(f"{path}: more data follows the {dims[0] * row_bytes:,} bytes its header "
+                                      f"declares ({dims} {dtype})", hint="the file is corrupt or its header is wrong")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _idx_damaged(path, exc) from None
+
+
+def idx_shape(path: str | Path, limits: Limits | None = None) -> tuple[tuple[int, ...], np.dtype]:
+    """The dimensions and dtype an IDX file declares, without reading its data."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            return _idx_header(handle, path, current_limits(limits), whole=False)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _idx_damaged(path, exc) from None
 
 
 def _describe(exc: Exception) -> str:

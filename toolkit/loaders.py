@@ -126,9 +126,9 @@ def load_npz(path: str | Path, preprocessing: Preprocessing = DEFAULT, skip_bad:
     shape could mean two things is refused rather than guessed."""
     path, limits = Path(path), current_limits(limits)
     with NpzArchive(path, limits) as npz:
-        x, y, names = read_labelled_npz(npz, path, labelled, "image", lambda header: _check_x(path, header, limits),
-                                        limits)
-        made_by = _preprocess_record(path, npz, limits) if "preprocess" in npz else None
+        x, y, names = read_labelled_npz(npz, path, labelled, "image",
+                                        lambda header: check_image_header(path, header, limits), limits)
+        made_by = read_preprocess_record(path, npz, limits) if "preprocess" in npz else None
     if made_by == preprocessing.to_dict() and x.dtype == np.uint8 and x.shape[1:] == (CANVAS, CANVAS):
         # samples saved by save_npz after this same preprocessing: already made
         return LabeledImages(x, y, names, str(path), made_by)
@@ -157,7 +157,7 @@ def read_labelled_npz(npz: NpzArchive, path: Path, labelled: bool, what: str, ch
     return x, y, names
 
 
-def _check_x(path: Path, header: NpyHeader, limits: Limits) -> int:
+def check_image_header(path: Path, header: NpyHeader, limits: Limits) -> int:
     """Refuse an ``x`` of the wrong layout, dtype or size from its header alone; returns N."""
     shape, dtype = header.shape, header.dtype
     if len(shape) == 3 and shape[2] in (3, 4):
@@ -190,7 +190,7 @@ def read_label_names(path: Path, npz: NpzArchive) -> list[str]:
     return _strings(path, "label_names", npz.read("label_names").tolist())
 
 
-def _preprocess_record(path: Path, npz: NpzArchive, limits: Limits) -> dict | None:
+def read_preprocess_record(path: Path, npz: NpzArchive, limits: Limits) -> dict | None:
     """The preprocessing save_npz recorded: JSON in a 0-d string array."""
     header = npz.header("preprocess")
     if header.shape != () or header.dtype.kind not in "US" or header.nbytes > PREPROCESS_RECORD_MAX:

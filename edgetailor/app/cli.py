@@ -19,32 +19,7 @@ from edgetailor.toolkit import __version__
 from edgetailor.toolkit.errors import EdgetailorError
 from edgetailor.toolkit.formats import DEFAULT_FORMATS, EXTRA_TRAINING, FORMATS, STEPS
 from edgetailor.server_side.learngene.rules import RULES as LEARNGENE_METHODS
-
-
-class _Progress:
-    """A click progress bar per stage, fed by the API's (stage, done, total) callbacks."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.bar = None
-        self.stage = None
-        self.done = 0
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if stage != self.stage:
-            self.close()
-            self.stage, self.done = stage, 0
-            self.bar = click.progressbar(length=total, label=f"{stage:>16}", file=sys.stderr, show_eta=False)
-            self.bar.__enter__()
-        self.bar.update(done - self.done)
-        self.done = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
+from edgetailor.app.progress import ProgressBars as _Progress
 
 
 class _FriendlyGroup(click.Group):
@@ -73,6 +48,102 @@ def main() -> None:
     """
 
 
+
+# ------------------------------------------------------- training environment
+
+def _interval(value: str) -> tuple[int, float]:
+    """``--checkpoint-every``: N (training steps), or Ns / Nm (seconds / minutes of training)."""
+    text = value.strip().lower()
+    try:
+        if text.endswith("m"):
+            return 0, float(text[:-1]) * 60
+        if text.endswith("s"):
+            return 0, float(text[:-1])
+        steps = int(text)
+        if steps < 1:
+            raise ValueError
+        return steps, 0.0
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give steps (500) or a time (90s, 5m)",
+                                 param_hint="--checkpoint-every") from None
+
+
+def _training_options(resumable: bool = True):
+    """The options every training command shares: where it trains and, when
+    ``resumable``, how its training state is kept."""
+    def decorate(fn):
+        options = [
+            click.option("--device", default="auto", show_default=True,
+                         help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N. Under torchrun each "
+                              "process takes the GPU of its LOCAL_RANK."),
+            click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                         show_default=True,
+                         help="Autocast for training steps: auto is bf16 on GPUs that have it (fp16 on older "
+                              "ones), fp32 on the CPU. Quantization calibration, FlexRound and QAT always run "
+                              "in fp32."),
+            click.option("--workers", type=click.IntRange(0, 64), default=None,
+                         help="Data-loading processes that read, decode and augment batches (default: 0 on "
+                              "the CPU, where they would take the cores training uses; 4 on a GPU)."),
+        ]
+        if resumable:
+            options += [
+                click.option("--resume", is_flag=True,
+                             help="Continue a run that was stopped (killed, out of time) from its training "
+                                  "state in OUT.training/; refused if the recipe, model, data or toolkit differ."),
+                click.option("--checkpoint-every", "checkpoint_every", default="2m", show_default=True,
+                             help="How often the training state is saved: steps (500) or training time "
+                                  "(90s, 5m). A kill loses at most this much work."),
+            ]
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+def _training_env(out: Path | None, device: str, precision: str, workers: int | None, resume: bool = False,
+                  checkpoint_every: str | None = None, overwrite: bool = False):
+    """The TrainingEnv of a command: the device is checked and torchrun's
+    process group joined before any work."""
+    import shutil
+
+    from edgetailor.server_side.environment import setup
+    from edgetailor.server_side.resume import TrainingCheckpoints
+
+    checkpoints = None
+    if out is not None and checkpoint_every is not None:
+        every_steps, every_seconds = _interval(checkpoint_every)
+        folder = out.with_name(out.name + ".training")
+        if overwrite and not resume:
+            shutil.rmtree(folder, ignore_errors=True)
+        checkpoints = TrainingCheckpoints(folder, every_steps, every_seconds, resume)
+    env = setup(device, precision, 0, checkpoints)
+    env.workers = workers if workers is not None else (4 if env.device.type == "cuda" else 0)
+    return env
+
+
+def _generic_samples(data: Path | None, env, skip_bad: bool = False):
+    """The generic data of a training command: None (the built-in digits) or
+    ``data`` prepared once into the sample cache (rank 0 of each machine
+    prepares, the others wait and open it)."""
+    if data is None:
+        return None
+    import os
+
+    from edgetailor.server_side.samples import open_samples
+
+    if env.local_rank != 0:
+        env.barrier()
+    progress = _Progress(enabled=env.is_main)
+    store = open_samples(data, skip_bad=skip_bad, workers=min(8, os.cpu_count() or 1),
+                         progress=lambda d, n: progress("prepare data", d, n))
+    progress.close()
+    if env.local_rank == 0:
+        env.barrier()
+    for note in store.notes:
+        if env.is_main:
+            click.echo(f"note: {note}", err=True)
+    return store
+
 # --------------------------------------------------------------------- server
 @main.group()
 def server() -> None:
@@ -90,13 +161,26 @@ def server() -> None:
 @click.option("--depth", type=click.IntRange(1), help="Transformer blocks (vit only).")
 @click.option("--epochs", type=int, help="Override the recipe's pretrain.epochs.")
 @click.option("--seed", type=int, help="Override the recipe's pretrain.seed.")
+@click.option("--skip-bad", is_flag=True, help="Leave out images that cannot be read or hold no ink, and say so.")
+@click.option("--evaluate-every", type=click.IntRange(0), default=0,
+              help="Measure the test accuracy every N epochs (recorded in the checkpoint's training.history).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_training_options()
 def server_pretrain(out: Path, recipe: str, data: Path | None, arch: str | None, depth: int | None,
-                    epochs: int | None, seed: int | None, overwrite: bool) -> None:
+                    epochs: int | None, seed: int | None, skip_bad: bool, evaluate_every: int, overwrite: bool,
+                    device: str, precision: str, workers: int | None, resume: bool, checkpoint_every: str) -> None:
     """Train the Global Expert (default LeNet-5) and save a checkpoint with its
-    metadata (data hash, seed, accuracy, recipe)."""
+    metadata (data hash, seed, accuracy, recipe, where it trained).
+
+    \b
+    Data of any size: --data is prepared once, in parallel, into a cache of
+    samples (EDGETAILOR_CACHE, default ~/.cache/edgetailor) that training
+    reads a batch at a time. Many processes, one or several machines:
+      torchrun --nproc-per-node 2 -m edgetailor server pretrain --out ge/
+    (gloo on CPUs, NCCL on GPUs; rank 0 writes; the learning rate scales with
+    sqrt(processes), docs/SCALING.md). A killed run continues with --resume."""
     from edgetailor.toolkit.config import load_recipe
-    from edgetailor.toolkit.loaders import load_samples
+    from edgetailor.server_side.environment import session
     from edgetailor.server_side.pretrain import pretrain
 
     cfg = load_recipe(recipe)
@@ -113,13 +197,20 @@ def server_pretrain(out: Path, recipe: str, data: Path | None, arch: str | None,
     cfg.validate()
     if out.exists() and not overwrite:
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
-    dataset = load_samples(data) if data else None
-    progress = _Progress()
-    started = time.perf_counter()
-    ckpt = pretrain(out, cfg, dataset, progress=lambda e, n: progress("pretrain GE", e, n), overwrite=overwrite)
-    progress.close()
-    click.echo(f"GE ({ckpt.meta.arch}) trained in {time.perf_counter() - started:.1f}s; "
-               f"generic test accuracy {ckpt.meta.generic_accuracy:.4f}; saved to {out}")
+    env = _training_env(out, device, precision, workers, resume, checkpoint_every, overwrite)
+    with session(env):
+        dataset = _generic_samples(data, env, skip_bad)
+        progress = _Progress(enabled=env.is_main)
+        started = time.perf_counter()
+        ckpt = pretrain(out, cfg, dataset, progress=lambda e, n: progress("pretrain GE", e, n), overwrite=overwrite,
+                        env=env, evaluate_every=evaluate_every)
+        progress.close()
+    if env.is_main:
+        trained = ckpt.meta.training
+        resumed = f", resumed at {trained['resumed_at']}" if trained.get("resumed_at") else ""
+        click.echo(f"GE ({ckpt.meta.arch}) trained in {time.perf_counter() - started:.1f}s on {trained['device']} "
+                   f"x{trained['processes']} ({trained['precision']}, {trained['images_per_second']:,.0f} images/s"
+                   f"{resumed}); generic test accuracy {ckpt.meta.generic_accuracy:.4f}; saved to {out}")
 
 
 def _compress_help() -> str:
@@ -151,23 +242,31 @@ def _compress_help() -> str:
 @click.option("--users", "n_users", type=click.IntRange(0, 50), default=3, show_default=True,
               help="Simulated users to personalize on, fp32 and compressed GE (0 skips it).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def server_compress(model: Path, recipe: str, out: Path, data: Path | None, n_users: int, overwrite: bool) -> None:
+@_training_options()
+def server_compress(model: Path, recipe: str, out: Path, data: Path | None, n_users: int, overwrite: bool,
+                    device: str, precision: str, workers: int | None, resume: bool, checkpoint_every: str) -> None:
     from edgetailor.app.compress import compress
     from edgetailor.server_side.compress.recipe import load_compress_recipe
-    from edgetailor.toolkit.loaders import load_samples
+    from edgetailor.server_side.environment import session
 
     cfg = load_compress_recipe(recipe)
     if out.exists() and not overwrite:
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
-    dataset = load_samples(data) if data else None
-    progress = _Progress()
+    env = _training_env(out, device, precision, workers, resume, checkpoint_every, overwrite)
+    with session(env):
+        dataset = _generic_samples(data, env)
+        progress = _Progress(enabled=env.is_main)
 
-    def echo(message: str) -> None:
+        def echo(message: str) -> None:
+            progress.close()
+            if env.is_main:
+                click.echo(message, err=True)
+
+        report = compress(model, cfg, out, dataset, n_users=n_users, overwrite=overwrite, progress=progress,
+                          echo=echo, env=env)
         progress.close()
-        click.echo(message, err=True)
-
-    report = compress(model, cfg, out, dataset, n_users=n_users, overwrite=overwrite, progress=progress, echo=echo)
-    progress.close()
+    if report is None:
+        return
     click.echo("")
     click.echo(report["table"])
     for name, reason in report["not_exported"].items():
@@ -214,21 +313,28 @@ def _learngene_recipe(recipe: str | None, **overrides):
 @click.option("--data", type=click.Path(exists=True, path_type=Path),
               help="Generic data (.npz, IDX or image folder). Default: the built-in digits.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_training_options()
 def learngene_train(teacher: Path, method: str, out: Path, recipe: str | None, epochs: int | None,
-                    data: Path | None, overwrite: bool) -> None:
+                    data: Path | None, overwrite: bool, device: str, precision: str, workers: int | None,
+                    resume: bool, checkpoint_every: str) -> None:
     """Train a learngene: an auxiliary transformer whose layers the learngene
     generates, distilled from the teacher's soft predictions on the generic data."""
+    from edgetailor.server_side.environment import session
     from edgetailor.server_side.learngene.train import train_learngene
-    from edgetailor.toolkit.loaders import load_samples
 
     cfg = _learngene_recipe(recipe, method=("learngene", "method", method), epochs=("learngene", "epochs", epochs))
     if out.exists() and not overwrite:
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
-    dataset = load_samples(data) if data else None
-    progress = _Progress()
-    _, meta = train_learngene(teacher, cfg, out, dataset, progress=lambda e, n: progress("distil learngene", e, n),
-                              overwrite=overwrite)
-    progress.close()
+    env = _training_env(out, device, precision, workers, resume, checkpoint_every, overwrite)
+    with session(env):
+        dataset = _generic_samples(data, env)
+        progress = _Progress(enabled=env.is_main)
+        _, meta = train_learngene(teacher, cfg, out, dataset,
+                                  progress=lambda e, n: progress("distil learngene", e, n), overwrite=overwrite,
+                                  env=env)
+        progress.close()
+    if not env.is_main:
+        return
     click.echo(f"{method.upper()} learngene: {meta.stored_params:,} parameters stored "
                f"({', '.join(meta.components)} + embedding and head); auxiliary model "
                f"(depth {meta.auxiliary['depth']}) {meta.auxiliary['generic_accuracy']:.4f} on the generic "
@@ -257,32 +363,38 @@ def _expand_help() -> str:
 @click.option("--data", type=click.Path(exists=True, path_type=Path),
               help="Generic data for the fine-tune. Default: the built-in digits.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_training_options()
 def learngene_expand(learngene_dir: Path, depth: int | None, profile: str | None, out: Path, epochs: int | None,
-                     data: Path | None, overwrite: bool) -> None:
+                     data: Path | None, overwrite: bool, device: str, precision: str, workers: int | None,
+                     resume: bool, checkpoint_every: str) -> None:
     from edgetailor.app.learngene import expand_for_device
+    from edgetailor.server_side.environment import session
     from edgetailor.server_side.learngene.recipe import load_profile
-    from edgetailor.toolkit.loaders import load_samples
 
     if depth is None and profile is None:
         raise EdgetailorError("give --depth N or --device-profile PROFILE",
                               hint="see `edgetailor server learngene expand --help` for the shipped profiles")
     if out.exists() and not overwrite:
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
-    device = load_profile(profile) if profile else None
-    dataset = load_samples(data) if data else None
-    progress = _Progress()
-    ckpt = expand_for_device(learngene_dir, out, depth, device, data=dataset, epochs=epochs,
-                             progress=lambda e, n: progress("fine-tune", e, n), overwrite=overwrite)
-    progress.close()
+    target = load_profile(profile) if profile else None
+    env = _training_env(out, device, precision, workers, resume, checkpoint_every, overwrite)
+    with session(env):
+        dataset = _generic_samples(data, env)
+        progress = _Progress(enabled=env.is_main)
+        ckpt = expand_for_device(learngene_dir, out, depth, target, data=dataset, epochs=epochs,
+                                 progress=lambda e, n: progress("fine-tune", e, n), overwrite=overwrite, env=env)
+        progress.close()
+    if not env.is_main:
+        return
     lg = ckpt.meta.learngene
     params = sum(p.numel() for p in ckpt.model.parameters())
-    fitted = f" (deepest that fits {device.name})" if device and depth is None else ""
+    fitted = f" (deepest that fits {target.name})" if target and depth is None else ""
     click.echo(f"depth {ckpt.meta.depth}{fitted}: {params:,} parameters; generic test accuracy "
                f"{lg['generic_accuracy_at_init']:.4f} from the learngene, {ckpt.meta.generic_accuracy:.4f} "
                f"after {lg['finetune']['epochs']} epoch(s); saved to {out}")
     if lg["device_profile"]:
         e = lg["device_profile"]["estimate"]
-        click.echo(f"  on {device.name}: flash {e['flash_kb']:.0f} kB, RAM ~{e['ram_kb']:.0f} kB, "
+        click.echo(f"  on {target.name}: flash {e['flash_kb']:.0f} kB, RAM ~{e['ram_kb']:.0f} kB, "
                    f"{e['macs']:,} MACs" + (f", ~{e['latency_ms']:.2f} ms" if "latency_ms" in e else ""))
 
 
@@ -306,24 +418,29 @@ def _depth_range(value: str) -> list[int]:
 @click.option("--data", type=click.Path(exists=True, path_type=Path),
               help="Generic data. Default: the built-in digits.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_training_options(resumable=False)
 def learngene_compare(learngenes: tuple[Path, ...], depths: str, out: Path, recipe: str | None, data: Path | None,
-                      overwrite: bool) -> None:
+                      overwrite: bool, device: str, precision: str, workers: int | None) -> None:
     """For each depth, the learngene-initialised model (before and after its
     short fine-tune) against the same depth trained from scratch for 1 and for
     [scratch] epochs; parameters stored and training cost for the whole family.
     Writes OUT/report.txt, report.json and report.png."""
+    from edgetailor.server_side.environment import session
     from edgetailor.server_side.learngene.compare import compare_family
     from edgetailor.server_side.learngene.recipe import load_learngene_recipe
-    from edgetailor.toolkit.loaders import load_samples
 
     if out.exists() and not overwrite:
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
     cfg = load_learngene_recipe(recipe) if recipe else None
-    dataset = load_samples(data) if data else None
-    progress = _Progress()
-    report = compare_family(list(learngenes), _depth_range(depths), out, cfg, dataset, progress=progress,
-                            overwrite=overwrite)
-    progress.close()
+    env = _training_env(None, device, precision, workers)
+    with session(env):
+        dataset = _generic_samples(data, env)
+        progress = _Progress(enabled=env.is_main)
+        report = compare_family(list(learngenes), _depth_range(depths), out, cfg, dataset, progress=progress,
+                                overwrite=overwrite, env=env)
+        progress.close()
+    if not env.is_main:
+        return
     click.echo(report["table"])
     click.echo(f"report: {out / 'report.txt'}, {out / 'report.json'}, {out / 'report.png'} "
                f"({report['wall_seconds']:.0f}s)")
@@ -1013,8 +1130,9 @@ def device_repair(state: Path) -> None:
 @click.option("--model", "model", type=click.Path(exists=True, path_type=Path),
               help="Use this GE checkpoint (e.g. from `server learngene expand` or `server compress`) "
                    "instead of pretraining one; it must have been trained on the built-in digits.")
+@_training_options(resumable=False)
 def demo_cmd(task: str, out: Path | None, n_users: int, samples_per_class: int, recipe: str, fast: bool, seed: int,
-             model: Path | None) -> None:
+             model: Path | None, device: str, precision: str, workers: int | None) -> None:
     """The whole loop on built-in data: pretrain GE -> export a bundle ->
     personalize on simulated users (each in its own torch-free device
     process) -> one table against fine-tuning baselines, as JSON and PNG.
@@ -1034,9 +1152,13 @@ def demo_cmd(task: str, out: Path | None, n_users: int, samples_per_class: int, 
                          epochs=8 if fast else 30, seed=seed, echo=click.echo)
         return
     from edgetailor.app.demo import run_demo
+    from edgetailor.server_side.environment import session
 
-    run_demo(out or Path("edgetailor-demo"), recipe="fast" if fast and recipe == "default" else recipe,
-             n_users=n_users, samples_per_class=samples_per_class, seed=seed, echo=click.echo, model_dir=model)
+    env = _training_env(None, device, precision, workers)
+    with session(env):
+        run_demo(out or Path("edgetailor-demo"), recipe="fast" if fast and recipe == "default" else recipe,
+                 n_users=n_users, samples_per_class=samples_per_class, seed=seed,
+                 echo=click.echo if env.is_main else (lambda _m: None), model_dir=model, env=env)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgetailor.toolkit import atomic
+from edgetailor.toolkit import __version__, atomic
 from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit.errors import EdgetailorError
 from edgetailor.toolkit.formats import FORMATS
@@ -29,33 +29,47 @@ from edgetailor.server_side.compress.pipeline import (EchoFn, ProgressFn, compre
                                                       preflight, run_stages)
 from edgetailor.server_side.compress.recipe import CompressRecipe
 from edgetailor.server_side.cost import count_params
+from edgetailor.server_side.environment import CPU, TrainingEnv
+from edgetailor.server_side.samples import SampleStore, as_store
 from edgetailor.app import compress_report as reporting
 
 
-def compress(model_dir: str | Path, recipe: CompressRecipe, out: str | Path, data: LabeledImages | None = None,
-             n_users: int = 3, overwrite: bool = False, progress: ProgressFn | None = None,
-             echo: EchoFn | None = None) -> dict[str, Any]:
-    """Compress the GE in ``model_dir`` with ``recipe`` into the checkpoint ``out``; returns the report."""
+def compress(model_dir: str | Path, recipe: CompressRecipe, out: str | Path,
+             data: LabeledImages | SampleStore | None = None, n_users: int = 3, overwrite: bool = False,
+             progress: ProgressFn | None = None, echo: EchoFn | None = None,
+             env: TrainingEnv = CPU) -> dict[str, Any] | None:
+    """Compress the GE in ``model_dir`` with ``recipe`` into the checkpoint
+    ``out``; returns the report. Under torchrun every process trains the
+    stages and rank 0 alone exports, measures and writes (the others return None)."""
     say = echo or (lambda _m: None)
     tick = progress or (lambda *_a: None)
     out = Path(out)
     recipe.validate()
     ckpt = GECheckpoint.load(model_dir)
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite and not (env.checkpoints and env.checkpoints.resume):
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
     if Path(model_dir).resolve() == out.resolve():
         raise EdgetailorError("--out must differ from --model: the fp32 GE is the reference of the report")
     preflight(recipe, ckpt)
     started = time.perf_counter()
-    generic, split = load_generic(ckpt, data)
+    store = as_store(data)
+    env.agree("the generic data (its sha256)", store.fingerprint())
+    if env.checkpoints is not None:
+        env.checkpoints.begin({"command": "compress", "recipe": recipe.to_dict(), "model": ckpt.meta.to_dict(),
+                               "data": store.fingerprint(), "toolkit_version": __version__,
+                               "processes": env.world_size}, env.is_main)
+    generic, split = load_generic(ckpt, store, env)
     state = run_stages(recipe, ckpt, generic, tick, say)
+    if not env.is_main:
+        env.barrier()
+        return None
 
     test_x, test_y = generic.test_x.numpy(), generic.test_y.numpy()
     calibration = generic.calibration(recipe.quantized.calibration_samples if recipe.quantized else 64,
                                       state.seed)
-    users = simulate_users(split.user_pool, n_users, seed=state.seed) if n_users else []
+    users = simulate_users(split.user_pool.to_images(), n_users, seed=state.seed) if n_users else []
     rows: list[dict[str, Any]] = []
-    with atomic.staged_dir(out, overwrite=overwrite) as staging, tempfile.TemporaryDirectory() as tmp:
+    with atomic.staged_dir(out, overwrite=True) as staging, tempfile.TemporaryDirectory() as tmp:
         files = {}
         for name in recipe.export.formats:
             fmt, exporter = FORMATS[name], get_exporter(name)
@@ -80,7 +94,7 @@ def compress(model_dir: str | Path, recipe: CompressRecipe, out: str | Path, dat
         if users:
             say(f"personalizing LE+GN on {len(users)} simulated users, fp32 GE and compressed GE")
             for variant, directory in (("fp32 GE", Path(model_dir)), ("compressed", staging)):
-                result = reporting.personalization_accuracy(directory, users, split.test)
+                result = reporting.personalization_accuracy(directory, users, split.test.to_images())
                 row = next(r for r in rows if r["variant"] == variant and r["format"] == "onnx")
                 row["personalized_user_accuracy"] = result["user_accuracy"]
                 row["personalized_generic_accuracy"] = result["generic_accuracy"]
@@ -95,6 +109,9 @@ def compress(model_dir: str | Path, recipe: CompressRecipe, out: str | Path, dat
         }
         table = reporting.write(report, staging, f"{recipe.name or 'compression'}: {ckpt.meta.arch}")
     report["table"] = table
+    env.barrier()
+    if env.checkpoints is not None:
+        env.checkpoints.finish(env.is_main)
     return report
 
 

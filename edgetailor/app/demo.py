@@ -17,7 +17,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -133,17 +133,23 @@ def plot_report(report: dict, path: Path, ylim: tuple[float, float] = (0.4, 1.0)
 
 
 def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples_per_class: int = 10,
-             seed: int = 0, echo: Callable[[str], None] = print, model_dir: str | Path | None = None) -> dict:
+             seed: int = 0, echo: Callable[[str], None] = print, model_dir: str | Path | None = None,
+             env: Any = None) -> dict:
     """The loop on built-in data; ``model_dir`` runs it with an existing GE
-    checkpoint (an expanded learngene, a compressed GE) instead of pretraining one."""
+    checkpoint (an expanded learngene, a compressed GE) instead of pretraining one.
+    ``env`` (a server-side TrainingEnv) says where GE trains; under torchrun
+    the other processes help pretrain and return, rank 0 runs the rest."""
     import click
     import torch
 
     from edgetailor.export.bundle import export_bundle
     from edgetailor.server_side.checkpoint import GECheckpoint
+    from edgetailor.server_side.environment import CPU
     from edgetailor.server_side.finetune import finetune
     from edgetailor.server_side.pretrain import pretrain
+    from edgetailor.app.progress import ProgressBars
 
+    env = env or CPU
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_recipe(recipe)
@@ -155,8 +161,11 @@ def run_demo(out: str | Path, recipe: str = "default", n_users: int = 5, samples
     if model_dir is None:
         echo(f"[1/4] pretraining the Global Expert ({cfg.pretrain.arch}, {cfg.pretrain.epochs} epochs) "
              "on built-in digits")
-        with click.progressbar(length=cfg.pretrain.epochs, label="  pretrain", file=sys.stderr) as bar:
-            ckpt = pretrain(out / "ge", cfg, data, progress=lambda e, n: bar.update(1), overwrite=True)
+        bars = ProgressBars(enabled=env.is_main)
+        ckpt = pretrain(out / "ge", cfg, data, progress=lambda d, n: bars("pretrain", d, n), overwrite=True, env=env)
+        bars.close()
+        if not env.is_main:
+            return {}
         model_dir = out / "ge"
     else:
         ckpt = GECheckpoint.load(model_dir)

@@ -21,6 +21,8 @@ from edgetailor.server_side.checkpoint import CheckpointMeta, GECheckpoint
 from edgetailor.server_side.compress import pruning
 from edgetailor.server_side.compress.recipe import CompressRecipe, PruneStructured
 from edgetailor.server_side.compress.stages import CompressionState, run_stage
+from edgetailor.server_side.environment import CPU, TrainingEnv
+from edgetailor.server_side.samples import SampleStore
 from edgetailor.server_side.training import GenericData
 
 ProgressFn = Callable[[str, int, int], None]
@@ -54,9 +56,10 @@ def preflight(recipe: CompressRecipe, ckpt: GECheckpoint) -> None:
             model = type(model)(num_classes=model.num_classes, widths=widths) if hasattr(model, "widths") else model
 
 
-def load_generic(ckpt: GECheckpoint, data: LabeledImages | None) -> tuple[GenericData, Any]:
+def load_generic(ckpt: GECheckpoint, data: LabeledImages | SampleStore | None,
+                 env: TrainingEnv = CPU) -> tuple[GenericData, Any]:
     """The generic data split with the GE's own seed and normalised as GE expects."""
-    return training.load_generic(ckpt.meta.input, ckpt.meta.seed, ckpt.meta.pretrain_config, data)
+    return training.load_generic(ckpt.meta.input, ckpt.meta.seed, ckpt.meta.pretrain_config, data, env)
 
 
 def run_stages(recipe: CompressRecipe, ckpt: GECheckpoint, generic: GenericData, progress: ProgressFn,

@@ -40,7 +40,7 @@ class CompressionState:
 
     @property
     def example(self) -> torch.Tensor:
-        return self.data.test_x[:1]
+        return self.data.example
 
 
 def _recover(state: CompressionState, recovery: Recovery, label: str, progress: ProgressFn) -> None:
@@ -126,9 +126,10 @@ def qat(cfg: QAT, state: CompressionState, progress: ProgressFn) -> dict:
         apply_masks(state.model, zero_masks(state.model))
     quantization.prepare_qat(state.model, cfg.weight_bits, calibration)
     rec = cfg.recovery
+    # fp32: under autocast a conv would cast the fake-quantized weights to 16 bits and leave their grid
     fit(state.model, state.data, rec.epochs, rec.learning_rate, rec.batch_size,
         teacher=state.teacher if rec.distill else None, temperature=rec.temperature, alpha=rec.alpha,
-        seed=state.seed, progress=lambda e, n: progress("qat", e, n))
+        seed=state.seed, progress=lambda e, n: progress("qat", e, n), precision="fp32")
     bake(state.model)
     state.quant = QuantSpec(cfg.weight_bits, quantization.grid_scales(state.model, cfg.weight_bits))
     return {}

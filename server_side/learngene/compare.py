@@ -27,6 +27,8 @@ from edgetailor.server_side.models import build_model
 from edgetailor.server_side.cost import count_macs, training_flops
 from edgetailor.server_side.learngene import gene
 from edgetailor.server_side.learngene.recipe import LearngeneRecipe, TrainSchedule
+from edgetailor.server_side.environment import CPU, TrainingEnv
+from edgetailor.server_side.samples import SampleStore
 from edgetailor.server_side.training import GenericData, fit, test_accuracy
 
 ProgressFn = Callable[[str, int, int], None]
@@ -39,8 +41,9 @@ def _train(model: torch.nn.Module, data: GenericData, schedule: TrainSchedule, e
 
 
 def compare_family(learngene_dirs: list[str | Path], depths: list[int], out: str | Path,
-                   recipe: LearngeneRecipe | None = None, data: LabeledImages | None = None,
-                   progress: ProgressFn | None = None, overwrite: bool = False) -> dict[str, Any]:
+                   recipe: LearngeneRecipe | None = None, data: LabeledImages | SampleStore | None = None,
+                   progress: ProgressFn | None = None, overwrite: bool = False,
+                   env: TrainingEnv = CPU) -> dict[str, Any]:
     """Compare the learngenes in ``learngene_dirs`` (one per method, same
     teacher and widths) on ``depths``; the schedules come from ``recipe``
     (default: the first learngene's own)."""
@@ -57,8 +60,8 @@ def compare_family(learngene_dirs: list[str | Path], depths: list[int], out: str
         raise ConfigError(f"depths {too_deep} are outside what these learngenes make",
                           hint=f"choose depths in 1..{min(lg.cfg.max_depth for lg, _ in loaded)}")
     recipe = recipe or from_dict(LearngeneRecipe, first_meta.recipe).validate()
-    generic, _ = gene.generic_data(first_meta, data)
-    n_train, num_classes, widths = len(generic.train_x), len(first_meta.labels), list(first_cfg.widths)
+    generic, _ = gene.generic_data(first_meta, data, env)
+    n_train, num_classes, widths = generic.n_train, len(first_meta.labels), list(first_cfg.widths)
     methods = [meta.method for _, meta in loaded]
     scratch_runs = sorted({1, recipe.scratch.epochs})
     started = time.perf_counter()
@@ -67,7 +70,7 @@ def compare_family(learngene_dirs: list[str | Path], depths: list[int], out: str
         tick("depths", i, len(depths))
         torch.manual_seed(recipe.scratch.seed + depth)
         shape = build_model("vit", num_classes, widths, depth)
-        macs = count_macs(shape, (generic.test_x[:1],))
+        macs = count_macs(shape, (generic.example,))
         row: dict[str, Any] = {"depth": depth, "params": sum(p.numel() for p in shape.parameters()), "macs": macs}
         for epochs in scratch_runs:
             torch.manual_seed(recipe.scratch.seed + depth)
@@ -114,14 +117,16 @@ def compare_family(learngene_dirs: list[str | Path], depths: list[int], out: str
         "family_flops": sum(training_flops(r["macs"], n_train, pretrain_epochs) for r in rows),
     }
     report = {"learngenes": [str(d) for d in learngene_dirs], "methods": methods, "depths": depths,
-              "recipe": recipe.to_dict(), "n_train": n_train, "n_test": len(generic.test_x),
+              "recipe": recipe.to_dict(), "n_train": n_train, "n_test": len(generic.test),
               "rows": rows, "summary": summary, "wall_seconds": round(time.perf_counter() - started, 1)}
     report["table"] = _table(report)
     out = Path(out)
-    with atomic.staged_dir(out, overwrite=overwrite) as staging:
-        atomic.write_text(staging / "report.txt", report["table"] + "\n")
-        atomic.write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
-        _plot(report, staging / "report.png")
+    if env.is_main:
+        with atomic.staged_dir(out, overwrite=overwrite) as staging:
+            atomic.write_text(staging / "report.txt", report["table"] + "\n")
+            atomic.write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
+            _plot(report, staging / "report.png")
+    env.barrier()
     return report
 
 

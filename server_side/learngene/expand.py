@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from edgetailor.toolkit import atomic
+from edgetailor.toolkit import __version__, atomic
 from edgetailor.toolkit.config import ExpertConfig, PersonalizeConfig, Recipe, load_recipe
-from edgetailor.toolkit.data import LabeledImages, load_generic_digits, provenance
+from edgetailor.toolkit.data import LabeledImages, provenance
 from edgetailor.toolkit.errors import ConfigError, EdgetailorError
 from edgetailor.server_side.models import ViT
 from edgetailor.server_side.checkpoint import CheckpointMeta, GECheckpoint, replay_subset
 from edgetailor.server_side.learngene import gene
 from edgetailor.server_side.learngene.recipe import DeviceProfile, TrainSchedule
+from edgetailor.server_side.environment import CPU, TrainingEnv
+from edgetailor.server_side.samples import as_store
 from edgetailor.server_side.training import fit, test_accuracy
 
 ProgressFn = Callable[[int, int], None]
@@ -32,14 +34,15 @@ ProgressFn = Callable[[int, int], None]
 def expand_learngene(learngene_dir: str | Path, out: str | Path, depth: int,
                      schedule: TrainSchedule | None = None, data: LabeledImages | None = None,
                      progress: ProgressFn | None = None, overwrite: bool = False, epochs: int | None = None,
-                     profile: DeviceProfile | None = None, estimate: dict[str, Any] | None = None) -> GECheckpoint:
+                     profile: DeviceProfile | None = None, estimate: dict[str, Any] | None = None,
+                     env: TrainingEnv = CPU) -> GECheckpoint:
     """Expand the learngene in ``learngene_dir`` to ``depth``, fine-tune for
     ``schedule`` (default: the learngene recipe's [expand], ``epochs``
     overriding its length) and save the GE to ``out``. ``profile`` and its
     ``estimate`` (what the model costs on that device) are recorded in the
     checkpoint when the depth was picked for a device."""
     out = Path(out)
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite and not (env.checkpoints and env.checkpoints.resume):
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
     learngene, lg_meta = gene.load(learngene_dir)
     max_depth = learngene.cfg.max_depth
@@ -51,14 +54,19 @@ def expand_learngene(learngene_dir: str | Path, out: str | Path, depth: int,
         raise ConfigError(f"depth {depth} is outside what this learngene makes",
                           hint=f"choose a depth in 1..{max_depth} (the learngene's max_depth)")
 
-    data = data if data is not None else load_generic_digits()
+    data = as_store(data)
     if data.fingerprint() != lg_meta.data.get("sha256"):
         # other data is allowed (fine-tuning to a new domain), but the labels must agree
         if list(data.label_names) != list(lg_meta.labels):
             raise ConfigError(f"the data's labels {list(data.label_names)} differ from the learngene's "
                               f"{lg_meta.labels}", hint="expand on data with the learngene's labels")
     seed = lg_meta.seed
-    generic, split = gene.generic_data(lg_meta, data)
+    env.agree("the generic data (its sha256)", data.fingerprint())
+    if env.checkpoints is not None:
+        env.checkpoints.begin({"command": "learngene expand", "learngene": lg_meta.weights_sha256, "depth": depth,
+                               "schedule": asdict(schedule), "data": data.fingerprint(),
+                               "toolkit_version": __version__, "processes": env.world_size}, env.is_main)
+    generic, split = gene.generic_data(lg_meta, data, env)
     model = learngene.expand(depth)
     accuracy_at_init = test_accuracy(model, generic)
     started = time.perf_counter()
@@ -87,7 +95,11 @@ def expand_learngene(learngene_dir: str | Path, out: str | Path, depth: int,
         })
     replay = replay_subset(split.train, recipe.experts.replay_size, seed)
     ckpt = GECheckpoint(model, meta, replay)
-    with atomic.staged_dir(out, overwrite=overwrite) as staging:
-        ckpt.save(staging)
+    if env.is_main:
+        with atomic.staged_dir(out, overwrite=True) as staging:
+            ckpt.save(staging)
+    env.barrier()
+    if env.checkpoints is not None:
+        env.checkpoints.finish(env.is_main)
     return ckpt
 

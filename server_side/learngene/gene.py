@@ -36,12 +36,12 @@ from torch.func import functional_call
 
 from edgetailor.toolkit import __version__, atomic
 from edgetailor.toolkit.config import PretrainConfig
-from edgetailor.toolkit.data import LabeledImages
 from edgetailor.toolkit.errors import CheckpointError, ConfigError
 from edgetailor.toolkit.input_spec import InputSpec
 from edgetailor.server_side.models import TransformerBlock, ViT
 from edgetailor.server_side.learngene.recipe import LearngeneConfig
 from edgetailor.server_side.learngene.rules import RULES
+from edgetailor.server_side.environment import CPU, TrainingEnv
 from edgetailor.server_side.training import GenericData, load_generic
 
 FORMAT = "edgetailor-learngene"
@@ -174,9 +174,10 @@ def save(learngene: Learngene, meta: LearngeneMeta, out_dir: Path) -> LearngeneM
     return meta
 
 
-def generic_data(meta: LearngeneMeta, data: LabeledImages | None = None) -> tuple[GenericData, Any]:
-    """The generic data split and normalised as the learngene's teacher saw it."""
-    return load_generic(meta.input, meta.seed, PretrainConfig(), data)
+def generic_data(meta: LearngeneMeta, data: Any = None, env: TrainingEnv = CPU) -> tuple[GenericData, Any]:
+    """The generic data (LabeledImages or a SampleStore; default the built-in
+    digits) split and normalised as the learngene's teacher saw it."""
+    return load_generic(meta.input, meta.seed, PretrainConfig(), data, env)
 
 
 def _minor(version: str) -> tuple[str, ...]:

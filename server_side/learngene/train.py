@@ -14,41 +14,48 @@ from typing import Callable
 
 import torch
 
-from edgetailor.toolkit import atomic
-from edgetailor.toolkit.data import LabeledImages, load_generic_digits, provenance
+from edgetailor.toolkit import __version__, atomic
+from edgetailor.toolkit.data import LabeledImages, provenance
 from edgetailor.toolkit.errors import EdgetailorError
 from edgetailor.server_side.cost import count_macs, count_params, training_flops
 from edgetailor.server_side.checkpoint import GECheckpoint
 from edgetailor.server_side.learngene import gene
 from edgetailor.server_side.learngene.recipe import LearngeneRecipe
+from edgetailor.server_side.environment import CPU, TrainingEnv
+from edgetailor.server_side.samples import SampleStore, as_store
 from edgetailor.server_side.training import fit, load_generic, test_accuracy
 
 ProgressFn = Callable[[int, int], None]
 
 
 def train_learngene(teacher_dir: str | Path, recipe: LearngeneRecipe, out: str | Path,
-                    data: LabeledImages | None = None, progress: ProgressFn | None = None,
-                    overwrite: bool = False) -> tuple[gene.Learngene, gene.LearngeneMeta]:
+                    data: LabeledImages | SampleStore | None = None, progress: ProgressFn | None = None,
+                    overwrite: bool = False, env: TrainingEnv = CPU) -> tuple[gene.Learngene, gene.LearngeneMeta]:
     """Train the learngene of ``recipe`` from the GE in ``teacher_dir``; write it to ``out``."""
     recipe.validate()
     out = Path(out)
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite and not (env.checkpoints and env.checkpoints.resume):
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
     teacher = GECheckpoint.load(teacher_dir)
     cfg = recipe.learngene
     seed = teacher.meta.seed
-    data = data if data is not None else load_generic_digits()
-    generic, split = load_generic(teacher.meta.input, seed, teacher.meta.pretrain_config, data)
+    data = as_store(data)
+    env.agree("the generic data (its sha256)", data.fingerprint())
+    if env.checkpoints is not None:
+        env.checkpoints.begin({"command": "learngene train", "recipe": recipe.to_dict(), "data": data.fingerprint(),
+                               "teacher": teacher.meta.to_dict(), "toolkit_version": __version__,
+                               "processes": env.world_size}, env.is_main)
+    generic, split = load_generic(teacher.meta.input, seed, teacher.meta.pretrain_config, data, env)
     torch.manual_seed(cfg.seed)
     learngene = gene.Learngene(cfg, len(teacher.labels))
     started = time.perf_counter()
     fit(learngene, generic, cfg.epochs, cfg.learning_rate, cfg.batch_size, teacher=teacher.model,
         temperature=cfg.temperature, alpha=cfg.alpha, seed=cfg.seed, progress=progress)
     seconds = time.perf_counter() - started
-    example = generic.test_x[:1]
+    example = generic.example
     aux_macs = count_macs(learngene.expand(cfg.aux_depth), (example,))
     teacher_macs = count_macs(teacher.model, (example,))
-    n = len(generic.train_x)
+    n = generic.n_train
     meta = gene.LearngeneMeta.of(
         learngene, labels=teacher.labels, input=teacher.meta.input, data=provenance(data, split), seed=seed,
         recipe=recipe.to_dict(), experts=teacher.meta.recipe.get("experts", {}),
@@ -59,6 +66,10 @@ def train_learngene(teacher_dir: str | Path, recipe: LearngeneRecipe, out: str |
         train_seconds=round(seconds, 2),
         # the student's forward+backward and the teacher's forward, every epoch
         train_flops=training_flops(aux_macs, n, cfg.epochs) + 2 * teacher_macs * n * cfg.epochs)
-    with atomic.staged_dir(out, overwrite=overwrite) as staging:
-        meta = gene.save(learngene, meta, staging)
+    if env.is_main:
+        with atomic.staged_dir(out, overwrite=True) as staging:
+            meta = gene.save(learngene, meta, staging)
+    env.barrier()
+    if env.checkpoints is not None:
+        env.checkpoints.finish(env.is_main)
     return learngene, meta
