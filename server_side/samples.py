@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -365,7 +366,10 @@ def _write_store(source: _Source, preprocessing: Preprocessing, skip_bad: bool, 
 
             if workers > 0:
                 # at most 2 chunks per worker in flight: memory stays a few chunks, whatever the file's size
-                with ProcessPoolExecutor(workers) as pool:
+                # forkserver, not fork: the caller may have threads (torch's, a runtime's) that fork would copy mid-lock
+                methods = multiprocessing.get_all_start_methods()
+                context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+                with ProcessPoolExecutor(workers, mp_context=context) as pool:
                     pending: list = []
                     for start, raw in _raw_chunks(source, limits):
                         pending.append((start, pool.submit(_prepare_chunk, raw, spec, source.made_by, limits)))

@@ -18,6 +18,7 @@ checkpoint is the same file whichever device trained it.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import time
@@ -36,6 +37,7 @@ from edgetailor.server_side.environment import CPU, TrainingEnv
 from edgetailor.server_side.samples import SampleStore, as_store
 
 ProgressFn = Callable[[int, int], None]
+_DDP_OPTIONS = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
 TIMED_STEPS = 20      # steps timed to turn a checkpoint interval in seconds into steps
 
 
@@ -272,8 +274,11 @@ def fit(model: nn.Module, data: GenericData, epochs: int, learning_rate: float, 
     net = model
     if env.distributed:
         # buffers (pruning masks) are equal on every rank and never change: no broadcast each step
+        # (torch 2.13 renamed the option; older ones, which pyproject allows, know only the first name)
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_OPTIONS
+                   else {"broadcast_buffers": False})
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                  broadcast_buffers=False, gradient_as_bucket_view=True)
+                                                  gradient_as_bucket_view=True, **no_sync)
     augment_here = device.type == "cpu"
     loader = torch.utils.data.DataLoader(_TrainingSamples(data, augment_here), sampler=batches, batch_size=None,
                                          num_workers=env.workers, persistent_workers=env.workers > 0,

@@ -213,6 +213,32 @@ def server_pretrain(out: Path, recipe: str, data: Path | None, arch: str | None,
                    f"{resumed}); generic test accuracy {ckpt.meta.generic_accuracy:.4f}; saved to {out}")
 
 
+@server.command("simulate-data")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Folder to write (train-images-idx3-ubyte and train-labels-idx1-ubyte).")
+@click.option("--images", "count", type=click.IntRange(1, 50_000_000), default=500_000, show_default=True,
+              help="How many images to make.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The same seed makes the same images.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def server_simulate_data(out: Path, count: int, seed: int, overwrite: bool) -> None:
+    """Make a large generic set to try the build server at scale: the
+    built-in digits redrawn by as many simulated writers as images (each its
+    own rotation, size, offset and pen), streamed to an MNIST-style IDX pair
+    (784 bytes an image: 500,000 images take 392 MB).
+
+    \b
+    Then:  edgetailor server pretrain --data OUT/train-images-idx3-ubyte --out ge/"""
+    from edgetailor.toolkit.many_writers import simulate_generic
+
+    if out.exists() and not overwrite:
+        raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
+    progress = _Progress()
+    images = simulate_generic(out, count, seed=seed, progress=lambda d, n: progress("simulate", d, n),
+                              overwrite=overwrite)
+    progress.close()
+    click.echo(f"{count:,} simulated generic digits in {images} (labels beside it)")
+
+
 def _compress_help() -> str:
     from edgetailor.server_side.compress.recipe import shipped_compress_recipes
 

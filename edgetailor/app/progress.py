@@ -9,7 +9,7 @@ import time
 import click
 
 # Stages whose counts are not images (everything else that reports progress trains on images).
-COUNTED_IN = {"flexround layers": "layers", "depths": "depths", "prepare data": "images"}
+COUNTED_IN = {"flexround layers": "layers", "depths": "depths", "prepare data": "images", "simulate": "images"}
 
 
 class ProgressBars:

@@ -105,3 +105,29 @@ def test_a_folder_with_a_blank_image_is_refused_or_skipped(tmp_path, generic_spl
         open_samples(tmp_path / "data", cache_dir=tmp_path / "cache", workers=2)
     store = open_samples(tmp_path / "data", cache_dir=tmp_path / "cache", skip_bad=True, workers=2)
     assert len(store) == 12 and "left out 1 of 13 files" in store.notes[0]
+
+
+def test_a_simulated_set_trains_from_the_cache_with_loader_workers(tmp_path):
+    """The large-data path a user runs, small: simulate-data, then pretrain
+    reading the prepared cache through DataLoader worker processes."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGETAILOR_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "edgetailor"]
+    subprocess.run([*cli, "server", "simulate-data", "--out", str(tmp_path / "sim"), "--images", "3000"],
+                   check=True, env=env, capture_output=True)
+    run = subprocess.run([*cli, "server", "pretrain", "--data", str(tmp_path / "sim" / "train-images-idx3-ubyte"),
+                          "--out", str(tmp_path / "ge"), "--recipe", "fast", "--epochs", "2", "--workers", "1",
+                          "--device", "cpu", "--evaluate-every", "1"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "images/s" in run.stdout
+    meta = json.loads((tmp_path / "ge" / "model.json").read_text())
+    assert meta["data"]["n_train"] + meta["data"]["n_test"] + meta["data"]["n_user_pool"] == 3000
+    assert meta["data"]["source"].endswith("train-images-idx3-ubyte")
+    assert [h["epoch"] for h in meta["training"]["history"]] == [1, 2]
+    assert meta["training"]["images"] == 2 * meta["data"]["n_train"]
+    assert meta["generic_accuracy"] > 0.5
+    assert len(list((tmp_path / "cache").iterdir())) == 1                   # prepared once, kept
