@@ -11,8 +11,9 @@ torchrun for several processes), in a process of its own:
    images/s, final generic accuracy, time to --target accuracy, scaling
    efficiency (speed-up / processes). The same on a --scaling-size set made
    by the simulator (`server simulate-data`), --scaling-epochs epochs.
-2. resume: the 1-process run again, killed with SIGKILL at about half way,
-   then `--resume`: final accuracy against the uninterrupted run, and the
+2. resume: the 1-process run again, saving its state every
+   --checkpoint-every seconds, killed with SIGKILL half an interval after a
+   save (at about half way), then `--resume`: final accuracy against the uninterrupted run, and the
    training time lost (kill time less the last saved state's time) against
    the checkpoint interval.
 3. large: pretraining on --large simulated images (and on a tenth of that),
@@ -120,13 +121,13 @@ PREPARE = ("import os; from edgetailor.server_side.samples import open_samples; 
 
 def run(name: str, runs: Path, args: list[str], processes: int = 1, cores: str | None = None,
         threads: int | None = None, kill_after: float | None = None, state: Path | None = None,
-        python: str | None = None) -> dict:
+        python: str | None = None, cache: Path | None = None) -> dict:
     """Run one CLI command (or ``python`` code); returns its wall time, peaks
     and (when it wrote one) its checkpoint's metadata. ``kill_after``: SIGKILL
     the whole tree that many seconds after ``state`` (its training state)
-    first appears."""
+    first appears. ``cache``: the sample cache to use (EDGETAILOR_CACHE)."""
     log = runs / f"{name}.log"
-    env = {**os.environ}
+    env = {**os.environ, **({"EDGETAILOR_CACHE": str(cache)} if cache else {})}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-c", python] if python else command(args, processes)
@@ -227,7 +228,8 @@ def part_resume(args, runs: Path, work: Path, whole: dict | None) -> dict:
     state = out.with_name(out.name + ".training") / "fit-00.pt"
     every = args.checkpoint_every
     killed = run("resume-killed", runs, [*base, "--out", str(out), "--checkpoint-every", f"{every}s"],
-                 cores="0", threads=1, kill_after=max(0.0, whole["train_s"] / 2 - every), state=state)
+                 cores="0", threads=1, kill_after=min(1.5 * every, max(0.0, whole["train_s"] / 2 - every)),
+                 state=state)
     if "killed_at" not in killed:
         raise SystemExit("the run to kill finished first: give it more --epochs")
     lost = killed["killed_at"] - state.stat().st_mtime
@@ -245,10 +247,13 @@ def part_large(args, runs: Path, work: Path) -> dict:
     rows = []
     for count in (args.large // 10, args.large):
         data = simulated(work, count)
-        prepared = run(f"prepare-{count // 1000}k", runs, [], python=PREPARE.format(data=str(data)))
+        cache = work / f"cache-large-{count}"          # a fresh cache: the preparation is measured, not reused
+        shutil.rmtree(cache, ignore_errors=True)
+        prepared = run(f"prepare-{count // 1000}k", runs, [], python=PREPARE.format(data=str(data)), cache=cache)
         trained = run(f"large-{count // 1000}k", runs, ["server", "pretrain", "--data", str(data), "--epochs", "1",
                                                         "--evaluate-every", "1", "--out", str(work / f"large-{count}"),
-                                                        "--overwrite", "--device", "cpu"])
+                                                        "--overwrite", "--device", "cpu"], cache=cache)
+        shutil.rmtree(cache, ignore_errors=True)
         trained.update(images=count, prepare_s=prepared["wall_s"],
                        prepare_peak_tree_rss_mb=prepared["peak_tree_rss_mb"],
                        time_to_target_s=time_to(args.large_target, trained["history"]))
@@ -282,7 +287,8 @@ def main() -> int:
     parser.add_argument("--model-epochs", type=int, default=3, help="epochs of the wide/ViT throughput runs")
     parser.add_argument("--target", type=float, default=0.95, help="target generic accuracy, built-in digits")
     parser.add_argument("--large-target", type=float, default=0.95, help="target accuracy, simulated sets")
-    parser.add_argument("--checkpoint-every", type=float, default=10.0, help="seconds, for the resume part")
+    parser.add_argument("--checkpoint-every", type=float, default=4.0,
+                        help="seconds, for the resume part (it is killed half an interval after a save)")
     parser.add_argument("--quick", action="store_true", help="small sizes, to try the benchmark itself")
     args = parser.parse_args()
     if args.quick:

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from edgetailor.toolkit import __version__, atomic
+from edgetailor.toolkit import __version__
 from edgetailor.toolkit.config import Recipe
 from edgetailor.toolkit.data import LabeledImages, provenance, split_generic
 from edgetailor.toolkit.errors import ConfigError
@@ -61,10 +61,5 @@ def pretrain(out_dir: str | Path, recipe: Recipe | None = None, data: LabeledIma
                           generic_accuracy=test_accuracy(model, generic),
                           training={**env.describe(), **report.to_dict()})
     ckpt = GECheckpoint(model, meta, replay_subset(split.train, recipe.experts.replay_size, cfg.seed))
-    if env.is_main:
-        with atomic.staged_dir(out_dir, overwrite=overwrite) as staging:
-            ckpt.save(staging)
-    env.barrier()
-    if env.checkpoints is not None:
-        env.checkpoints.finish(env.is_main)
+    env.write_once(Path(out_dir), ckpt.save, overwrite)
     return ckpt

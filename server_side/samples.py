@@ -27,6 +27,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -49,14 +50,15 @@ from edgetailor.toolkit.preprocess import DEFAULT, Preprocessing, prepare_images
 ProgressFn = Callable[[int, int], None]
 
 CACHE_FORMAT = 1
+CACHE_ENV = "EDGETAILOR_CACHE"
 CHUNK_IMAGES = 4096          # images a worker prepares at once (about 3 MB of 28x28 samples)
 READ_ROWS = 8192             # rows read at once when a store is scanned in order
 
 
 def default_cache_dir() -> Path:
     """``$EDGETAILOR_CACHE``, else the platform's user cache (XDG on Linux)."""
-    if os.environ.get("EDGETAILOR_CACHE"):
-        return Path(os.environ["EDGETAILOR_CACHE"])
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or os.environ.get("LOCALAPPDATA") or Path.home() / ".cache"
     return Path(base) / "edgetailor" / "samples"
 
@@ -322,8 +324,25 @@ def open_samples(path: str | Path, preprocessing: Preprocessing = DEFAULT, skip_
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = folder / key
     if not (target / "meta.json").exists():
-        _write_store(source, preprocessing, skip_bad, target, workers, progress, limits)
+        _check_room(folder, source.count)
+        try:
+            _write_store(source, preprocessing, skip_bad, target, workers, progress, limits)
+        except OSError as exc:       # a disk that fills up mid-way: the staged folder is gone already
+            raise DataFormatError(f"cannot write the sample cache {target}: {exc.strerror or exc}",
+                                  hint=f"free disk space there, or set {CACHE_ENV} to a folder on a disk with "
+                                       "room; nothing was kept") from None
     return load_store(target)
+
+
+def _check_room(folder: Path, count: int) -> None:
+    """Refuse before any work when the cache's disk cannot hold the samples."""
+    need = count * CANVAS * CANVAS + count * 8
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise DataFormatError(f"the sample cache {folder} needs {need / 2**20:,.1f} MB for {count:,} images; its "
+                              f"disk has {free / 2**20:,.1f} MB free",
+                              hint=f"free disk space there, or set {CACHE_ENV} to a folder on a disk with room")
 
 
 def load_store(folder: Path) -> SampleStore:

@@ -174,7 +174,7 @@ def server_pretrain(out: Path, recipe: str, data: Path | None, arch: str | None,
 
     \b
     Data of any size: --data is prepared once, in parallel, into a cache of
-    samples (EDGETAILOR_CACHE, default ~/.cache/edgetailor) that training
+    samples (EDGETAILOR_CACHE, default ~/.cache/edgetailor/samples) that training
     reads a batch at a time. Many processes, one or several machines:
       torchrun --nproc-per-node 2 -m edgetailor server pretrain --out ge/
     (gloo on CPUs, NCCL on GPUs; rank 0 writes; the learning rate scales with

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from edgetailor.toolkit import __version__, atomic
+from edgetailor.toolkit import __version__
 from edgetailor.toolkit.config import ExpertConfig, PersonalizeConfig, Recipe, load_recipe
 from edgetailor.toolkit.data import LabeledImages, provenance
 from edgetailor.toolkit.errors import ConfigError, EdgetailorError
@@ -95,11 +95,6 @@ def expand_learngene(learngene_dir: str | Path, out: str | Path, depth: int,
         })
     replay = replay_subset(split.train, recipe.experts.replay_size, seed)
     ckpt = GECheckpoint(model, meta, replay)
-    if env.is_main:
-        with atomic.staged_dir(out, overwrite=True) as staging:
-            ckpt.save(staging)
-    env.barrier()
-    if env.checkpoints is not None:
-        env.checkpoints.finish(env.is_main)
+    env.write_once(out, ckpt.save, overwrite=True)     # OUT exists only when --overwrite (checked above)
     return ckpt
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from edgetailor.toolkit import __version__, atomic
+from edgetailor.toolkit import __version__
 from edgetailor.toolkit.data import LabeledImages, provenance
 from edgetailor.toolkit.errors import EdgetailorError
 from edgetailor.server_side.cost import count_macs, count_params, training_flops
@@ -66,10 +66,5 @@ def train_learngene(teacher_dir: str | Path, recipe: LearngeneRecipe, out: str |
         train_seconds=round(seconds, 2),
         # the student's forward+backward and the teacher's forward, every epoch
         train_flops=training_flops(aux_macs, n, cfg.epochs) + 2 * teacher_macs * n * cfg.epochs)
-    if env.is_main:
-        with atomic.staged_dir(out, overwrite=True) as staging:
-            meta = gene.save(learngene, meta, staging)
-    env.barrier()
-    if env.checkpoints is not None:
-        env.checkpoints.finish(env.is_main)
-    return learngene, meta
+    saved = env.write_once(out, lambda folder: gene.save(learngene, meta, folder), overwrite=True)
+    return learngene, saved or meta

@@ -136,3 +136,23 @@ def test_a_gpu_trained_checkpoint_exports_on_the_cpu(tmp_path):
     on_cpu = test_accuracy(loaded.model, GenericData(split.train, split.test, loaded.meta.input, recipe.pretrain))
     assert on_cpu == pytest.approx(ckpt.meta.generic_accuracy, abs=0.01)
     assert again.meta.generic_accuracy == ckpt.meta.generic_accuracy
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="pinning needs Linux and at least 2 cores")
+def test_each_cpu_process_of_a_machine_gets_its_own_cores():
+    code = ("import os, json; from edgetailor.server_side.environment import pin_to_own_cores; "
+            "mine = pin_to_own_cores(int(os.environ['LOCAL_RANK'])); "
+            "print(json.dumps([mine, sorted(os.sched_getaffinity(0))]))")
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // 2
+    for rank in (0, 1):
+        env = {**os.environ, "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        env.pop("EDGETAILOR_NO_PINNING", None)
+        mine, now = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                              check=True).stdout)
+        assert mine == now == cores[rank * share:(rank + 1) * share]
+    env = {**os.environ, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "EDGETAILOR_NO_PINNING": "1"}
+    mine, now = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                          check=True).stdout)
+    assert mine == [] and now == cores

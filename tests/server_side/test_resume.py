@@ -81,3 +81,25 @@ def test_nothing_to_resume(tmp_path):
 def test_a_bad_checkpoint_interval_is_refused(tmp_path, value):
     run = _pretrain(tmp_path / "ge", "--checkpoint-every", value)
     assert run.returncode == 2 and "--checkpoint-every" in run.stderr
+
+
+def test_a_state_from_another_toolkit_or_a_damaged_one_is_refused(tmp_path):
+    """The run's identity is checked field by field; the error names what changed."""
+    from edgetailor.server_side.resume import TrainingCheckpoints
+    from edgetailor.toolkit.errors import CheckpointError
+
+    identity = {"command": "pretrain", "recipe": {"pretrain": {"epochs": 3}}, "data": "ab12",
+                "toolkit_version": "0.1.0", "processes": 1}
+    TrainingCheckpoints(tmp_path / "ge.training").begin(identity, is_main=True)
+    with pytest.raises(CheckpointError, match="holds the training state of an unfinished run"):
+        TrainingCheckpoints(tmp_path / "ge.training").begin(identity, is_main=True)
+    TrainingCheckpoints(tmp_path / "ge.training", resume=True).begin(identity, is_main=True)     # the same run
+    for change, named in (({"toolkit_version": "0.2.0"}, "toolkit_version: '0.1.0' -> '0.2.0'"),
+                          ({"processes": 2}, "processes: 1 -> 2"),
+                          ({"recipe": {"pretrain": {"epochs": 4}}}, "recipe.pretrain.epochs: 3 -> 4")):
+        with pytest.raises(CheckpointError, match="from another run") as error:
+            TrainingCheckpoints(tmp_path / "ge.training", resume=True).begin({**identity, **change}, is_main=True)
+        assert named in error.value.message
+    (tmp_path / "ge.training" / "run.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="run.json is damaged"):
+        TrainingCheckpoints(tmp_path / "ge.training", resume=True).begin(identity, is_main=True)

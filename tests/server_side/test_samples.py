@@ -131,3 +131,17 @@ def test_a_simulated_set_trains_from_the_cache_with_loader_workers(tmp_path):
     assert meta["training"]["images"] == 2 * meta["data"]["n_train"]
     assert meta["generic_accuracy"] > 0.5
     assert len(list((tmp_path / "cache").iterdir())) == 1                   # prepared once, kept
+
+
+def test_a_cache_disk_without_room_is_refused_before_any_work(tmp_path, generic_split, monkeypatch):
+    import shutil
+
+    images, labels = _raw_glyphs(generic_split, 50)
+    path = tmp_path / "raw.npz"
+    np.savez(path, x=images, y=labels)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage._replace(free=1000))
+    with pytest.raises(DataFormatError, match="needs 0.0 MB for 50 images; its disk has 0.0 MB free") as error:
+        open_samples(path, cache_dir=tmp_path / "cache")
+    assert "EDGETAILOR_CACHE" in error.value.hint
+    assert list((tmp_path / "cache").iterdir()) == []
