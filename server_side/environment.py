@@ -16,8 +16,9 @@ checkpoints plain ``state_dict``s any PyTorch user can read.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -88,6 +89,21 @@ class TrainingEnv:
     local_rank: int = 0
     workers: int = 0                  # DataLoader worker processes (decoding, augmentation)
     checkpoints: TrainingCheckpoints | None = None
+    all_cores: list[int] = field(default_factory=list)   # the cores this process had before pinning (if pinned)
+
+    @contextlib.contextmanager
+    def unpinned(self) -> Iterator[None]:
+        """All the cores the command had, for a while (data preparation, which
+        one process per machine runs while the others wait)."""
+        if not self.all_cores:
+            yield
+            return
+        mine = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, self.all_cores)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, mine)
 
     @property
     def is_main(self) -> bool:
@@ -106,6 +122,18 @@ class TrainingEnv:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
+
+    def begin_run(self, identity: dict[str, Any]) -> None:
+        """Before any training: every process must be on the same data
+        (``identity["data"]``, its sha256) and the same run (recipe, model,
+        options), else all stop naming the ranks that differ; then the run's
+        training state is started, or checked against a saved one (--resume)."""
+        self.agree("the generic data (its sha256)", identity["data"],
+                   hint="give every process the same --data file (same content on every machine)")
+        self.agree("the run (recipe, model, options)", identity,
+                   hint="start every process with the same command, recipe and model files")
+        if self.checkpoints is not None:
+            self.checkpoints.begin(identity, self.is_main, self.barrier)
 
     def write_once(self, out: Path, write: Callable[[Path], Any], overwrite: bool = False) -> Any:
         """Rank 0 alone writes the command's output: ``write(folder)`` into a
@@ -196,16 +224,33 @@ def setup(device: str = "auto", precision: str = "auto", workers: int = 0,
         # it has none, so that a model with such an op still trains
         torch.use_deterministic_algorithms(True, warn_only=True)
     if world_size > 1 and resolved.type == "cpu":
-        pin_to_own_cores(local_rank)
+        before = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        if pin_to_own_cores(local_rank):
+            env.all_cores = before
     if world_size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         try:
-            torch.distributed.init_process_group(backend, device_id=resolved if resolved.type == "cuda" else None)
+            torch.distributed.init_process_group(backend, device_id=resolved if resolved.type == "cuda" else None,
+                                                 timeout=datetime.timedelta(minutes=_wait_minutes()))
         except (RuntimeError, ValueError) as exc:
             raise EdgetailorError(f"cannot join the torchrun world ({backend}): {exc}",
                                   hint="start the command with torchrun --nproc-per-node N; "
                                        "on several machines, pass the same --rdzv-endpoint to each") from None
     return env
+
+
+def _wait_minutes() -> float:
+    """How long a process waits for the others at a barrier: longer than
+    PyTorch's default (10 minutes with NCCL), because the others may be
+    preparing a large --data or, on rank 0, exporting and measuring."""
+    text = os.environ.get("EDGETAILOR_DIST_TIMEOUT_MINUTES", "180")
+    try:
+        minutes = float(text)
+        if minutes <= 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"EDGETAILOR_DIST_TIMEOUT_MINUTES={text!r} is not a positive number of minutes") from None
+    return minutes
 
 
 def pin_to_own_cores(local_rank: int) -> list[int]:

@@ -42,11 +42,8 @@ def pretrain(out_dir: str | Path, recipe: Recipe | None = None, data: LabeledIma
         raise ConfigError(f"[pretrain]: {exc.message}", hint=exc.hint) from None
     recipe.experts.resolve_taps(shape)
     split = split_generic(store, seed=cfg.seed)
-    env.agree("the generic data (its sha256)", store.fingerprint(),
-              hint="give every process the same --data file (same content on every machine)")
-    if env.checkpoints is not None:
-        env.checkpoints.begin({"command": "pretrain", "recipe": recipe.to_dict(), "data": store.fingerprint(),
-                               "toolkit_version": __version__, "processes": env.world_size}, env.is_main)
+    env.begin_run({"command": "pretrain", "recipe": recipe.to_dict(), "data": store.fingerprint(),
+                  "toolkit_version": __version__, "processes": env.world_size})
     spec = input_spec_of(split.train)
     generic = GenericData(split.train, split.test, spec, cfg, env)
     torch.manual_seed(cfg.seed)

@@ -22,7 +22,7 @@ import io
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -62,14 +62,14 @@ class TrainingCheckpoints:
         self._next = 0
         self.resumed_from: list[str] = []    # what each resumed fit continued from, for the summary
 
-    def begin(self, identity: dict[str, Any], is_main: bool) -> None:
+    def begin(self, identity: dict[str, Any], is_main: bool, barrier: Callable[[], None] = lambda: None) -> None:
         """Start the run (or, with ``resume``, check that the saved one is
-        this run). Fails before any training on a mismatch."""
+        this run). Fails before any training on a mismatch. ``barrier``
+        (torchrun's) keeps every process from looking for ``run.json`` after
+        rank 0 has written a new one."""
+        self.check_start()
         run_file = self.folder / "run.json"
         if self.resume:
-            if not run_file.exists():
-                raise CheckpointError(f"nothing to resume: {self.folder} holds no training state",
-                                      hint="run the command without --resume to start")
             try:
                 saved = json.loads(run_file.read_text())
             except (OSError, ValueError) as exc:
@@ -83,14 +83,25 @@ class TrainingCheckpoints:
                                       hint="resume with the same recipe, model, data and toolkit, or "
                                            f"delete {self.folder} to start over")
             return
-        if run_file.exists():
-            raise CheckpointError(f"{self.folder} holds the training state of an unfinished run",
-                                  hint="pass --resume to continue it, or delete the folder (or --overwrite) "
-                                       "to start over")
+        barrier()
         if is_main:
             shutil.rmtree(self.folder, ignore_errors=True)
             atomic.write_text(run_file, json.dumps({"format": STATE_FORMAT, "identity": _jsonable(identity)},
                                                    indent=1, sort_keys=True) + "\n")
+        barrier()
+
+    def check_start(self) -> None:
+        """What can be told from the folder alone, so a command can say it
+        before it prepares any data: nothing to resume, or an unfinished run
+        that is neither resumed nor overwritten."""
+        run_file = self.folder / "run.json"
+        if self.resume and not run_file.exists():
+            raise CheckpointError(f"nothing to resume: {self.folder} holds no training state",
+                                  hint="run the command without --resume to start")
+        if not self.resume and run_file.exists():
+            raise CheckpointError(f"{self.folder} holds the training state of an unfinished run",
+                                  hint="pass --resume to continue it, or delete the folder (or --overwrite) "
+                                       "to start over")
 
     def slot(self) -> "FitSlot":
         """The state file of the next ``fit`` call of this run."""

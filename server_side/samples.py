@@ -121,6 +121,14 @@ class SampleStore:
                            self.path, rows, self.prepared_with, self.notes)
         return view
 
+    def at_most(self, count: int, seed: int = 0) -> "SampleStore":
+        """This view, or a seeded random ``count`` of it (in store order): for
+        reports whose cost grows with the data, such as every runtime over the
+        test part, on data of any size."""
+        if len(self) <= count:
+            return self
+        return self.subset(np.sort(np.random.default_rng(seed).choice(len(self), count, replace=False)))
+
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=len(self.label_names))
         return {name: int(c) for name, c in zip(self.label_names, counts)}

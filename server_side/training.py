@@ -175,6 +175,7 @@ class _TrainingSamples(torch.utils.data.Dataset):
 
     def __init__(self, data: GenericData, augment_here: bool):
         self.store, self.spec, self.augment, self.augment_here = data.train, data.spec, data.augment, augment_here
+        self.labels = data.train.labels     # once: on a view of a store, each ``.labels`` gathers all of them
 
     def __len__(self) -> int:
         return len(self.store)
@@ -182,7 +183,7 @@ class _TrainingSamples(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[np.ndarray, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         positions, seed = key
         x = torch.from_numpy(self.spec.normalize(self.store.read(positions)))
-        y = torch.from_numpy(self.store.labels[positions])
+        y = torch.from_numpy(self.labels[positions])
         if self.augment_here:
             x = handwriting_augment(x, self.augment, torch.Generator().manual_seed(seed))
         return x, y, seed
@@ -207,19 +208,19 @@ class FitReport:
                 **({"resumed_at": self.resumed_at} if self.resumed_at else {})}
 
 
-def _rng_states() -> dict[str, Any]:
+def _rng_states(device: torch.device) -> dict[str, Any]:
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":          # this process's GPU only: a CPU run leaves CUDA alone
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def _restore_rng(states: dict[str, Any]) -> None:
+def _restore_rng(states: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def fit(model: nn.Module, data: GenericData, epochs: int, learning_rate: float, batch_size: int,
@@ -267,7 +268,7 @@ def fit(model: nn.Module, data: GenericData, epochs: int, learning_rate: float, 
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         scaler.load_state_dict(saved["scaler"])
-        _restore_rng(saved["rng"])
+        _restore_rng(saved["rng"], device)
         start_epoch, batches.start = saved["epoch"], saved["batch"]
         report.images, report.seconds, report.history = saved["images"], saved["seconds"], saved["history"]
         report.resumed_at = f"epoch {start_epoch + 1}, batch {batches.start}"
@@ -297,7 +298,7 @@ def fit(model: nn.Module, data: GenericData, epochs: int, learning_rate: float, 
         if env.is_main:
             slot.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                       "scaler": scaler.state_dict(), "rng": _rng_states(), "epoch": epoch, "batch": batch,
+                       "scaler": scaler.state_dict(), "rng": _rng_states(device), "epoch": epoch, "batch": batch,
                        "done": done, "images": report.images, "seconds": time.perf_counter() - started,
                        "history": report.history}, identity)
         env.barrier()

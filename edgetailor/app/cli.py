@@ -55,10 +55,11 @@ def _interval(value: str) -> tuple[int, float]:
     """``--checkpoint-every``: N (training steps), or Ns / Nm (seconds / minutes of training)."""
     text = value.strip().lower()
     try:
-        if text.endswith("m"):
-            return 0, float(text[:-1]) * 60
-        if text.endswith("s"):
-            return 0, float(text[:-1])
+        if text.endswith(("m", "s")):
+            seconds = float(text[:-1]) * (60 if text.endswith("m") else 1)
+            if not seconds > 0:
+                raise ValueError
+            return 0, seconds
         steps = int(text)
         if steps < 1:
             raise ValueError
@@ -116,6 +117,7 @@ def _training_env(out: Path | None, device: str, precision: str, workers: int | 
         if overwrite and not resume:
             shutil.rmtree(folder, ignore_errors=True)
         checkpoints = TrainingCheckpoints(folder, every_steps, every_seconds, resume)
+        checkpoints.check_start()      # before the device, torchrun and any data preparation
     env = setup(device, precision, 0, checkpoints)
     env.workers = workers if workers is not None else (4 if env.device.type == "cuda" else 0)
     return env
@@ -134,8 +136,10 @@ def _generic_samples(data: Path | None, env, skip_bad: bool = False):
     if env.local_rank != 0:
         env.barrier()
     progress = _Progress(enabled=env.is_main)
-    store = open_samples(data, skip_bad=skip_bad, workers=min(8, os.cpu_count() or 1),
-                         progress=lambda d, n: progress("prepare data", d, n))
+    with env.unpinned():        # one process per machine prepares, on all the cores the command has
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        store = open_samples(data, skip_bad=skip_bad, workers=min(8, cores),
+                             progress=lambda d, n: progress("prepare data", d, n))
     progress.close()
     if env.local_rank == 0:
         env.barrier()

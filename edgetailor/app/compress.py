@@ -34,6 +34,10 @@ from edgetailor.server_side.samples import SampleStore, as_store
 from edgetailor.app import compress_report as reporting
 
 
+REPORT_TEST_MAX = 20_000     # test samples each runtime is measured on
+REPORT_POOL_MAX = 20_000     # user-pool samples the simulated users are drawn from
+
+
 def compress(model_dir: str | Path, recipe: CompressRecipe, out: str | Path,
              data: LabeledImages | SampleStore | None = None, n_users: int = 3, overwrite: bool = False,
              progress: ProgressFn | None = None, echo: EchoFn | None = None,
@@ -53,21 +57,23 @@ def compress(model_dir: str | Path, recipe: CompressRecipe, out: str | Path,
     preflight(recipe, ckpt)
     started = time.perf_counter()
     store = as_store(data)
-    env.agree("the generic data (its sha256)", store.fingerprint())
-    if env.checkpoints is not None:
-        env.checkpoints.begin({"command": "compress", "recipe": recipe.to_dict(), "model": ckpt.meta.to_dict(),
-                               "data": store.fingerprint(), "toolkit_version": __version__,
-                               "processes": env.world_size}, env.is_main)
+    env.begin_run({"command": "compress", "recipe": recipe.to_dict(), "model": ckpt.meta.to_dict(),
+                  "data": store.fingerprint(), "toolkit_version": __version__,
+                  "processes": env.world_size})
     generic, split = load_generic(ckpt, store, env)
     state = run_stages(recipe, ckpt, generic, tick, say)
     if not env.is_main:
         env.barrier()
         return None
 
-    test_x, test_y = generic.test_x.numpy(), generic.test_y.numpy()
+    # Every runtime runs over the test part and users are drawn from the pool: on data of any size, a
+    # seeded subset of each keeps the report's time and memory bounded (the built-in digits fit whole).
+    test = split.test.at_most(REPORT_TEST_MAX, state.seed).to_images()
+    test_x, test_y = generic.normalize(test.images).numpy(), test.labels
     calibration = generic.calibration(recipe.quantized.calibration_samples if recipe.quantized else 64,
                                       state.seed)
-    users = simulate_users(split.user_pool.to_images(), n_users, seed=state.seed) if n_users else []
+    pool = split.user_pool.at_most(REPORT_POOL_MAX, state.seed).to_images()
+    users = simulate_users(pool, n_users, seed=state.seed) if n_users else []
     rows: list[dict[str, Any]] = []
     with atomic.staged_dir(out, overwrite=True) as staging, tempfile.TemporaryDirectory() as tmp:
         files = {}
@@ -83,8 +89,8 @@ def compress(model_dir: str | Path, recipe: CompressRecipe, out: str | Path,
                 rows.append({"variant": variant, "format": name, "runtime": fmt.runtime,
                              "params": count_params(model),
                              "nonzero_params": sum(int((p != 0).sum()) for p in model.parameters()),
-                             "flops": pruning.flops(model, generic.test_x),
-                             "flops_nonzero": pruning.flops(model, generic.test_x, sparse=True),
+                             "flops": pruning.flops(model, generic.example),
+                             "flops_nonzero": pruning.flops(model, generic.example, sparse=True),
                              **reporting.measure_file(exporter, path, test_x, test_y)})
         deployed = next(r for r in rows if r["variant"] == "compressed" and r["format"] == "onnx")
         compressed = GECheckpoint(state.model, compressed_meta(ckpt, recipe, state, files,
@@ -94,7 +100,7 @@ def compress(model_dir: str | Path, recipe: CompressRecipe, out: str | Path,
         if users:
             say(f"personalizing LE+GN on {len(users)} simulated users, fp32 GE and compressed GE")
             for variant, directory in (("fp32 GE", Path(model_dir)), ("compressed", staging)):
-                result = reporting.personalization_accuracy(directory, users, split.test.to_images())
+                result = reporting.personalization_accuracy(directory, users, test)
                 row = next(r for r in rows if r["variant"] == variant and r["format"] == "onnx")
                 row["personalized_user_accuracy"] = result["user_accuracy"]
                 row["personalized_generic_accuracy"] = result["generic_accuracy"]
@@ -102,7 +108,7 @@ def compress(model_dir: str | Path, recipe: CompressRecipe, out: str | Path,
         reporting.relate(rows)
         report = {
             "recipe": recipe.to_dict(), "model": str(model_dir), "out": str(out),
-            "stages": state.records, "rows": rows, "users": len(users),
+            "stages": state.records, "rows": rows, "users": len(users), "generic_test_n": len(test),
             "not_exported": _not_exported(recipe),
             "notes": notes(recipe, state),
             "wall_seconds": round(time.perf_counter() - started, 1),

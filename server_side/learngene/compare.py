@@ -28,7 +28,7 @@ from edgetailor.server_side.cost import count_macs, training_flops
 from edgetailor.server_side.learngene import gene
 from edgetailor.server_side.learngene.recipe import LearngeneRecipe, TrainSchedule
 from edgetailor.server_side.environment import CPU, TrainingEnv
-from edgetailor.server_side.samples import SampleStore
+from edgetailor.server_side.samples import SampleStore, as_store
 from edgetailor.server_side.training import GenericData, fit, test_accuracy
 
 ProgressFn = Callable[[str, int, int], None]
@@ -60,7 +60,10 @@ def compare_family(learngene_dirs: list[str | Path], depths: list[int], out: str
         raise ConfigError(f"depths {too_deep} are outside what these learngenes make",
                           hint=f"choose depths in 1..{min(lg.cfg.max_depth for lg, _ in loaded)}")
     recipe = recipe or from_dict(LearngeneRecipe, first_meta.recipe).validate()
-    generic, _ = gene.generic_data(first_meta, data, env)
+    store = as_store(data)
+    env.agree("the generic data (its sha256)", store.fingerprint(),
+              hint="give every process the same --data file (same content on every machine)")
+    generic, _ = gene.generic_data(first_meta, store, env)
     n_train, num_classes, widths = generic.n_train, len(first_meta.labels), list(first_cfg.widths)
     methods = [meta.method for _, meta in loaded]
     scratch_runs = sorted({1, recipe.scratch.epochs})

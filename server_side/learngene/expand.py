@@ -61,11 +61,9 @@ def expand_learngene(learngene_dir: str | Path, out: str | Path, depth: int,
             raise ConfigError(f"the data's labels {list(data.label_names)} differ from the learngene's "
                               f"{lg_meta.labels}", hint="expand on data with the learngene's labels")
     seed = lg_meta.seed
-    env.agree("the generic data (its sha256)", data.fingerprint())
-    if env.checkpoints is not None:
-        env.checkpoints.begin({"command": "learngene expand", "learngene": lg_meta.weights_sha256, "depth": depth,
-                               "schedule": asdict(schedule), "data": data.fingerprint(),
-                               "toolkit_version": __version__, "processes": env.world_size}, env.is_main)
+    env.begin_run({"command": "learngene expand", "learngene": lg_meta.weights_sha256, "depth": depth,
+                  "schedule": asdict(schedule), "data": data.fingerprint(),
+                  "toolkit_version": __version__, "processes": env.world_size})
     generic, split = gene.generic_data(lg_meta, data, env)
     model = learngene.expand(depth)
     accuracy_at_init = test_accuracy(model, generic)

@@ -40,11 +40,9 @@ def train_learngene(teacher_dir: str | Path, recipe: LearngeneRecipe, out: str |
     cfg = recipe.learngene
     seed = teacher.meta.seed
     data = as_store(data)
-    env.agree("the generic data (its sha256)", data.fingerprint())
-    if env.checkpoints is not None:
-        env.checkpoints.begin({"command": "learngene train", "recipe": recipe.to_dict(), "data": data.fingerprint(),
-                               "teacher": teacher.meta.to_dict(), "toolkit_version": __version__,
-                               "processes": env.world_size}, env.is_main)
+    env.begin_run({"command": "learngene train", "recipe": recipe.to_dict(), "data": data.fingerprint(),
+                  "teacher": teacher.meta.to_dict(), "toolkit_version": __version__,
+                  "processes": env.world_size})
     generic, split = load_generic(teacher.meta.input, seed, teacher.meta.pretrain_config, data, env)
     torch.manual_seed(cfg.seed)
     learngene = gene.Learngene(cfg, len(teacher.labels))

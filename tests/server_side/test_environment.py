@@ -73,7 +73,7 @@ def test_torchrun_two_processes_train_one_model_and_rank_0_writes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ge"]                  # no stray outputs or state
 
 
-def _disagree(rank: int, world: int, port: int, out: str) -> None:
+def _disagree(rank: int, world: int, port: int, out: str, what: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from edgetailor.server_side.environment import session, setup
@@ -82,9 +82,11 @@ def _disagree(rank: int, world: int, port: int, out: str) -> None:
     from edgetailor.toolkit.data import load_generic_digits
 
     data = load_generic_digits()
-    if rank == 1:      # this machine's copy of the data differs
-        data = data.subset(np.arange(len(data) - 1))
     recipe = load_recipe("fast")
+    if rank == 1 and what == "data":        # this machine's copy of the data differs
+        data = data.subset(np.arange(len(data) - 1))
+    if rank == 1 and what == "run":         # this machine was started with another --epochs
+        recipe.pretrain.epochs += 1
     with session(setup("cpu")) as env:
         try:
             pretrain(out, recipe, data, env=env)
@@ -93,12 +95,13 @@ def _disagree(rank: int, world: int, port: int, out: str) -> None:
                 f.write(exc.message)
 
 
-def test_a_world_with_mismatched_data_stops_before_training(tmp_path):
+@pytest.mark.parametrize("what, named", [("data", "the generic data"), ("run", "the run (recipe, model, options)")])
+def test_a_world_with_mismatched_data_or_run_stops_before_training(tmp_path, what, named):
     out = str(tmp_path / "ge")
-    torch.multiprocessing.spawn(_disagree, args=(2, _free_port(), out), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_disagree, args=(2, _free_port(), out, what), nprocs=2, join=True)
     for rank in (0, 1):
         message = (tmp_path / f"ge.rank{rank}").read_text()
-        assert "disagree on the generic data" in message and "rank(s) 1 differ" in message
+        assert f"disagree on {named}" in message and "rank(s) 1 differ" in message
     assert not (tmp_path / "ge").exists()
 
 
@@ -136,6 +139,10 @@ def test_a_gpu_trained_checkpoint_exports_on_the_cpu(tmp_path):
     on_cpu = test_accuracy(loaded.model, GenericData(split.train, split.test, loaded.meta.input, recipe.pretrain))
     assert on_cpu == pytest.approx(ckpt.meta.generic_accuracy, abs=0.01)
     assert again.meta.generic_accuracy == ckpt.meta.generic_accuracy
+    from edgetailor.export.bundle import export_bundle
+
+    bundle = export_bundle(tmp_path / "ge", tmp_path / "bundle", formats=["onnx"])   # export runs on the CPU
+    assert (bundle / "manifest.json").exists()
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
