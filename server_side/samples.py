@@ -117,9 +117,8 @@ class SampleStore:
     def subset(self, index: np.ndarray) -> "SampleStore":
         index = np.asarray(index, np.int64)
         rows = index if self.index is None else self.index[index]
-        view = SampleStore(self.labels_all, self.label_names, self.source, self.sha256, self.shape, self.images,
+        return SampleStore(self.labels_all, self.label_names, self.source, self.sha256, self.shape, self.images,
                            self.path, rows, self.prepared_with, self.notes)
-        return view
 
     def at_most(self, count: int, seed: int = 0) -> "SampleStore":
         """This view, or a seeded random ``count`` of it (in store order): for
@@ -128,10 +127,6 @@ class SampleStore:
         if len(self) <= count:
             return self
         return self.subset(np.sort(np.random.default_rng(seed).choice(len(self), count, replace=False)))
-
-    def class_counts(self) -> dict[str, int]:
-        counts = np.bincount(self.labels, minlength=len(self.label_names))
-        return {name: int(c) for name, c in zip(self.label_names, counts)}
 
     # reading
     def read(self, positions: np.ndarray) -> np.ndarray:

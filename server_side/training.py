@@ -93,22 +93,9 @@ class GenericData:
         return torch.from_numpy(self.spec.normalize(images))
 
     @property
-    def n_train(self) -> int:
-        return len(self.train)
-
-    @property
     def example(self) -> torch.Tensor:
         """One normalised test sample, (1, 1, H, W): for tracing and counting operations."""
         return self.normalize(self.test.read(np.arange(1)))
-
-    @property
-    def test_x(self) -> torch.Tensor:
-        """The whole test part, normalised, in memory (for reports that run exported files on it)."""
-        return self.normalize(self.test.read(np.arange(len(self.test))))
-
-    @property
-    def test_y(self) -> torch.Tensor:
-        return torch.as_tensor(self.test.labels)
 
     def calibration(self, n: int, seed: int = 0) -> np.ndarray:
         """A seeded, class-mixed subset of the training samples for calibration."""

@@ -19,7 +19,7 @@ from edgetailor.toolkit import __version__
 from edgetailor.toolkit.errors import EdgetailorError
 from edgetailor.toolkit.formats import DEFAULT_FORMATS, EXTRA_TRAINING, FORMATS, STEPS
 from edgetailor.server_side.learngene.rules import RULES as LEARNGENE_METHODS
-from edgetailor.app.progress import ProgressBars as _Progress
+from edgetailor.app.progress import ProgressBars
 
 
 class _FriendlyGroup(click.Group):
@@ -135,7 +135,7 @@ def _generic_samples(data: Path | None, env, skip_bad: bool = False):
 
     if env.local_rank != 0:
         env.barrier()
-    progress = _Progress(enabled=env.is_main)
+    progress = ProgressBars(enabled=env.is_main)
     with env.unpinned():        # one process per machine prepares, on all the cores the command has
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         store = open_samples(data, skip_bad=skip_bad, workers=min(8, cores),
@@ -204,7 +204,7 @@ def server_pretrain(out: Path, recipe: str, data: Path | None, arch: str | None,
     env = _training_env(out, device, precision, workers, resume, checkpoint_every, overwrite)
     with session(env):
         dataset = _generic_samples(data, env, skip_bad)
-        progress = _Progress(enabled=env.is_main)
+        progress = ProgressBars(enabled=env.is_main)
         started = time.perf_counter()
         ckpt = pretrain(out, cfg, dataset, progress=lambda e, n: progress("pretrain GE", e, n), overwrite=overwrite,
                         env=env, evaluate_every=evaluate_every)
@@ -236,7 +236,7 @@ def server_simulate_data(out: Path, count: int, seed: int, overwrite: bool) -> N
 
     if out.exists() and not overwrite:
         raise EdgetailorError(f"{out} already exists", hint="pass --overwrite or choose another --out")
-    progress = _Progress()
+    progress = ProgressBars()
     images = simulate_generic(out, count, seed=seed, progress=lambda d, n: progress("simulate", d, n),
                               overwrite=overwrite)
     progress.close()
@@ -285,7 +285,7 @@ def server_compress(model: Path, recipe: str, out: Path, data: Path | None, n_us
     env = _training_env(out, device, precision, workers, resume, checkpoint_every, overwrite)
     with session(env):
         dataset = _generic_samples(data, env)
-        progress = _Progress(enabled=env.is_main)
+        progress = ProgressBars(enabled=env.is_main)
 
         def echo(message: str) -> None:
             progress.close()
@@ -358,7 +358,7 @@ def learngene_train(teacher: Path, method: str, out: Path, recipe: str | None, e
     env = _training_env(out, device, precision, workers, resume, checkpoint_every, overwrite)
     with session(env):
         dataset = _generic_samples(data, env)
-        progress = _Progress(enabled=env.is_main)
+        progress = ProgressBars(enabled=env.is_main)
         _, meta = train_learngene(teacher, cfg, out, dataset,
                                   progress=lambda e, n: progress("distil learngene", e, n), overwrite=overwrite,
                                   env=env)
@@ -410,7 +410,7 @@ def learngene_expand(learngene_dir: Path, depth: int | None, profile: str | None
     env = _training_env(out, device, precision, workers, resume, checkpoint_every, overwrite)
     with session(env):
         dataset = _generic_samples(data, env)
-        progress = _Progress(enabled=env.is_main)
+        progress = ProgressBars(enabled=env.is_main)
         ckpt = expand_for_device(learngene_dir, out, depth, target, data=dataset, epochs=epochs,
                                  progress=lambda e, n: progress("fine-tune", e, n), overwrite=overwrite, env=env)
         progress.close()
@@ -465,7 +465,7 @@ def learngene_compare(learngenes: tuple[Path, ...], depths: str, out: Path, reci
     env = _training_env(None, device, precision, workers)
     with session(env):
         dataset = _generic_samples(data, env)
-        progress = _Progress(enabled=env.is_main)
+        progress = ProgressBars(enabled=env.is_main)
         report = compare_family(list(learngenes), _depth_range(depths), out, cfg, dataset, progress=progress,
                                 overwrite=overwrite, env=env)
         progress.close()
@@ -947,7 +947,7 @@ def device_personalize(bundle: Path, state: Path, samples: Path, backend: str, s
     overrides = {k: v for k, v in {"max_seconds": max_seconds, "le_epochs": epochs}.items() if v is not None}
     with _open_runtime(bundle, state, backend, trusted_keys) as runtime:
         added = runtime.add_dataset(_load_for(runtime, samples, skip_bad))   # not kept: personalize reads the store
-        progress = _Progress(enabled=not as_json)
+        progress = ProgressBars(enabled=not as_json)
         report = runtime.personalize(overrides, progress)
         progress.close()
         result = {"added": added, "stored": runtime.sample_count(), **report,

@@ -64,7 +64,7 @@ def compare_family(learngene_dirs: list[str | Path], depths: list[int], out: str
     env.agree("the generic data (its sha256)", store.fingerprint(),
               hint="give every process the same --data file (same content on every machine)")
     generic, _ = gene.generic_data(first_meta, store, env)
-    n_train, num_classes, widths = generic.n_train, len(first_meta.labels), list(first_cfg.widths)
+    n_train, num_classes, widths = len(generic.train), len(first_meta.labels), list(first_cfg.widths)
     methods = [meta.method for _, meta in loaded]
     scratch_runs = sorted({1, recipe.scratch.epochs})
     started = time.perf_counter()

@@ -53,7 +53,7 @@ def train_learngene(teacher_dir: str | Path, recipe: LearngeneRecipe, out: str |
     example = generic.example
     aux_macs = count_macs(learngene.expand(cfg.aux_depth), (example,))
     teacher_macs = count_macs(teacher.model, (example,))
-    n = generic.n_train
+    n = len(generic.train)
     meta = gene.LearngeneMeta.of(
         learngene, labels=teacher.labels, input=teacher.meta.input, data=provenance(data, split), seed=seed,
         recipe=recipe.to_dict(), experts=teacher.meta.recipe.get("experts", {}),

@@ -175,9 +175,10 @@ def test_flexround_reconstructs_better_than_rounding_to_nearest(ge_dir):
     nearest, learned = copy.deepcopy(ckpt.model), copy.deepcopy(ckpt.model)
     quantize_nearest(nearest, 4)
     scales = flexround(learned, torch.as_tensor(data.calibration(128)), 4, iterations=150, learning_rate=2e-3)
+    test_x = data.normalize(data.test.to_images().images)
     with torch.no_grad():
-        reference = ckpt.model(data.test_x)
-        error = {name: float(F.mse_loss(m(data.test_x), reference)) for name, m in
+        reference = ckpt.model(test_x)
+        error = {name: float(F.mse_loss(m(test_x), reference)) for name, m in
                  (("nearest", nearest), ("flexround", learned))}
     assert error["flexround"] < error["nearest"]
     levels = learned.fc1.weight.detach().numpy() / scales["fc1"][:, None]
